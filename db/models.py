@@ -1,0 +1,150 @@
+"""Typed tables: studies, series, instances, results and produced SR documents.
+
+Patient and study attributes are stored for the worklist; they must never be logged.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class InstanceStatus(str, enum.Enum):
+    """Life of a received instance.
+
+    pending: stored and recorded, not yet on the queue (e.g. broker down); the sweeper queues it.
+    queued: a classify message is on the broker.
+    done: a result exists for the current model.
+    failed: decoding or preprocessing failed; ``failure_reason`` says why. Not retried.
+    """
+
+    pending = "pending"
+    queued = "queued"
+    done = "done"
+    failed = "failed"
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8))
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    accession_number: Mapped[str | None] = mapped_column(String(64))
+    study_id: Mapped[str | None] = mapped_column(String(16))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    study_time: Mapped[str | None] = mapped_column(String(16))
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    referring_physician_name: Mapped[str | None] = mapped_column(String(324))
+    #: Receive time of the newest instance: the study is reported once this is old enough.
+    last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    #: Bumped whenever an instance is added or finishes; a report covers one revision.
+    revision: Mapped[int] = mapped_column(Integer, default=0)
+    reported_revision: Mapped[int | None] = mapped_column(Integer)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+    reports: Mapped[list[SRDocument]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part_examined: Mapped[str | None] = mapped_column(String(64))
+    series_number: Mapped[str | None] = mapped_column(String(12))
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    transfer_syntax_uid: Mapped[str | None] = mapped_column(String(64))
+    instance_number: Mapped[str | None] = mapped_column(String(12))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    storage_path: Mapped[str] = mapped_column(Text)
+    status: Mapped[InstanceStatus] = mapped_column(
+        Enum(InstanceStatus, name="instance_status", native_enum=False, length=16), index=True
+    )
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+    results: Mapped[list[Result]] = relationship(back_populates="instance")
+
+
+class Result(Base):
+    """One classification: exactly one per (instance, model version)."""
+
+    __tablename__ = "results"
+    __table_args__ = (UniqueConstraint("instance_id", "model_version", name="uq_result_model"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))
+    model_uid: Mapped[str] = mapped_column(String(64))
+    probability: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    fracture: Mapped[bool] = mapped_column(Boolean)
+    preprocess_ms: Mapped[float] = mapped_column(Float)
+    inference_ms: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    instance: Mapped[Instance] = relationship(back_populates="results")
+
+
+class SRDocument(Base):
+    """A Structured Report the node produced for one revision of a study."""
+
+    __tablename__ = "sr_documents"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    study_revision: Mapped[int] = mapped_column(Integer)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    fracture: Mapped[bool] = mapped_column(Boolean)
+    probability: Mapped[float | None] = mapped_column(Float)
+    instance_count: Mapped[int] = mapped_column(Integer)
+    #: The newer SR that replaces this one when more images arrived later.
+    superseded_by_id: Mapped[int | None] = mapped_column(ForeignKey("sr_documents.id"))
+    #: none (no destination) / pending / sent / failed
+    send_status: Mapped[str] = mapped_column(String(16), default="none")
+    send_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    send_error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    study: Mapped[Study] = relationship(back_populates="reports")

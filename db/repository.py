@@ -1,0 +1,277 @@
+"""The database operations the roles share. Each takes an open ``Session`` and commits itself.
+
+Every write is idempotent: a SOP Instance is recorded once, and a result is stored once per
+(instance, model version), whatever retries or duplicate deliveries happen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from db.models import Instance, InstanceStatus, Result, Series, SRDocument, Study
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime) -> datetime:
+    """SQLite returns naive datetimes; every stored time is UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """What the SCP knows about an object it has just written to storage."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    storage_path: str
+    calling_ae_title: str | None = None
+    transfer_syntax_uid: str | None = None
+    instance_number: str | None = None
+    modality: str | None = None
+    body_part_examined: str | None = None
+    series_number: str | None = None
+    patient_id: str | None = None
+    patient_name: str | None = None
+    patient_birth_date: str | None = None
+    patient_sex: str | None = None
+    accession_number: str | None = None
+    study_id: str | None = None
+    study_date: str | None = None
+    study_time: str | None = None
+    study_description: str | None = None
+    referring_physician_name: str | None = None
+    #: Set when the SCP already knows the object cannot be classified.
+    failure_reason: str | None = None
+
+
+_STUDY_FIELDS = (
+    "patient_id",
+    "patient_name",
+    "patient_birth_date",
+    "patient_sex",
+    "accession_number",
+    "study_id",
+    "study_date",
+    "study_time",
+    "study_description",
+    "referring_physician_name",
+)
+
+
+def _get_or_create_study(session: Session, rec: ReceivedInstance, now: datetime) -> Study:
+    study = session.scalars(
+        select(Study).where(Study.study_instance_uid == rec.study_instance_uid)
+    ).first()
+    if study is None:
+        study = Study(study_instance_uid=rec.study_instance_uid, last_received_at=now, revision=0)
+        session.add(study)
+    for name in _STUDY_FIELDS:
+        value = getattr(rec, name)
+        if value and not getattr(study, name):
+            setattr(study, name, value)
+    return study
+
+
+def _get_or_create_series(session: Session, rec: ReceivedInstance, study: Study) -> Series:
+    series = session.scalars(
+        select(Series).where(Series.series_instance_uid == rec.series_instance_uid)
+    ).first()
+    if series is None:
+        series = Series(
+            series_instance_uid=rec.series_instance_uid,
+            study=study,
+            modality=rec.modality,
+            body_part_examined=rec.body_part_examined,
+            series_number=rec.series_number,
+        )
+        session.add(series)
+    return series
+
+
+def record_received(session: Session, rec: ReceivedInstance) -> tuple[Instance, bool]:
+    """Record a stored instance; return it and whether it is new.
+
+    A SOP Instance UID seen before is not recorded again (the same object sent twice is
+    stored once and classified once).
+    """
+    existing = session.scalars(
+        select(Instance).where(Instance.sop_instance_uid == rec.sop_instance_uid)
+    ).first()
+    if existing is not None:
+        return existing, False
+    now = utcnow()
+    try:
+        study = _get_or_create_study(session, rec, now)
+        series = _get_or_create_series(session, rec, study)
+        failed = rec.failure_reason is not None
+        instance = Instance(
+            sop_instance_uid=rec.sop_instance_uid,
+            sop_class_uid=rec.sop_class_uid,
+            series=series,
+            transfer_syntax_uid=rec.transfer_syntax_uid,
+            instance_number=rec.instance_number,
+            received_at=now,
+            calling_ae_title=rec.calling_ae_title,
+            storage_path=rec.storage_path,
+            status=InstanceStatus.failed if failed else InstanceStatus.pending,
+            failure_reason=rec.failure_reason,
+            attempts=0,
+        )
+        session.add(instance)
+        study.last_received_at = now
+        study.revision = (study.revision or 0) + 1
+        session.commit()
+    except IntegrityError:
+        # Another association recorded the same study, series or instance at the same moment.
+        session.rollback()
+        existing = session.scalars(
+            select(Instance).where(Instance.sop_instance_uid == rec.sop_instance_uid)
+        ).first()
+        if existing is not None:
+            return existing, False
+        return record_received(session, rec)
+    return instance, True
+
+
+def mark_queued(session: Session, instance_id: int) -> None:
+    instance = session.get(Instance, instance_id)
+    if instance is not None and instance.status == InstanceStatus.pending:
+        instance.status = InstanceStatus.queued
+        instance.queued_at = utcnow()
+        session.commit()
+
+
+def mark_failed(session: Session, instance_id: int, reason: str) -> None:
+    """Record a permanent failure (decode, preprocessing): it is not retried."""
+    instance = session.get(Instance, instance_id)
+    if instance is None:
+        return
+    instance.status = InstanceStatus.failed
+    instance.failure_reason = reason[:2000]
+    session.commit()
+
+
+def pending_instances(session: Session, limit: int = 500) -> Sequence[Instance]:
+    """Instances stored but not yet on the queue, oldest first."""
+    return session.scalars(
+        select(Instance)
+        .where(Instance.status == InstanceStatus.pending)
+        .order_by(Instance.id)
+        .limit(limit)
+    ).all()
+
+
+def stale_queued_instances(
+    session: Session, older_than: timedelta, limit: int = 500
+) -> Sequence[Instance]:
+    """Queued instances with no result for a long time (a message lost with a flushed broker)."""
+    cutoff = utcnow() - older_than
+    return session.scalars(
+        select(Instance)
+        .where(Instance.status == InstanceStatus.queued, Instance.queued_at < cutoff)
+        .order_by(Instance.id)
+        .limit(limit)
+    ).all()
+
+
+@dataclass(frozen=True)
+class Classification:
+    probability: float
+    threshold: float
+    fracture: bool
+    model_name: str
+    model_version: str
+    model_uid: str
+    preprocess_ms: float
+    inference_ms: float
+
+
+def find_result(session: Session, instance_id: int, model_version: str) -> Result | None:
+    return session.scalars(
+        select(Result).where(
+            Result.instance_id == instance_id, Result.model_version == model_version
+        )
+    ).first()
+
+
+def save_result(session: Session, instance_id: int, c: Classification) -> Result:
+    """Store the result of one instance for one model version, once; mark the instance done."""
+    existing = find_result(session, instance_id, c.model_version)
+    if existing is None:
+        try:
+            existing = Result(
+                instance_id=instance_id,
+                model_name=c.model_name,
+                model_version=c.model_version,
+                model_uid=c.model_uid,
+                probability=float(c.probability),
+                threshold=float(c.threshold),
+                fracture=bool(c.fracture),
+                preprocess_ms=c.preprocess_ms,
+                inference_ms=c.inference_ms,
+                created_at=utcnow(),
+            )
+            session.add(existing)
+            session.flush()
+        except IntegrityError:
+            # A redelivered task finished first: keep the one result already stored.
+            session.rollback()
+            found = find_result(session, instance_id, c.model_version)
+            assert found is not None
+            existing = found
+    instance = session.get(Instance, instance_id)
+    if instance is not None and instance.status != InstanceStatus.done:
+        instance.status = InstanceStatus.done
+        instance.failure_reason = None
+    session.commit()
+    return existing
+
+
+def studies_ready_to_report(session: Session, stable_seconds: float) -> Sequence[Study]:
+    """Studies changed since their last report, quiet for ``stable_seconds``, all images settled."""
+    cutoff = utcnow() - timedelta(seconds=stable_seconds)
+    unsettled = (
+        select(func.count(Instance.id))
+        .join(Series, Instance.series_id == Series.id)
+        .where(
+            Series.study_id == Study.id,
+            Instance.status.in_([InstanceStatus.pending, InstanceStatus.queued]),
+        )
+        .correlate(Study)
+        .scalar_subquery()
+    )
+    return session.scalars(
+        select(Study).where(
+            (Study.reported_revision.is_(None)) | (Study.reported_revision != Study.revision),
+            Study.last_received_at <= cutoff,
+            unsettled == 0,
+        )
+    ).all()
+
+
+def study_instances(session: Session, study_id: int) -> Sequence[Instance]:
+    return session.scalars(
+        select(Instance)
+        .join(Series, Instance.series_id == Series.id)
+        .where(Series.study_id == study_id)
+        .order_by(Series.id, Instance.id)
+    ).all()
+
+
+def latest_report(session: Session, study_id: int) -> SRDocument | None:
+    return session.scalars(
+        select(SRDocument)
+        .where(SRDocument.study_id == study_id, SRDocument.superseded_by_id.is_(None))
+        .order_by(SRDocument.id.desc())
+    ).first()

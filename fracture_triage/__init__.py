@@ -1,0 +1,1 @@
+"""Shared pieces of fracture-triage: typed settings, queue messages and the command line."""

@@ -1,0 +1,99 @@
+"""One typed settings object, built at the entry point and passed down.
+
+Values come from keyword arguments, then ``FRACTURE_TRIAGE_*`` environment variables,
+then the defaults below. Nothing here opens a connection or reads a file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: The model the repository ships; ``None`` until one is trained and committed.
+SHIPPED_MODEL_ROOT = Path(__file__).resolve().parent.parent / "model" / "artifacts"
+
+
+def default_model_dir() -> Path | None:
+    """Newest artifact folder under ``model/artifacts`` (the shipped model), if any."""
+    if not SHIPPED_MODEL_ROOT.is_dir():
+        return None
+    candidates = sorted(p for p in SHIPPED_MODEL_ROOT.iterdir() if (p / "model_card.json").is_file())
+    return candidates[-1] if candidates else None
+
+
+class Settings(BaseSettings):
+    """Everything a role (SCP, worker, sweeper, CLI) needs to know about its surroundings."""
+
+    model_config = SettingsConfigDict(env_prefix="FRACTURE_TRIAGE_", extra="ignore")
+
+    data_dir: Path = Path("./data")
+    #: SQLAlchemy URL; default ``sqlite:///<data_dir>/triage.db``.
+    database_url: str | None = None
+    broker_url: str = "redis://127.0.0.1:6379/0"
+
+    # DICOM storage SCP
+    ae_title: str = "FXTRIAGE"
+    bind_address: str = "127.0.0.1"
+    dicom_port: int = 11112
+    #: 128 KiB: pynetdicom's 16 KiB default halves throughput on large radiographs.
+    max_pdu: int = 131072
+    #: Calling AE titles allowed to associate; empty means any.
+    allowed_calling_aets: list[str] = Field(default_factory=list)
+    #: Largest Rows x Columns x Samples accepted, to refuse absurd headers before decoding.
+    max_pixels: int = 100_000_000
+
+    # Model
+    model_dir: Path | None = Field(default_factory=default_model_dir)
+
+    # Study reporting
+    #: A study is reported once no instance has arrived for this many seconds.
+    study_stable_seconds: float = 10.0
+    sweeper_interval_seconds: float = 2.0
+    #: Where SRs are sent with C-STORE; all three must be set to send.
+    sr_destination_host: str | None = None
+    sr_destination_port: int | None = None
+    sr_destination_ae_title: str | None = None
+    sr_send_retries: int = 5
+
+    http_port: int = 8080
+
+    @field_validator("ae_title", "sr_destination_ae_title")
+    @classmethod
+    def _check_ae_title(cls, value: str | None) -> str | None:
+        # PS3.5 Table 6.2-1: AE is 1-16 characters of the default repertoire, not all spaces.
+        if value is None:
+            return value
+        if not 0 < len(value.strip()) <= 16 or "\\" in value:
+            raise ValueError(f"AE title must be 1-16 characters without backslash: {value!r}")
+        return value.strip()
+
+    @field_validator("allowed_calling_aets", mode="before")
+    @classmethod
+    def _split_aets(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @property
+    def storage_dir(self) -> Path:
+        """Received objects, stored as received."""
+        return self.data_dir / "objects"
+
+    @property
+    def sr_dir(self) -> Path:
+        """Structured Reports produced by the node."""
+        return self.data_dir / "sr"
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'triage.db').resolve()}"
+
+    @property
+    def sr_destination(self) -> tuple[str, int, str] | None:
+        if self.sr_destination_host and self.sr_destination_port and self.sr_destination_ae_title:
+            return (self.sr_destination_host, self.sr_destination_port, self.sr_destination_ae_title)
+        return None

@@ -1,0 +1,1 @@
+"""The fracture classifier: preprocessing, network, training, evaluation and inference."""

@@ -1,0 +1,71 @@
+"""Inference: load a model artifact once and classify preprocessed images or files."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.artifact import MODEL_FILE, ModelCard, read_card
+from model.preprocess import load_network_input
+
+
+@dataclass(frozen=True)
+class Prediction:
+    probability: float
+    fracture: bool
+    preprocess_ms: float
+    inference_ms: float
+
+
+class Classifier:
+    """A loaded fracture classifier. Build with :meth:`load`; reuse for every image."""
+
+    def __init__(self, keras_model: Any, card: ModelCard) -> None:
+        self._model = keras_model
+        self.card = card
+
+    @classmethod
+    def load(cls, model_dir: Path) -> Classifier:
+        model_dir = Path(model_dir)
+        card = read_card(model_dir)
+        model_file = model_dir / MODEL_FILE
+        if not model_file.is_file():
+            raise FileNotFoundError(f"no {MODEL_FILE} in model directory {model_dir}")
+        import keras
+
+        return cls(keras.models.load_model(model_file, compile=False), card)
+
+    @property
+    def threshold(self) -> float:
+        return self.card.threshold
+
+    @property
+    def input_size(self) -> int:
+        return self.card.input_size
+
+    def predict_batch(self, images: np.ndarray) -> np.ndarray:
+        """Fracture probabilities for ``(N, size, size, 3)`` images with values 0..255."""
+        if images.ndim != 4 or images.shape[1:] != (self.input_size, self.input_size, 3):
+            raise ValueError(
+                f"expected (N, {self.input_size}, {self.input_size}, 3) images, got {images.shape}"
+            )
+        out = self._model(images.astype(np.float32), training=False)
+        return np.asarray(out, dtype=np.float64).reshape(-1)
+
+    def classify_file(self, path: Path, max_pixels: int | None = None) -> Prediction:
+        """Preprocess one DICOM or picture file and classify it."""
+        t0 = time.perf_counter()
+        image = load_network_input(Path(path), self.input_size, max_pixels=max_pixels)
+        t1 = time.perf_counter()
+        probability = float(self.predict_batch(image[np.newaxis])[0])
+        t2 = time.perf_counter()
+        return Prediction(
+            probability=probability,
+            fracture=probability >= self.threshold,
+            preprocess_ms=(t1 - t0) * 1000,
+            inference_ms=(t2 - t1) * 1000,
+        )
