@@ -275,3 +275,42 @@ def latest_report(session: Session, study_id: int) -> SRDocument | None:
         .where(SRDocument.study_id == study_id, SRDocument.superseded_by_id.is_(None))
         .order_by(SRDocument.id.desc())
     ).first()
+
+
+# --- worker and sweeper (H-WORK) -------------------------------------------------------------
+
+
+def start_attempt(session: Session, instance_id: int) -> int:
+    """Count one classification attempt (committed before the work starts); return the count.
+
+    A worker killed while classifying leaves the count behind, so a file that kills workers
+    (a decoder crash, memory exhaustion) is given up after a few attempts instead of being
+    redelivered for ever.
+    """
+    instance = session.get(Instance, instance_id)
+    if instance is None:
+        return 0
+    instance.attempts = (instance.attempts or 0) + 1
+    session.commit()
+    return instance.attempts
+
+
+def mark_requeued(session: Session, instance_id: int) -> None:
+    """A ``queued`` instance whose message was sent again (the sweeper found it stale)."""
+    instance = session.get(Instance, instance_id)
+    if instance is not None and instance.status == InstanceStatus.queued:
+        instance.queued_at = utcnow()
+        session.commit()
+
+
+def sr_documents_to_send(
+    session: Session, older_than: timedelta, limit: int = 100
+) -> Sequence[SRDocument]:
+    """SRs waiting to be sent (``send_status == 'pending'``) created before ``older_than`` ago."""
+    cutoff = utcnow() - older_than
+    return session.scalars(
+        select(SRDocument)
+        .where(SRDocument.send_status == "pending", SRDocument.created_at < cutoff)
+        .order_by(SRDocument.id)
+        .limit(limit)
+    ).all()

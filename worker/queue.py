@@ -1,0 +1,124 @@
+"""The enqueue side of the queue, used by the SCP and the sweeper.
+
+Every send fails fast when the broker is unreachable (:class:`EnqueueError` within a few
+seconds): the SCP then leaves the instance ``pending`` in the database, answers the C-STORE,
+and the sweeper queues it once the broker is back. Nothing acknowledged depends on the broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery
+from pydantic import BaseModel
+from sqlalchemy.orm import Session
+
+from db import repository
+from db.models import Instance
+from fracture_triage.messages import ClassifyInstance, ReportStudy, SendReport
+from fracture_triage.settings import Settings
+from worker.celery_app import QUEUE, make_celery
+
+log = logging.getLogger(__name__)
+
+CLASSIFY_TASK = "worker.classify_instance"
+REPORT_TASK = "worker.report_study"
+SEND_TASK = "worker.send_report"
+
+#: One quick reconnection attempt: a connection left stale by a broker restart is replaced,
+#: but a broker that is down fails the send in about a second instead of retrying forever.
+RETRY_POLICY: dict[str, Any] = {
+    "max_retries": 1,
+    "interval_start": 0,
+    "interval_step": 0.5,
+    "interval_max": 0.5,
+}
+
+
+class EnqueueError(RuntimeError):
+    """The message could not be handed to the broker; the caller keeps the work pending."""
+
+
+class CeleryEnqueuer:
+    """Send queue messages by task name. Thread-safe; call :meth:`close` when done.
+
+    ``enqueuer(ClassifyInstance(...))`` queues a classification (the SCP's call).
+    """
+
+    def __init__(self, settings: Settings, app: Celery | None = None) -> None:
+        self._app = app if app is not None else make_celery(settings, register_tasks=False)
+        self._lock = threading.Lock()
+
+    @property
+    def app(self) -> Celery:
+        return self._app
+
+    def __call__(self, msg: ClassifyInstance) -> None:
+        self.enqueue_classify(msg)
+
+    def enqueue_classify(self, msg: ClassifyInstance) -> None:
+        self._send(CLASSIFY_TASK, msg)
+
+    def enqueue_report(self, msg: ReportStudy) -> None:
+        self._send(REPORT_TASK, msg)
+
+    def enqueue_send(self, msg: SendReport) -> None:
+        self._send(SEND_TASK, msg)
+
+    def _send(self, task_name: str, msg: BaseModel) -> None:
+        try:
+            self._app.send_task(
+                task_name,
+                args=[msg.model_dump(mode="json")],
+                queue=QUEUE,
+                retry=True,
+                retry_policy=RETRY_POLICY,
+                ignore_result=True,
+            )
+        except Exception as exc:  # kombu/redis raise many types for "broker unreachable"
+            raise EnqueueError(f"cannot queue {task_name}: {type(exc).__name__}: {exc}") from exc
+
+    def queue_length(self) -> int | None:
+        """Messages waiting in the queue (not those being worked on); ``None`` if unknown."""
+        try:
+            with self._app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, timeout=2)
+                declared = conn.default_channel.queue_declare(queue=QUEUE, passive=True)
+                return int(declared.message_count)
+        except Exception as exc:
+            log.debug("queue length unknown: %s", exc)
+            return None
+
+    def close(self) -> None:
+        self._app.close()
+
+
+Enqueue = Callable[[ClassifyInstance], None]
+
+
+def classify_message(instance: Instance) -> ClassifyInstance:
+    """The queue message for one recorded instance: ids and a path, never pixel data."""
+    return ClassifyInstance(
+        instance_id=instance.id,
+        sop_instance_uid=instance.sop_instance_uid,
+        path=instance.storage_path,
+    )
+
+
+def queue_instance(session: Session, enqueue: Enqueue, instance: Instance) -> bool:
+    """Queue one recorded instance and mark it ``queued``; ``False`` if the broker is down.
+
+    On failure the instance stays ``pending`` and the sweeper queues it later. The message is
+    sent before the status changes: a crash in between leaves it pending, and the worst case
+    is a duplicate message, which the idempotent task ignores.
+    """
+    try:
+        enqueue(classify_message(instance))
+    except EnqueueError as exc:
+        log.warning("instance %s left pending: %s", instance.sop_instance_uid, exc)
+        return False
+    repository.mark_queued(session, instance.id)
+    return True

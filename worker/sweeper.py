@@ -1,0 +1,201 @@
+"""The sweeper: the database is the source of truth, the broker only a delivery mechanism.
+
+Every ``settings.sweeper_interval_seconds`` it
+
+1. queues ``pending`` instances (stored and acknowledged while the broker was down), oldest
+   first, and stops at the first refusal (the broker is still down);
+2. sends again ``queued`` instances that have had no result for ``stale_after`` while the
+   queue is empty (their message was lost, e.g. with a broker restarted without
+   persistence); the task is idempotent, so a needless resend costs one database lookup;
+3. queues ``report_study`` for studies quiet for ``settings.study_stable_seconds`` whose
+   current revision has no SR yet, at most once per (study, revision) every
+   ``report_resend_after`` (a lost message is sent again, a slow one is not duplicated);
+4. queues ``send_report`` for SRs still waiting to be sent.
+
+It writes no report state itself: the SR task records the SR and the reported revision in
+one transaction, so a crash anywhere leaves the study reportable and never reports one
+revision twice (the task checks the reported revision first).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import repository
+from fracture_triage.messages import ReportStudy, SendReport
+from fracture_triage.settings import Settings
+from worker.queue import CeleryEnqueuer, EnqueueError, classify_message, queue_instance
+
+log = logging.getLogger(__name__)
+
+STALE_AFTER = timedelta(minutes=2)
+REPORT_RESEND_AFTER_S = 120.0
+SEND_PENDING_AFTER = timedelta(seconds=30)
+
+
+@dataclass
+class SweepCounts:
+    queued: int = 0
+    requeued: int = 0
+    reports: int = 0
+    sends: int = 0
+    broker_down: bool = False
+
+
+@dataclass
+class Sweeper:
+    """One sweeper's state: what it queued recently, to avoid resending too early."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    enqueuer: CeleryEnqueuer
+    stale_after: timedelta = STALE_AFTER
+    report_resend_after_s: float = REPORT_RESEND_AFTER_S
+    send_pending_after: timedelta = SEND_PENDING_AFTER
+    #: study id -> (revision, monotonic time the report was queued)
+    _reports: dict[int, tuple[int, float]] = field(default_factory=dict)
+    #: SR document id -> monotonic time its send was queued
+    _sends: dict[int, float] = field(default_factory=dict)
+
+    def sweep_once(self) -> SweepCounts:
+        counts = SweepCounts()
+        with self.sessions() as session:
+            self._queue_pending(session, counts)
+            if counts.broker_down:
+                return counts
+            self._requeue_stale(session, counts)
+            if counts.broker_down:
+                return counts
+            self._queue_reports(session, counts)
+            if counts.broker_down:
+                return counts
+            self._queue_sends(session, counts)
+        return counts
+
+    def _queue_pending(self, session: Session, counts: SweepCounts) -> None:
+        while True:
+            batch = repository.pending_instances(session, limit=200)
+            if not batch:
+                return
+            for instance in batch:
+                if not queue_instance(session, self.enqueuer, instance):
+                    counts.broker_down = True
+                    return
+                counts.queued += 1
+            if len(batch) < 200:
+                return
+
+    def _requeue_stale(self, session: Session, counts: SweepCounts) -> None:
+        stale = repository.stale_queued_instances(session, self.stale_after, limit=200)
+        if not stale:
+            return
+        waiting = self.enqueuer.queue_length()
+        if waiting:
+            # Messages are still waiting: the stale ones are most likely among them (a
+            # backlog), not lost. Resend once the queue has drained.
+            return
+        for instance in stale:
+            try:
+                self.enqueuer(classify_message(instance))
+            except EnqueueError as exc:
+                log.warning("stale instance %s not resent: %s", instance.sop_instance_uid, exc)
+                counts.broker_down = True
+                return
+            repository.mark_requeued(session, instance.id)
+            counts.requeued += 1
+            log.info("resent stale instance %s", instance.sop_instance_uid)
+
+    def _queue_reports(self, session: Session, counts: SweepCounts) -> None:
+        now = time.monotonic()
+        ready = repository.studies_ready_to_report(session, self.settings.study_stable_seconds)
+        ready_ids = {study.id for study in ready}
+        for study_id in list(self._reports):
+            if study_id not in ready_ids:
+                del self._reports[study_id]
+        for study in ready:
+            seen = self._reports.get(study.id)
+            if seen and seen[0] == study.revision and now - seen[1] < self.report_resend_after_s:
+                continue
+            msg = ReportStudy(study_id=study.id, study_instance_uid=study.study_instance_uid)
+            try:
+                self.enqueuer.enqueue_report(msg)
+            except EnqueueError as exc:
+                log.warning("report of study %s not queued: %s", study.study_instance_uid, exc)
+                counts.broker_down = True
+                return
+            self._reports[study.id] = (study.revision, now)
+            counts.reports += 1
+            log.info("queued report of study %s rev %d", study.study_instance_uid, study.revision)
+
+    def _queue_sends(self, session: Session, counts: SweepCounts) -> None:
+        if self.settings.sr_destination is None:
+            return
+        now = time.monotonic()
+        waiting = repository.sr_documents_to_send(session, self.send_pending_after)
+        waiting_ids = {doc.id for doc in waiting}
+        for doc_id in list(self._sends):
+            if doc_id not in waiting_ids:
+                del self._sends[doc_id]
+        for doc in waiting:
+            queued_at = self._sends.get(doc.id)
+            if queued_at is not None and now - queued_at < self.report_resend_after_s:
+                continue
+            try:
+                self.enqueuer.enqueue_send(SendReport(sr_document_id=doc.id, path=doc.path))
+            except EnqueueError as exc:
+                log.warning("send of SR %s not queued: %s", doc.sop_instance_uid, exc)
+                counts.broker_down = True
+                return
+            self._sends[doc.id] = now
+            counts.sends += 1
+
+
+def run_sweeper(
+    settings: Settings,
+    stop_event: threading.Event,
+    *,
+    sessions: sessionmaker[Session] | None = None,
+    enqueuer: CeleryEnqueuer | None = None,
+    stale_after: timedelta = STALE_AFTER,
+) -> None:
+    """Sweep every ``settings.sweeper_interval_seconds`` until ``stop_event`` is set.
+
+    Errors (database or broker down) are logged and the loop goes on: the sweeper is what
+    recovers from them.
+    """
+    own_engine = None
+    if sessions is None:
+        from db.session import make_engine, make_session_factory
+
+        own_engine = make_engine(settings.resolved_database_url)
+        sessions = make_session_factory(own_engine)
+    own_enqueuer = enqueuer is None
+    if enqueuer is None:
+        enqueuer = CeleryEnqueuer(settings)
+    sweeper = Sweeper(settings, sessions, enqueuer, stale_after=stale_after)
+    log.info("sweeper running every %.1f s", settings.sweeper_interval_seconds)
+    was_down = False
+    try:
+        while not stop_event.is_set():
+            try:
+                counts = sweeper.sweep_once()
+            except Exception:
+                log.exception("sweep failed; trying again")
+            else:
+                if counts.broker_down != was_down:
+                    log.warning("broker %s", "unreachable" if counts.broker_down else "back")
+                    was_down = counts.broker_down
+                if counts.queued or counts.requeued:
+                    log.info("queued %d pending, resent %d stale", counts.queued, counts.requeued)
+            stop_event.wait(settings.sweeper_interval_seconds)
+    finally:
+        if own_enqueuer:
+            enqueuer.close()
+        if own_engine is not None:
+            own_engine.dispose()
