@@ -1,0 +1,397 @@
+"""Event handlers of the storage SCP (pynetdicom ``evt_handlers``).
+
+Dependencies arrive as handler arguments, pynetdicom style::
+
+    evt_handlers=[(evt.EVT_C_STORE, handle_store, [context])]
+
+The C-STORE handler does no inference. In order it: checks the object (``validate``), writes
+it as received, durably (``storage``), records it in the database, hands a message to the
+queue, and only then answers Success. Every failure answers a named status with an Error
+Comment and leaves a reason in the log (and, where the UIDs allow, in the database). Logs
+carry UIDs and AE titles, never patient identifiers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.events import Event
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import repository
+from db.models import Instance, InstanceStatus, Series, Study
+from db.repository import ReceivedInstance
+from dicom_node import records, storage
+from dicom_node.validate import (
+    CANNOT_UNDERSTAND,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+    CheckedObject,
+    Rejection,
+    check_dataset,
+    usable_uids,
+)
+from fracture_triage.messages import ClassifyInstance
+from fracture_triage.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+Enqueue = Callable[[ClassifyInstance], None]
+
+_LOCK_STRIPES = 64
+
+
+class InFlight:
+    """Counts C-STORE requests being handled, so a shutdown can let them finish."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def track(self) -> Iterator[None]:
+        with self._cond:
+            self._count += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._count -= 1
+                self._cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._count == 0, timeout=timeout)
+
+
+@dataclass
+class StoreContext:
+    """What the handlers need: passed to them by pynetdicom as a handler argument."""
+
+    settings: Settings
+    session_factory: sessionmaker[Session]
+    #: Hands a message to the broker; raises when it cannot (the instance then stays pending).
+    enqueue: Enqueue
+    in_flight: InFlight = field(default_factory=InFlight)
+    #: Serialise "already stored?" + write + record per SOP Instance UID within this process,
+    #: so two associations sending the same instance at once store and queue it once.
+    _locks: tuple[threading.Lock, ...] = field(
+        default_factory=lambda: tuple(threading.Lock() for _ in range(_LOCK_STRIPES))
+    )
+
+    def lock_for(self, sop_instance_uid: str) -> threading.Lock:
+        return self._locks[hash(sop_instance_uid) % _LOCK_STRIPES]
+
+
+def _status(code: int, comment: str | None = None) -> Dataset:
+    """A C-STORE response status; Error Comment (0000,0902) is LO: at most 64 characters."""
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment[:64]
+    return ds
+
+
+def _peer(event: Event) -> str:
+    requestor = event.assoc.requestor
+    return f"{requestor.ae_title.strip()}@{requestor.address}:{requestor.port}"
+
+
+def handle_echo(event: Event, ctx: StoreContext) -> int:
+    """C-ECHO (Verification, PS3.7 9.1.5)."""
+    logger.info("C-ECHO from %s", _peer(event))
+    return SUCCESS  # 0x0000 Success
+
+
+def handle_accepted(event: Event, ctx: StoreContext) -> None:
+    accepted = [cx for cx in event.assoc.accepted_contexts]
+    logger.info("association from %s accepted (%d contexts)", _peer(event), len(accepted))
+
+
+def handle_rejected(event: Event, ctx: StoreContext) -> None:
+    logger.warning("association from %s rejected", _peer(event))
+
+
+def handle_aborted(event: Event, ctx: StoreContext) -> None:
+    logger.warning("association with %s aborted", _peer(event))
+
+
+# --- received attributes ---------------------------------------------------------------------
+
+#: ReceivedInstance field -> (DICOM keyword, column whose length bounds the value).
+_ATTRIBUTES = {
+    "patient_id": ("PatientID", Study.patient_id),
+    "patient_name": ("PatientName", Study.patient_name),
+    "patient_birth_date": ("PatientBirthDate", Study.patient_birth_date),
+    "patient_sex": ("PatientSex", Study.patient_sex),
+    "accession_number": ("AccessionNumber", Study.accession_number),
+    "study_id": ("StudyID", Study.study_id),
+    "study_date": ("StudyDate", Study.study_date),
+    "study_time": ("StudyTime", Study.study_time),
+    "study_description": ("StudyDescription", Study.study_description),
+    "referring_physician_name": ("ReferringPhysicianName", Study.referring_physician_name),
+    "modality": ("Modality", Series.modality),
+    "body_part_examined": ("BodyPartExamined", Series.body_part_examined),
+    "series_number": ("SeriesNumber", Series.series_number),
+    "instance_number": ("InstanceNumber", Instance.instance_number),
+}
+_DATES = {"patient_birth_date", "study_date"}
+
+
+def _attribute(ds: Dataset, name: str) -> str | None:
+    """One worklist attribute as text that fits its column, or ``None``.
+
+    Real objects carry over-long or malformed values; a value that does not fit must not make
+    the database refuse the instance (PostgreSQL enforces VARCHAR lengths, SQLite does not).
+    """
+    keyword, column = _ATTRIBUTES[name]
+    try:
+        value = ds.get(keyword)
+        if value is None:
+            return None
+        text = "\\".join(str(v) for v in value) if isinstance(value, list) else str(value)
+    except Exception:  # noqa: BLE001 - an undecodable value is left out, not fatal
+        return None
+    text = text.replace("\x00", "").strip()
+    if name in _DATES:
+        text = "".join(ch for ch in text if ch.isdigit())
+        return text if len(text) == 8 else None
+    length = getattr(column.type, "length", None)
+    return (text[:length] if length else text) or None
+
+
+def received_instance(
+    ds: Dataset,
+    checked: CheckedObject,
+    *,
+    path: Path,
+    calling_ae: str,
+    transfer_syntax: UID,
+    failure_reason: str | None,
+) -> ReceivedInstance:
+    attrs = {name: _attribute(ds, name) for name in _ATTRIBUTES}
+    return ReceivedInstance(
+        sop_instance_uid=checked.uids.sop_instance_uid,
+        sop_class_uid=checked.uids.sop_class_uid,
+        study_instance_uid=checked.uids.study_instance_uid,
+        series_instance_uid=checked.uids.series_instance_uid,
+        storage_path=str(path),
+        calling_ae_title=calling_ae[:16] or None,
+        transfer_syntax_uid=str(transfer_syntax),
+        failure_reason=failure_reason,
+        **attrs,
+    )
+
+
+# --- C-STORE ---------------------------------------------------------------------------------
+
+
+def _encoded_chunks(event: Event, calling_ae: str) -> list[bytes]:
+    """The object in the DICOM File Format (PS3.10 7.1), data set bytes exactly as received.
+
+    The File Meta Information is built from the C-STORE command and the presentation context
+    (Media Storage SOP Class/Instance UID, Transfer Syntax UID), plus the sender's AE title in
+    Source Application Entity Title (0002,0016).
+    """
+    meta = event.file_meta
+    if calling_ae:
+        meta.SourceApplicationEntityTitle = calling_ae
+    return [b"\x00" * 128, b"DICM", encode_file_meta(meta), event.encoded_dataset(False)]
+
+
+def _record_refusal(
+    ctx: StoreContext, ds: Dataset | None, event: Event, rejection: Rejection, calling_ae: str
+) -> None:
+    """Keep a refused object for the administrator and record it when its UIDs allow."""
+    try:
+        content = b"".join(_encoded_chunks(event, calling_ae))
+        path = storage.rejected_path(ctx.settings.storage_dir, content)
+        storage.write_atomic(path, [content])
+    except Exception as exc:  # noqa: BLE001 - keeping the copy is best effort
+        logger.warning("could not keep the refused object: %s", type(exc).__name__)
+        return
+    uids = usable_uids(ds) if ds is not None else None
+    if uids is None:
+        logger.info("refused object kept as %s (no usable UIDs to record)", path.name)
+        return
+    reason = f"{records.REFUSED_PREFIX} (0x{rejection.status:04X}): {rejection.reason}"
+    checked = CheckedObject(uids=uids, unclassifiable=None)
+    assert ds is not None
+    rec = received_instance(
+        ds,
+        checked,
+        path=path,
+        calling_ae=calling_ae,
+        transfer_syntax=event.context.transfer_syntax,
+        failure_reason=reason,
+    )
+    try:
+        with ctx.session_factory() as session:
+            repository.record_received(session, rec)
+    except Exception as exc:  # noqa: BLE001 - the failure status is answered anyway
+        logger.warning(
+            "could not record refused instance %s: %s", uids.sop_instance_uid, type(exc).__name__
+        )
+
+
+def handle_store(event: Event, ctx: StoreContext) -> Dataset:
+    """C-STORE (Storage Service Class, PS3.4 Annex B): validate, store, record, queue."""
+    with ctx.in_flight.track():
+        start = time.monotonic()
+        try:
+            return _store(event, ctx, start)
+        except Exception:  # anything unforeseen: nothing was acknowledged, the peer may retry
+            logger.exception("C-STORE from %s failed unexpectedly", _peer(event))
+            # 0xA700 Refused: Out of Resources - transient from the peer's point of view.
+            return _status(OUT_OF_RESOURCES, "internal error; retry later")
+
+
+def _store(event: Event, ctx: StoreContext, start: float) -> Dataset:
+    request = cast(C_STORE, event.request)
+    calling_ae = event.assoc.requestor.ae_title.strip()
+    transfer_syntax = UID(event.context.transfer_syntax)
+    affected_uid = str(request.AffectedSOPInstanceUID or "")
+
+    ds: Dataset | None = None
+    try:
+        ds = event.dataset
+        checked = check_dataset(
+            ds,
+            affected_sop_class_uid=str(request.AffectedSOPClassUID or ""),
+            affected_sop_instance_uid=affected_uid,
+            transfer_syntax=transfer_syntax,
+            max_pixels=ctx.settings.max_pixels,
+        )
+    except Exception as exc:
+        rejection = (
+            exc
+            if isinstance(exc, Rejection)
+            # 0xC000 Error: Cannot understand - the data set does not even parse.
+            else Rejection(CANNOT_UNDERSTAND, f"data set cannot be parsed ({type(exc).__name__})")
+        )
+        logger.warning(
+            "refused C-STORE of %s from %s: 0x%04X %s",
+            affected_uid or "(no SOP Instance UID)",
+            _peer(event),
+            rejection.status,
+            rejection.reason,
+        )
+        _record_refusal(ctx, ds, event, rejection, calling_ae)
+        # The status chosen by the check: 0xA900 Data Set does not match SOP Class,
+        # 0x0117 Invalid SOP Instance, 0x0122 SOP Class not supported or 0xC000 Cannot understand.
+        return _status(rejection.status, rejection.reason)
+
+    uids = checked.uids
+    path = storage.instance_path(ctx.settings.storage_dir, uids).resolve()
+    rec = received_instance(
+        ds,
+        checked,
+        path=path,
+        calling_ae=calling_ae,
+        transfer_syntax=transfer_syntax,
+        failure_reason=checked.unclassifiable,
+    )
+
+    with ctx.lock_for(uids.sop_instance_uid):
+        try:
+            with ctx.session_factory() as session:
+                existing = records.find_instance(session, uids.sop_instance_uid)
+        except SQLAlchemyError as exc:
+            logger.error(
+                "database unavailable, refusing %s: %s", uids.sop_instance_uid, type(exc).__name__
+            )
+            # 0xA700 Refused: Out of Resources - the database is down; the peer retries later.
+            return _status(OUT_OF_RESOURCES, "database unavailable; retry later")
+        if existing is not None and not records.is_refused(existing):
+            # Stored and queued once already: keep the first copy, do not queue it again.
+            # Most archives answer Success to a resent instance, which is what modalities
+            # and PACS expect (a warning makes some of them flag the transfer as faulty).
+            logger.info(
+                "duplicate %s from %s: already stored, not queued again",
+                uids.sop_instance_uid,
+                _peer(event),
+            )
+            return _status(SUCCESS)  # 0x0000 Success
+
+        try:
+            storage.write_atomic(path, _encoded_chunks(event, calling_ae))
+        except OSError as exc:
+            logger.error("cannot write %s: %s", uids.sop_instance_uid, exc.strerror or exc)
+            # 0xA700 Refused: Out of Resources - disk full or not writable.
+            return _status(OUT_OF_RESOURCES, "cannot write to storage; retry later")
+
+        try:
+            with ctx.session_factory() as session:
+                refused = records.find_instance(session, uids.sop_instance_uid)
+                if refused is not None:  # a corrected resend of an object refused earlier
+                    instance, created = records.reopen_refused(session, refused, rec), True
+                else:
+                    instance, created = repository.record_received(session, rec)
+                instance_id = instance.id
+                status = instance.status
+                path_recorded = instance.storage_path
+        except SQLAlchemyError as exc:
+            logger.error("cannot record %s: %s", uids.sop_instance_uid, type(exc).__name__)
+            # 0xA700 Refused: Out of Resources - stored but not recorded: not acknowledged,
+            # the peer retries and the file is simply written again.
+            return _status(OUT_OF_RESOURCES, "database unavailable; retry later")
+
+    if not created:  # another process recorded it between our check and our write
+        logger.info("duplicate %s recorded concurrently; not queued again", uids.sop_instance_uid)
+        return _status(SUCCESS)  # 0x0000 Success
+
+    queued = False
+    if status == InstanceStatus.pending:
+        queued = _queue(ctx, instance_id, uids.sop_instance_uid, path_recorded)
+    logger.info(
+        "stored %s study=%s series=%s from %s ts=%s %s in %.0f ms",
+        uids.sop_instance_uid,
+        uids.study_instance_uid,
+        uids.series_instance_uid,
+        _peer(event),
+        transfer_syntax,
+        "queued"
+        if queued
+        else (
+            "pending"
+            if status == InstanceStatus.pending
+            else f"not classifiable: {rec.failure_reason}"
+        ),
+        (time.monotonic() - start) * 1000,
+    )
+    # File durable and instance recorded: the object is safe whatever the broker does.
+    return _status(SUCCESS)  # 0x0000 Success
+
+
+def _queue(ctx: StoreContext, instance_id: int, sop_instance_uid: str, path: str) -> bool:
+    """Queue the instance; on any failure it stays ``pending`` and the sweeper queues it."""
+    msg = ClassifyInstance(instance_id=instance_id, sop_instance_uid=sop_instance_uid, path=path)
+    try:
+        ctx.enqueue(msg)
+    except Exception as exc:  # noqa: BLE001 - the broker's errors come in many types
+        logger.warning(
+            "broker unavailable, %s left pending for the sweeper: %s",
+            sop_instance_uid,
+            type(exc).__name__,
+        )
+        return False
+    try:
+        with ctx.session_factory() as session:
+            repository.mark_queued(session, instance_id)
+    except SQLAlchemyError as exc:
+        # The message is on the broker; the record stays pending and the sweeper may send it
+        # again, which the idempotent task ignores.
+        logger.warning("could not mark %s queued: %s", sop_instance_uid, type(exc).__name__)
+    return True

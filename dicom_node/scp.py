@@ -1,0 +1,189 @@
+"""Build the storage SCP's Application Entity from ``Settings`` and run it.
+
+Conformance in short (PS3.2 style):
+
+- Verification SCP (C-ECHO).
+- Storage SCP (C-STORE) for Computed Radiography Image Storage, Digital X-Ray Image Storage
+  For Presentation and For Processing, Secondary Capture Image Storage
+  (:data:`dicom_node.contexts.STORAGE_SOP_CLASSES`), in every transfer syntax pydicom can
+  decode here (:func:`dicom_node.contexts.supported_transfer_syntaxes`). Other abstract
+  syntaxes are refused per presentation context (PS3.8 9.3.3.2 result 3).
+- Maximum PDU received: ``Settings.max_pdu`` (128 KiB by default).
+- Calling AE titles: any when ``Settings.allowed_calling_aets`` is empty, otherwise those
+  only; others get A-ASSOCIATE-RJ rejected-permanent, service-user, reason 3
+  "calling-AE-title-not-recognized" (PS3.8 9.3.4).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType, TracebackType
+from typing import Any
+
+from pynetdicom import AE, evt
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.contexts import STORAGE_SOP_CLASSES, VERIFICATION, supported_transfer_syntaxes
+from dicom_node.handlers import (
+    Enqueue,
+    StoreContext,
+    handle_aborted,
+    handle_accepted,
+    handle_echo,
+    handle_rejected,
+    handle_store,
+)
+from fracture_triage.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+#: Associations handled at once; a modality and a PACS or two need far fewer.
+MAX_ASSOCIATIONS = 16
+#: Seconds a shutdown waits for C-STORE requests being handled before aborting associations.
+SHUTDOWN_GRACE_S = 10.0
+
+
+def build_ae(settings: Settings) -> AE:
+    """The Application Entity: AE title, PDU size, calling AE filter, presentation contexts."""
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_pdu_size = settings.max_pdu
+    ae.maximum_associations = MAX_ASSOCIATIONS
+    # pynetdicom answers A-ASSOCIATE-RJ (1, 1, 3) to any other calling AE title.
+    ae.require_calling_aet = list(settings.allowed_calling_aets)
+    ae.add_supported_context(VERIFICATION)
+    syntaxes = supported_transfer_syntaxes()
+    for sop_class in STORAGE_SOP_CLASSES:
+        ae.add_supported_context(sop_class, syntaxes)
+    return ae
+
+
+class StorageSCP:
+    """The running node: ``start()`` (non-blocking) or ``serve_forever()``, then ``shutdown()``.
+
+    Usable as a context manager (started on enter, shut down on exit). ``port`` is the port
+    actually bound (useful when ``Settings.dicom_port`` is 0).
+    """
+
+    def __init__(
+        self, settings: Settings, session_factory: sessionmaker[Session], enqueue: Enqueue
+    ) -> None:
+        self.settings = settings
+        self.context = StoreContext(settings, session_factory, enqueue)
+        self.ae = build_ae(settings)
+        self._server: ThreadedAssociationServer | None = None
+        self._stop = threading.Event()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the SCP is not started")
+        return int(self._server.server_address[1])
+
+    def start(self) -> StorageSCP:
+        """Listen in background threads and return at once."""
+        self.settings.storage_dir.mkdir(parents=True, exist_ok=True)
+        handlers: list[Any] = [
+            (evt.EVT_C_ECHO, handle_echo, [self.context]),
+            (evt.EVT_C_STORE, handle_store, [self.context]),
+            (evt.EVT_ACCEPTED, handle_accepted, [self.context]),
+            (evt.EVT_REJECTED, handle_rejected, [self.context]),
+            (evt.EVT_ABORTED, handle_aborted, [self.context]),
+        ]
+        address = (self.settings.bind_address, self.settings.dicom_port)
+        self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
+        logger.info(
+            "storage SCP %s listening on %s:%d (max PDU %d, calling AEs: %s)",
+            self.settings.ae_title,
+            self.settings.bind_address,
+            self.port,
+            self.settings.max_pdu,
+            ", ".join(self.settings.allowed_calling_aets) or "any",
+        )
+        return self
+
+    def serve_forever(self) -> None:
+        """Start if needed and block until :meth:`shutdown`, Ctrl-C or SIGTERM."""
+        if self._server is None:
+            self.start()
+        try:
+            # Short waits keep the main thread responsive to signals (KeyboardInterrupt).
+            while not self._stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            logger.info("interrupted")
+        finally:
+            self.shutdown()
+
+    def shutdown(self, grace: float = SHUTDOWN_GRACE_S) -> None:
+        """Stop accepting, let C-STORE requests in progress finish, then close everything.
+
+        A request cut short was never acknowledged, so the peer sends it again: nothing is lost.
+        """
+        self._stop.set()
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()  # no new associations
+        if not self.context.in_flight.wait_idle(grace):
+            logger.warning("C-STORE requests still running after %.0f s: aborting", grace)
+        for assoc in server.active_associations:
+            assoc.abort()
+        logger.info("storage SCP stopped")
+
+    def __enter__(self) -> StorageSCP:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.shutdown()
+
+
+def run_scp(
+    settings: Settings,
+    enqueue: Enqueue,
+    *,
+    session_factory: sessionmaker[Session] | None = None,
+    ready: threading.Event | None = None,
+) -> None:
+    """Run the storage SCP until Ctrl-C or SIGTERM (the ``fracture-triage scp`` role).
+
+    ``enqueue`` hands a :class:`~fracture_triage.messages.ClassifyInstance` to the broker and
+    raises when it cannot (e.g. ``worker.queue.CeleryEnqueuer``). Without ``session_factory``
+    the database at ``settings.resolved_database_url`` is used (and upgraded to the current
+    schema). ``ready`` is set once the port is bound.
+    """
+    engine = None
+    if session_factory is None:
+        from db.migrations import upgrade
+        from db.session import make_engine, make_session_factory
+
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        upgrade(settings.resolved_database_url)
+        engine = make_engine(settings.resolved_database_url)
+        session_factory = make_session_factory(engine)
+    scp = StorageSCP(settings, session_factory, enqueue)
+    scp.start()
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+
+        def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+            scp._stop.set()
+
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        if ready is not None:
+            ready.set()
+        scp.serve_forever()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if engine is not None:
+            engine.dispose()
