@@ -1,0 +1,222 @@
+"""The repository operations on a migrated SQLite and PostgreSQL database.
+
+Each test builds the schema with the Alembic migrations (not ``create_all``), so these also
+show that the migrated schema is the one the code needs.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import repository as repo
+from db.migrations import upgrade
+from db.models import Instance, InstanceStatus, Result, Series, SRDocument, Study
+from db.session import make_engine, make_session_factory
+
+STUDY = "1.2.826.0.1.3680043.8.498.1"
+SERIES = "1.2.826.0.1.3680043.8.498.1.1"
+CR = "1.2.840.10008.5.1.4.1.1.1"
+
+
+@pytest.fixture
+def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
+    upgrade(database_url)
+    engine = make_engine(database_url)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+def received(n: int, study: str = STUDY, series: str = SERIES, **kw: str) -> repo.ReceivedInstance:
+    return repo.ReceivedInstance(
+        sop_instance_uid=f"{series}.{n}",
+        sop_class_uid=CR,
+        study_instance_uid=study,
+        series_instance_uid=series,
+        storage_path=f"/data/objects/{study}/{series}/{n}.dcm",
+        calling_ae_title="MODALITY",
+        modality="CR",
+        patient_id="PID-7",
+        patient_name="Doe^Jane",
+        **kw,
+    )
+
+
+def classification(p: float, version: str = "v1") -> repo.Classification:
+    return repo.Classification(
+        probability=p,
+        threshold=0.5,
+        fracture=p >= 0.5,
+        model_name="m",
+        model_version=version,
+        model_uid="2.25.1",
+        preprocess_ms=1.0,
+        inference_ms=2.0,
+    )
+
+
+def test_record_received_stores_once(sessions: sessionmaker[Session]) -> None:
+    with sessions() as s:
+        first, new = repo.record_received(s, received(1))
+        assert new and first.status == InstanceStatus.pending
+    with sessions() as s:
+        again, new = repo.record_received(s, received(1))
+        assert not new and again.id == first.id
+        assert s.scalar(select(func.count(Instance.id))) == 1
+        study = s.scalars(select(Study)).one()
+        # Only a new instance changes the study.
+        assert study.revision == 1
+        assert study.patient_name == "Doe^Jane"
+    with sessions() as s:
+        second, new = repo.record_received(s, received(2))
+        assert new and second.id != first.id
+        assert s.scalar(select(func.count(Study.id))) == 1
+        assert s.scalar(select(func.count(Series.id))) == 1
+        assert s.scalars(select(Study)).one().revision == 2
+
+
+def test_record_received_with_a_failure_reason_is_failed(sessions: sessionmaker[Session]) -> None:
+    with sessions() as s:
+        inst, _ = repo.record_received(s, replace(received(1), failure_reason="no Pixel Data"))
+        assert inst.status == InstanceStatus.failed
+        assert inst.failure_reason == "no Pixel Data"
+        assert repo.pending_instances(s) == []
+
+
+def test_concurrent_duplicates_are_recorded_once(sessions: sessionmaker[Session]) -> None:
+    """Four associations deliver the same new instance at the same moment."""
+    barrier = threading.Barrier(4)
+    outcomes: list[tuple[int, bool]] = []
+    errors: list[BaseException] = []
+
+    def deliver() -> None:
+        try:
+            with sessions() as s:
+                barrier.wait(timeout=10)
+                inst, new = repo.record_received(s, received(1))
+                outcomes.append((inst.id, new))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=deliver) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+    assert len({i for i, _ in outcomes}) == 1
+    assert sum(new for _, new in outcomes) == 1
+    with sessions() as s:
+        assert s.scalar(select(func.count(Instance.id))) == 1
+
+
+def test_save_result_is_idempotent(sessions: sessionmaker[Session]) -> None:
+    with sessions() as s:
+        inst, _ = repo.record_received(s, received(1))
+    with sessions() as s:
+        first = repo.save_result(s, inst.id, classification(0.8))
+    with sessions() as s:
+        # A redelivered task computes again (maybe a slightly different number): one row stays.
+        again = repo.save_result(s, inst.id, classification(0.3))
+        assert again.id == first.id and again.probability == pytest.approx(0.8)
+        assert s.scalar(select(func.count(Result.id))) == 1
+        assert s.get(Instance, inst.id).status == InstanceStatus.done  # type: ignore[union-attr]
+    with sessions() as s:
+        # A new model version is a new result.
+        repo.save_result(s, inst.id, classification(0.1, version="v2"))
+        assert s.scalar(select(func.count(Result.id))) == 2
+
+
+def test_queue_bookkeeping(sessions: sessionmaker[Session]) -> None:
+    with sessions() as s:
+        a, _ = repo.record_received(s, received(1))
+        b, _ = repo.record_received(s, received(2))
+        assert [i.id for i in repo.pending_instances(s)] == [a.id, b.id]
+        repo.mark_queued(s, a.id)
+        assert [i.id for i in repo.pending_instances(s)] == [b.id]
+        assert repo.stale_queued_instances(s, timedelta(hours=1)) == []
+        assert [i.id for i in repo.stale_queued_instances(s, timedelta(0))] == [a.id]
+        repo.mark_failed(s, b.id, "cannot decode")
+        failed = s.get(Instance, b.id)
+        assert failed is not None and failed.status == InstanceStatus.failed
+        assert failed.failure_reason == "cannot decode"
+
+
+def _ready(sessions: sessionmaker[Session], stable: float) -> list[str]:
+    with sessions() as s:
+        return [st.study_instance_uid for st in repo.studies_ready_to_report(s, stable)]
+
+
+def test_studies_ready_to_report(sessions: sessionmaker[Session]) -> None:
+    with sessions() as s:
+        a, _ = repo.record_received(s, received(1))
+        b, _ = repo.record_received(s, received(2))
+    # Unsettled (pending, then queued) instances hold the report back.
+    assert _ready(sessions, 0) == []
+    with sessions() as s:
+        repo.mark_queued(s, a.id)
+        repo.save_result(s, b.id, classification(0.9))
+    assert _ready(sessions, 0) == []
+    with sessions() as s:
+        repo.mark_failed(s, a.id, "cannot decode")  # failed counts as settled
+    assert _ready(sessions, 0) == [STUDY]
+    # Not yet stable: the newest image arrived less than an hour ago.
+    assert _ready(sessions, 3600) == []
+
+    with sessions() as s:
+        study = s.scalars(select(Study)).one()
+        study.reported_revision = study.revision
+        s.commit()
+    assert _ready(sessions, 0) == []
+
+    # Another image later: the study is reported again once it is settled.
+    with sessions() as s:
+        c, _ = repo.record_received(s, received(3))
+    assert _ready(sessions, 0) == []
+    with sessions() as s:
+        repo.save_result(s, c.id, classification(0.2))
+    assert _ready(sessions, 0) == [STUDY]
+
+
+def test_latest_report_skips_superseded(sessions: sessionmaker[Session]) -> None:
+    with sessions() as s:
+        inst, _ = repo.record_received(s, received(1))
+        study = s.scalars(select(Study)).one()
+        old = SRDocument(
+            study_id=study.id,
+            study_revision=1,
+            sop_instance_uid="2.25.10",
+            series_instance_uid="2.25.11",
+            path="/sr/old.dcm",
+            created_at=repo.utcnow(),
+            fracture=False,
+            probability=0.1,
+            instance_count=1,
+        )
+        s.add(old)
+        s.commit()
+        assert repo.latest_report(s, study.id) is old
+        new = SRDocument(
+            study_id=study.id,
+            study_revision=2,
+            sop_instance_uid="2.25.12",
+            series_instance_uid="2.25.13",
+            path="/sr/new.dcm",
+            created_at=repo.utcnow(),
+            fracture=True,
+            probability=0.9,
+            instance_count=2,
+        )
+        s.add(new)
+        s.flush()
+        old.superseded_by_id = new.id
+        s.commit()
+        latest = repo.latest_report(s, study.id)
+        assert latest is not None and latest.path == "/sr/new.dcm"
+        assert [i.id for i in repo.study_instances(s, study.id)] == [inst.id]
