@@ -118,3 +118,105 @@ def postgres_server() -> Iterator[str]:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+class OrthancServer:
+    """A real Orthanc PACS (apt package ``orthanc``) on loopback, storing into ``workdir``."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+        if not Path(binary).exists():
+            raise RuntimeError("Orthanc is not installed (apt-get install orthanc)")
+        self.binary = binary
+        self.workdir = workdir
+        self.ae_title = "ORTHANCTEST"
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> None:
+        import json
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "fracture-triage-test",
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "storage"),
+            # No system plugins: the test wants plain storage and the REST API only.
+            "Plugins": [],
+            "HttpServerEnabled": True,
+            "HttpPort": self.http_port,
+            # HTTP only from localhost, and without credentials there.
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomServerEnabled": True,
+            "DicomAet": self.ae_title,
+            "DicomPort": self.dicom_port,
+            # Refuse associations addressed to another AE title, as a real PACS would.
+            "DicomCheckCalledAet": True,
+            # Any calling AE may echo and store (the node's AE is not registered).
+            "DicomAlwaysAllowEcho": True,
+            "DicomAlwaysAllowStore": True,
+            "DicomModalities": {},
+            "ConcurrentJobs": 1,
+            "StorageCompression": False,
+        }
+        path = self.workdir / "orthanc.json"
+        path.write_text(json.dumps(config, indent=2))
+        self.log = open(self.workdir / "orthanc.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [self.binary, str(path)], stdout=self.log, stderr=subprocess.STDOUT
+        )
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 30.0) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"Orthanc exited with {self.proc.returncode}; see {self.workdir}/orthanc.log"
+                )
+            try:
+                with urllib.request.urlopen(f"{self.http_url}/system", timeout=1) as resp:
+                    if resp.status == 200:
+                        left = max(1.0, deadline - time.monotonic())
+                        wait_for_port(self.dicom_port, timeout=left)
+                        return
+            except OSError:
+                time.sleep(0.1)
+        raise TimeoutError(f"Orthanc not ready after {timeout}s; see {self.workdir}/orthanc.log")
+
+    def get_json(self, path: str) -> object:
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.http_url}{path}", timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+            self.proc = None
+            self.log.close()
+
+
+@contextmanager
+def orthanc_server(workdir: Path) -> Iterator[OrthancServer]:
+    """Orthanc on free ports; yields it (``ae_title``, ``dicom_port``, ``http_url``)."""
+    server = OrthancServer(workdir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,323 @@
+"""The study's DICOM SR: built from real results and real sample headers, checked with
+dicom3tools' dciodvfy, dcmtk's dsrdump and highdicom, recorded and superseded in the
+database (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+from pydicom.sr.codedict import codes
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import repository as repo
+from db.models import Base, SRDocument, Study
+from db.session import make_engine, make_session_factory
+from fracture_triage.settings import Settings
+from model.artifact import ModelCard
+from tests.conftest import require
+from worker import sr as srmod
+from worker.sr import build_study_report
+
+CARD = ModelCard(
+    name="test-mobilenetv2",
+    version="test-0",
+    uid="2.25.1234567890",
+    threshold=0.5,
+    input_size=64,
+)
+RG3 = "CR_extremity_RG3_MONO1_10b_EVRLE.dcm"
+RG3_J2K = "CR_extremity_RG3_MONO1_10b_J2K_lossless.dcm"
+RG3_JLS = "CR_extremity_RG3_MONO1_10b_JPEGLS_lossless.dcm"
+RG3_BAD = "BAD_CR_extremity_RG3_JPEGExtended_SOS_Se0.dcm"
+PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyDescription",
+)
+
+
+def dciodvfy(path: Path) -> list[str]:
+    """dciodvfy's messages; the test fails on any line starting with "Error"."""
+    out = subprocess.run(
+        ["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, errors="replace"
+    )
+    lines = (out.stdout + out.stderr).splitlines()
+    print(f"dciodvfy {path.name}:", *lines, sep="\n  ")
+    return lines
+
+
+def assert_valid_sr(path: Path) -> hd.sr.Comprehensive3DSR:
+    errors = [line for line in dciodvfy(path) if line.startswith("Error")]
+    assert errors == []
+    dump = subprocess.run(
+        ["dsrdump", str(path)], capture_output=True, text=True, timeout=60, errors="replace"
+    )
+    assert dump.returncode == 0, dump.stdout + dump.stderr
+    assert "Imaging Measurement Report" in dump.stdout
+    sr = hd.sr.srread(path)
+    assert isinstance(sr, hd.sr.Comprehensive3DSR)
+    assert isinstance(sr.content, hd.sr.MeasurementReport)
+    return sr
+
+
+@pytest.fixture
+def session_factory(database_url: str) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(database_url)
+    Base.metadata.create_all(engine)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+def receive(sf: sessionmaker[Session], path: Path, failure: str | None = None) -> int:
+    """Record a sample as the SCP does; return its instance id."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    rec = repo.ReceivedInstance(
+        sop_instance_uid=ds.SOPInstanceUID,
+        sop_class_uid=ds.SOPClassUID,
+        study_instance_uid=ds.StudyInstanceUID,
+        series_instance_uid=ds.SeriesInstanceUID,
+        storage_path=str(path),
+        modality=ds.get("Modality"),
+        patient_id=ds.get("PatientID"),
+        patient_name=str(ds.get("PatientName", "")),
+        accession_number=ds.get("AccessionNumber"),
+        study_date=ds.get("StudyDate"),
+    )
+    with sf() as session:
+        instance, _ = repo.record_received(session, rec)
+        if failure:
+            repo.mark_failed(session, instance.id, failure)
+        return instance.id
+
+
+def classify(sf: sessionmaker[Session], instance_id: int, probability: float) -> None:
+    c = repo.Classification(
+        probability=probability,
+        threshold=CARD.threshold,
+        fracture=probability >= CARD.threshold,
+        model_name=CARD.name,
+        model_version=CARD.version,
+        model_uid=CARD.uid,
+        preprocess_ms=3.0,
+        inference_ms=9.0,
+    )
+    with sf() as session:
+        repo.save_result(session, instance_id, c)
+
+
+def study_id_of(sf: sessionmaker[Session], instance_id: int) -> int:
+    with sf() as session:
+        instance = session.get(repo.Instance, instance_id)
+        assert instance is not None
+        return instance.series.study_id
+
+
+def measurement_groups(
+    sr: hd.sr.Comprehensive3DSR,
+) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    report = sr.content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    return report.get_image_measurement_groups()
+
+
+def groups_by_image(
+    sr: hd.sr.Comprehensive3DSR,
+) -> dict[str, hd.sr.MeasurementsAndQualitativeEvaluations]:
+    out: dict[str, hd.sr.MeasurementsAndQualitativeEvaluations] = {}
+    for group in measurement_groups(sr):
+        (source,) = group.source_images
+        out[source.referenced_sop_instance_uid] = group
+    return out
+
+
+def algorithm_names(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> list[str]:
+    return [
+        item.TextValue
+        for item in group[0].ContentSequence  # type: ignore[index]
+        if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == "111001"
+    ]
+
+
+def test_study_sr_is_valid_and_complete(
+    session_factory: sessionmaker[Session], dicom_samples: Path, tmp_path: Path
+) -> None:
+    settings = Settings(data_dir=tmp_path)
+    flagged = receive(session_factory, require(dicom_samples / RG3))
+    normal = receive(session_factory, require(dicom_samples / RG3_J2K))
+    failed = receive(
+        session_factory,
+        require(dicom_samples / RG3_BAD),
+        failure="decode failed: libjpeg error -1038",
+    )
+    classify(session_factory, flagged, 0.82)
+    classify(session_factory, normal, 0.31)
+    study_id = study_id_of(session_factory, flagged)
+
+    doc = build_study_report(session_factory, settings, study_id, CARD)
+
+    path = Path(doc.path)
+    assert path.parent.parent == settings.sr_dir and path.is_file()
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp")]
+    assert (doc.fracture, doc.probability, doc.instance_count) == (True, 0.82, 3)
+    assert doc.send_status == "none" and doc.superseded_by_id is None
+    sr = assert_valid_sr(path)
+
+    # IHE AIR: same study and patient as the source, a new SR series.
+    source = pydicom.dcmread(dicom_samples / RG3, stop_before_pixels=True)
+    for keyword in PATIENT_STUDY:
+        assert sr.get(keyword) == source.get(keyword), keyword
+    assert sr.Modality == "SR"
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
+    assert sr.SeriesInstanceUID == doc.series_instance_uid != source.SeriesInstanceUID
+    assert sr.SOPInstanceUID == doc.sop_instance_uid
+    # Contributing Equipment names the algorithm; the Device UID is the model's UID.
+    (equipment,) = [e for e in sr.ContributingEquipmentSequence if e.get("DeviceUID") == CARD.uid]
+    assert equipment.Manufacturer == CARD.manufacturer
+    assert equipment.ManufacturerModelName == CARD.name
+    assert equipment.SoftwareVersions == CARD.version
+    assert equipment.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+
+    # One group per image, each with TID 4019, its source image and the evaluation.
+    groups = groups_by_image(sr)
+    with session_factory() as session:
+        uids = {
+            i: session.get(repo.Instance, i).sop_instance_uid  # type: ignore[union-attr]
+            for i in (flagged, normal, failed)
+        }
+    assert set(groups) == set(uids.values())
+    expected = {
+        flagged: ("52101004", 0.82),
+        normal: ("272519000", 0.31),
+        failed: ("373068000", None),
+    }
+    for instance_id, (code, probability) in expected.items():
+        group = groups[uids[instance_id]]
+        assert algorithm_names(group) == [CARD.name]
+        (evaluation,) = group.get_qualitative_evaluations()  # type: ignore[attr-defined]
+        assert evaluation.name == srmod.FRACTURE
+        assert evaluation.value.value == code  # type: ignore[union-attr]  # a CodedConcept
+        measurements = group.get_measurements()  # type: ignore[attr-defined]
+        if probability is None:
+            assert measurements == []
+            texts = [i.TextValue for i in group[0].ContentSequence if i.ValueType == "TEXT"]
+            assert any("Not assessable: decode failed" in t for t in texts)
+        else:
+            (m,) = measurements
+            assert m.name == codes.DCM.Probability
+            assert m.value == pytest.approx(probability)
+            assert m.unit == codes.UCUM.NoUnits
+    with session_factory() as session:
+        study = session.get(Study, study_id)
+        assert study is not None and study.reported_revision == study.revision
+
+
+def test_more_images_give_a_superseding_sr(
+    session_factory: sessionmaker[Session], dicom_samples: Path, tmp_path: Path
+) -> None:
+    settings = Settings(
+        data_dir=tmp_path,
+        sr_destination_host="127.0.0.1",
+        sr_destination_port=104,
+        sr_destination_ae_title="PACS",
+    )
+    first = receive(session_factory, require(dicom_samples / RG3))
+    classify(session_factory, first, 0.2)
+    study_id = study_id_of(session_factory, first)
+    old = build_study_report(session_factory, settings, study_id, CARD)
+    assert (old.fracture, old.probability, old.send_status) == (False, 0.2, "pending")
+    # A redelivered task for the same revision writes nothing new.
+    again = build_study_report(session_factory, settings, study_id, CARD)
+    assert again.id == old.id
+    assert len(list(Path(old.path).parent.glob("*.dcm"))) == 1
+
+    later = receive(session_factory, require(dicom_samples / RG3_JLS))
+    classify(session_factory, later, 0.9)
+    new = build_study_report(session_factory, settings, study_id, CARD)
+
+    assert new.id != old.id and (new.fracture, new.probability, new.instance_count) == (
+        True,
+        0.9,
+        2,
+    )
+    with session_factory() as session:
+        docs = session.scalars(select(SRDocument).order_by(SRDocument.id)).all()
+        assert [d.superseded_by_id for d in docs] == [new.id, None]
+        assert repo.latest_report(session, study_id).id == new.id  # type: ignore[union-attr]
+    sr = assert_valid_sr(Path(new.path))
+    (pred,) = sr.PredecessorDocumentsSequence
+    assert pred.StudyInstanceUID == sr.StudyInstanceUID
+    (series,) = pred.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == old.series_instance_uid
+    assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == old.sop_instance_uid
+    assert sr.SeriesInstanceUID == old.series_instance_uid and sr.InstanceNumber == 2
+    assert len(measurement_groups(sr)) == 2
+
+
+def test_study_with_only_failed_images_is_reported(
+    session_factory: sessionmaker[Session], dicom_samples: Path, tmp_path: Path
+) -> None:
+    bad = receive(session_factory, require(dicom_samples / RG3_BAD), failure="decode failed")
+    doc = build_study_report(
+        session_factory, Settings(data_dir=tmp_path), study_id_of(session_factory, bad), CARD
+    )
+    assert (doc.fracture, doc.probability, doc.instance_count) == (False, None, 1)
+    sr = assert_valid_sr(Path(doc.path))
+    (group,) = measurement_groups(sr)
+    assert group.get_qualitative_evaluations()[0].value == codes.SCT.Undetermined
+
+
+@pytest.mark.parametrize(
+    "sample",
+    [
+        # Patient's Name and other text in an undeclared character set.
+        "DX_chest_MONO2_16b_J2K_lossless_0Padding.dcm",
+        # Patient's Age "81" (invalid AS), minimal header without Study Date.
+        "SC_modDX_chest_NIH_MONO2_8b_IVRLE.dcm",
+        # Non-human patient (species), Cyrillic character set, no pixel data.
+        "BAD_DX_extremity_noPixelData_VOILUTSeq_Agfa.dcm",
+        # SOP Instance UID with leading zeros: cannot be referenced.
+        "CR_MONO1_10b_ModalityLUTSeq_JPEGLosslessSV1.dcm",
+    ],
+)
+def test_malformed_source_headers_still_give_a_valid_sr(
+    dicom_samples: Path, tmp_path: Path, sample: str
+) -> None:
+    source = pydicom.dcmread(require(dicom_samples / sample), stop_before_pixels=True)
+    study = Study(study_instance_uid=source.StudyInstanceUID)
+    header = srmod.patient_study_header(source, study)
+    image = srmod.ImageFinding(
+        sop_instance_uid=source.SOPInstanceUID,
+        sop_class_uid=source.SOPClassUID,
+        series_instance_uid=source.SeriesInstanceUID,
+        probability=0.6,
+        fracture=True,
+    )
+    sr = srmod.build_sr(
+        header,
+        srmod.StudyFindings.combine([image]),
+        CARD,
+        series_instance_uid=hd.UID(),
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+    )
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    out = assert_valid_sr(path)
+    assert out.StudyInstanceUID == source.StudyInstanceUID
+    assert "PatientAge" not in out or out.PatientAge == source.PatientAge
+    if source.get("SpecificCharacterSet"):
+        assert out.PatientName == source.PatientName  # declared charset: copied exactly
