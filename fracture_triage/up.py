@@ -223,7 +223,10 @@ def run_up(settings: Settings, options: UpOptions) -> int:
     settings = settings.model_copy(
         update={"broker_url": f"redis://:{redis_password}@127.0.0.1:{redis_port}/0"}
     )
-    env = {**os.environ, **settings_environment(settings), "PYTHONUNBUFFERED": "1"}
+    # The children see exactly these settings: no stale FRACTURE_TRIAGE_* from the shell.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRACTURE_TRIAGE_")}
+    env.update(settings_environment(settings))
+    env["PYTHONUNBUFFERED"] = "1"
     # Every role was migrated above; they need not race to do it again.
     env["FRACTURE_TRIAGE_SKIP_MIGRATE"] = "1"
     redis_binary = find_redis_server()
