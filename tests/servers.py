@@ -192,11 +192,12 @@ class OrthancServer:
                 time.sleep(0.1)
         raise TimeoutError(f"Orthanc not ready after {timeout}s; see {self.workdir}/orthanc.log")
 
-    def get_json(self, path: str) -> object:
+    def get_json(self, path: str, data: bytes | None = None) -> object:
+        """GET (or POST ``data`` to) the REST API and decode the JSON answer."""
         import json
         import urllib.request
 
-        with urllib.request.urlopen(f"{self.http_url}{path}", timeout=10) as resp:
+        with urllib.request.urlopen(f"{self.http_url}{path}", data=data, timeout=10) as resp:
             return json.loads(resp.read())
 
     def stop(self) -> None:
