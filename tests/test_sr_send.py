@@ -62,7 +62,7 @@ def test_sr_built_from_results_arrives_in_orthanc(
     doc = build_study_report(session_factory, settings, study_id_of(session_factory, flagged), CARD)
     assert doc.send_status == "pending"
 
-    send_and_record(settings, session_factory, doc.id)
+    assert send_and_record(settings, session_factory, doc.id) == "sent"
 
     source = pydicom.dcmread(dicom_samples / RG3, stop_before_pixels=True)
     instances = orthanc.get_json("/instances")
@@ -79,7 +79,7 @@ def test_sr_built_from_results_arrives_in_orthanc(
         assert (row.send_status, row.send_attempts, row.send_error) == ("sent", 1, None)
         assert row.sent_at is not None
     # A redelivered send task does not send (or count) again.
-    send_and_record(settings, session_factory, doc.id)
+    assert send_and_record(settings, session_factory, doc.id) == "exists"
     with session_factory() as session:
         assert session.get(SRDocument, doc.id).send_attempts == 1  # type: ignore[union-attr]
 
@@ -91,7 +91,9 @@ def test_failed_sends_raise_and_are_recorded(
     orthanc: OrthancServer,
 ) -> None:
     # Orthanc checks the called AE title: a wrong one is rejected at association.
-    wrong_aet = settings_for(tmp_path, orthanc, ae_title="NOTORTHANC")
+    wrong_aet = settings_for(tmp_path, orthanc, ae_title="NOTORTHANC").model_copy(
+        update={"sr_send_retries": 2}
+    )
     flagged = receive(session_factory, require(dicom_samples / RG3))
     classify(session_factory, flagged, 0.4)
     doc = build_study_report(
@@ -105,13 +107,15 @@ def test_failed_sends_raise_and_are_recorded(
         assert (row.send_status, row.send_attempts) == ("pending", 1)
         assert row.send_error and "association" in row.send_error
 
-    # Nothing listens on the port: the last allowed attempt marks it failed.
+    # Nothing listens on the port: the last allowed attempt (2 of 2) gives up, and says so.
     nobody = wrong_aet.model_copy(update={"sr_destination_port": free_port()})
-    with pytest.raises(SendError):
-        send_and_record(nobody, session_factory, doc.id, final_attempt=True)
+    assert send_and_record(nobody, session_factory, doc.id) == "failed"
     with session_factory() as session:
         row = session.get(SRDocument, doc.id)
         assert row is not None and (row.send_status, row.send_attempts) == ("failed", 2)
+        assert row.send_error and "not established" in row.send_error
+    # A late redelivery does not try again once it gave up.
+    assert send_and_record(settings_for(tmp_path, orthanc), session_factory, doc.id) == "failed"
     assert orthanc_instance(orthanc, doc.sop_instance_uid) is None
 
     # The retry to the right destination succeeds and says so.

@@ -101,32 +101,60 @@ def record_send_attempt(
     return doc
 
 
+def send_sr_document(
+    session: Session,
+    settings: Settings,
+    sr_document_id: int,
+    *,
+    final_attempt: bool | None = None,
+) -> str:
+    """Send one recorded SR and record the attempt; what the ``worker.send_report`` task runs.
+
+    Returns "sent"; "exists" if it was sent before (a redelivered task); "failed" when this
+    was the last allowed attempt (``settings.sr_send_retries`` attempts in all, or
+    ``final_attempt``) or an earlier one gave up; "missing" when the row is gone. Raises
+    :class:`SendError` after a failed attempt that may be retried (the row stays
+    "pending", so the sweeper also queues it again).
+    """
+    doc = session.get(SRDocument, sr_document_id)
+    if doc is None:
+        return "missing"
+    if doc.send_status == "sent":
+        return "exists"
+    if doc.send_status == "failed":
+        return "failed"
+    path, attempts = doc.path, doc.send_attempts or 0
+    # End the read transaction: no database snapshot held open across the network exchange.
+    session.commit()
+    if final_attempt is None:
+        final_attempt = attempts + 1 >= max(1, settings.sr_send_retries)
+    try:
+        send_report(settings, path)
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        record_send_attempt(session, sr_document_id, error, final=final_attempt)
+        if final_attempt:
+            log.error(
+                "SR document %d not sent, giving up after %d attempts: %s",
+                sr_document_id,
+                attempts + 1,
+                error,
+            )
+            return "failed"
+        if isinstance(exc, SendError):
+            raise
+        raise SendError(error) from exc
+    record_send_attempt(session, sr_document_id, None)
+    return "sent"
+
+
 def send_and_record(
     settings: Settings,
     session_factory: sessionmaker[Session],
     sr_document_id: int,
     *,
-    final_attempt: bool = False,
-) -> None:
-    """Send the SR of ``sr_document_id`` and record the attempt; re-raise a failure.
-
-    Already-sent documents are not sent again (a redelivered task). ``final_attempt``: the
-    caller will not retry, so a failure marks the row "failed".
-    """
+    final_attempt: bool | None = None,
+) -> str:
+    """:func:`send_sr_document` with a session of its own."""
     with session_factory() as session:
-        doc = session.get(SRDocument, sr_document_id)
-        if doc is None:
-            raise SendError(f"no SR document with id {sr_document_id}")
-        if doc.send_status == "sent":
-            return
-        path = doc.path
-    try:
-        send_report(settings, path)
-    except Exception as exc:
-        with session_factory() as session:
-            record_send_attempt(
-                session, sr_document_id, f"{type(exc).__name__}: {exc}", final=final_attempt
-            )
-        raise
-    with session_factory() as session:
-        record_send_attempt(session, sr_document_id, None)
+        return send_sr_document(session, settings, sr_document_id, final_attempt=final_attempt)
