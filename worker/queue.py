@@ -86,7 +86,7 @@ class CeleryEnqueuer:
         try:
             with self._app.connection_for_write() as conn:
                 conn.ensure_connection(max_retries=1, timeout=2)
-                declared = conn.default_channel.queue_declare(queue=QUEUE, passive=True)
+                declared = conn.default_channel.queue_declare(queue=QUEUE)
                 return int(declared.message_count)
         except Exception as exc:
             log.debug("queue length unknown: %s", exc)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +36,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Attempts (deliveries that started work) before an instance is given up as failed. Only a
-#: worker dying mid-task makes a second attempt: ordinary failures are recorded at once.
-MAX_ATTEMPTS = 3
+#: worker dying mid-task (or a task outliving the visibility timeout, delivered again while
+#: it runs) makes another attempt: ordinary failures are recorded at once. A file that kills
+#: its worker every time is failed after this many crashes instead of looping for ever.
+MAX_ATTEMPTS = 5
 #: Retries of a transient failure (database or broker unavailable), with exponential backoff
 #: capped below the broker's visibility timeout (a message waiting for its retry is held
 #: unacknowledged by the worker). After that the instance stays ``queued`` and the sweeper
@@ -192,8 +195,6 @@ def classify(state: WorkerState, payload: Any) -> str:
     # not the instance's fault: the error propagates and the instance stays queued.
     classifier = state.classifier()
 
-    import time
-
     from model.preprocess import load_network_input
 
     t0 = time.perf_counter()
@@ -281,10 +282,15 @@ def send(state: WorkerState, payload: Any) -> str:
     except ValidationError as exc:
         log.error("refused send message: %s", exc.errors(include_input=False))
         return "invalid"
-    from worker.sr_send import send_sr_document  # H-SR's module
+    from worker.sr_send import SendError, send_sr_document
 
-    with state.sessions()() as session:
-        return str(send_sr_document(session, state.settings, msg.sr_document_id))
+    try:
+        with state.sessions()() as session:
+            return str(send_sr_document(session, state.settings, msg.sr_document_id))
+    except SendError as exc:
+        # The attempt is recorded; the destination may come back: retry with backoff (the
+        # sweeper also resends SRs left pending).
+        raise TransientError(str(exc)) from exc
 
 
 def register_tasks(app: Celery, settings: Settings) -> WorkerState:

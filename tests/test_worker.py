@@ -1,0 +1,407 @@
+"""The classification worker with real parts: redis-server, a Celery worker subprocess, the
+tiny real model, DICOM samples from ../shared, SQLite and PostgreSQL.
+
+Fault tests (SIGKILL mid-task, Redis stopped during a burst) are in test_worker_faults.py;
+the helpers here are shared with it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import repository
+from db.models import Instance, InstanceStatus, Result, SRDocument, Study
+from fracture_triage.messages import ClassifyInstance
+from fracture_triage.settings import Settings
+from tests.conftest import REPO, require
+from tests.servers import RedisServer
+from worker.queue import CeleryEnqueuer, EnqueueError, queue_instance
+from worker.sweeper import Sweeper, run_sweeper
+from worker.tasks import WorkerState, classify
+
+#: Radiographs that decode (small ones: the worker's speed is not under test here).
+GOOD = (
+    "CR_chest_MONO1_10b_440_EVRLE_gdcm.dcm",
+    "DERIVED_CR_chest_MONO1_10b_440_DeflatedEVRLE.dcm",
+    "DX_thorax_MONO1_8b_odd169x211_EVRLE.dcm",
+    "SC_OT_MONO2_8b_Deflated_dclunie.dcm",
+    "CR_extremity_RG3_MONO1_10b_J2K_lossy.dcm",
+    "DERIVED_SC_modDX_chest_NIH_MONO2_8b_JPEGBaseline.dcm",
+)
+#: Files no decoder accepts: truncated pixel data, an almost empty dataset, a bad JPEG scan.
+BAD = (
+    "BAD_MR_truncated_pixeldata.dcm",
+    "DERIVED_BAD_CR_extremity_RG3_truncated_at60000.dcm",
+    "BAD_CR_extremity_RG3_JPEGExtended_SOS_Se0.dcm",
+)
+CR = "1.2.840.10008.5.1.4.1.1.1"
+
+
+# --- helpers shared with test_worker_faults.py ------------------------------------------------
+
+
+def make_sessions(url: str) -> sessionmaker[Session]:
+    from db.migrations import upgrade
+    from db.session import make_engine, make_session_factory
+
+    upgrade(url)
+    return make_session_factory(make_engine(url))
+
+
+def record(
+    sessions: sessionmaker[Session],
+    sample: Path,
+    study_uid: str,
+    series_uid: str | None = None,
+) -> Instance:
+    """Record a sample as the SCP would after storing it (a fresh SOP Instance UID: several
+    samples share one upstream)."""
+    with sessions() as session:
+        instance, new = repository.record_received(
+            session,
+            repository.ReceivedInstance(
+                sop_instance_uid=generate_uid(),
+                sop_class_uid=CR,
+                study_instance_uid=study_uid,
+                series_instance_uid=series_uid or study_uid + ".1",
+                storage_path=str(sample),
+                calling_ae_title="TESTSCU",
+                modality="CR",
+            ),
+        )
+        assert new
+        return instance
+
+
+def scp_store(
+    sessions: sessionmaker[Session], enqueuer: CeleryEnqueuer, sample: Path, study_uid: str
+) -> bool:
+    """What the SCP does per C-STORE after writing the file: record, then queue (or leave
+    pending when the broker is down). Returns whether it was queued."""
+    instance = record(sessions, sample, study_uid)
+    with sessions() as session:
+        return queue_instance(session, enqueuer, instance)
+
+
+def result_counts(sessions: sessionmaker[Session]) -> dict[int, int]:
+    with sessions() as session:
+        rows = session.execute(
+            select(Result.instance_id, func.count(Result.id)).group_by(Result.instance_id)
+        ).all()
+    return {int(i): int(n) for i, n in rows}
+
+
+def statuses(sessions: sessionmaker[Session]) -> dict[int, InstanceStatus]:
+    with sessions() as session:
+        return {i.id: i.status for i in session.scalars(select(Instance))}
+
+
+def wait_until(
+    condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.2
+) -> float:
+    """Poll ``condition``; return the seconds it took; fail the test after ``timeout``."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if condition():
+            return time.monotonic() - start
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        FRACTURE_TRIAGE_DATA_DIR=str(settings.data_dir),
+        FRACTURE_TRIAGE_DATABASE_URL=settings.resolved_database_url,
+        FRACTURE_TRIAGE_BROKER_URL=settings.broker_url,
+        FRACTURE_TRIAGE_MODEL_DIR=str(settings.model_dir),
+        FRACTURE_TRIAGE_STUDY_STABLE_SECONDS=str(settings.study_stable_seconds),
+        PYTHONPATH=str(REPO),
+        # The machine is shared: one inference thread, no GPU probing, quiet TensorFlow.
+        TF_NUM_INTRAOP_THREADS="1",
+        TF_NUM_INTEROP_THREADS="1",
+        OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+        TF_CPP_MIN_LOG_LEVEL="2",
+    )
+    return env
+
+
+@dataclass
+class WorkerProcess:
+    """A real Celery worker (``python -m worker``) in its own process group."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def ready(self) -> bool:
+        return " ready." in self.log.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        wait_until(lambda: self.ready() or self.proc.poll() is not None, timeout, "worker ready")
+        assert self.proc.poll() is None, f"worker exited:\n{self.log.read_text()[-3000:]}"
+
+    def sigkill(self) -> None:
+        """Kill the main process and its pool children at once, like a machine crash."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # warm shutdown
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+
+
+@contextmanager
+def celery_worker(settings: Settings, log: Path, concurrency: int = 1) -> Iterator[WorkerProcess]:
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", f"--concurrency={concurrency}", "--loglevel=INFO"],
+            cwd=REPO,
+            env=worker_env(settings),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    worker = WorkerProcess(proc, log)
+    try:
+        yield worker
+    finally:
+        worker.stop()
+
+
+@contextmanager
+def sweeper_thread(
+    settings: Settings, stale_after: timedelta = timedelta(minutes=2)
+) -> Iterator[None]:
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=run_sweeper, args=(settings, stop), kwargs={"stale_after": stale_after}, daemon=True
+    )
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=20)
+        assert not thread.is_alive(), "sweeper did not stop"
+
+
+def node_settings(
+    tmp_path: Path, database_url: str, broker_url: str, model_dir: Path, **kw: object
+) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=database_url,
+        broker_url=broker_url,
+        model_dir=model_dir,
+        sweeper_interval_seconds=0.5,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+# --- tests --------------------------------------------------------------------------------------
+
+
+def test_enqueue_fails_fast_when_broker_is_down(tmp_path: Path) -> None:
+    """The SCP must answer a C-STORE even with Redis down: a send fails within seconds."""
+    server = RedisServer(tmp_path / "redis")  # port chosen, server not started
+    enqueuer = CeleryEnqueuer(Settings(broker_url=server.url, data_dir=tmp_path))
+    msg = ClassifyInstance(instance_id=1, sop_instance_uid="1.2.3", path="/nowhere")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(EnqueueError):
+            enqueuer(msg)
+        assert time.monotonic() - t0 < 3
+        server.start()
+        enqueuer(msg)
+        assert enqueuer.queue_length() == 1
+        server.stop()
+        with pytest.raises(EnqueueError):
+            enqueuer(msg)
+        # Back on the same port (empty: no persistence): the stale connection is replaced.
+        server.start()
+        enqueuer(msg)
+        assert enqueuer.queue_length() == 1
+    finally:
+        enqueuer.close()
+        server.stop()
+
+
+def test_classify_in_process_is_idempotent_and_records_decode_failures(
+    tmp_path: Path, database_url: str, tiny_model_dir: Path, dicom_samples: Path
+) -> None:
+    """The task body without a broker: one result whatever the redeliveries; a file that
+    cannot be decoded is failed with a reason and not attempted again; bad messages are
+    refused."""
+    settings = node_settings(tmp_path, database_url, "redis://127.0.0.1:1/0", tiny_model_dir)
+    sessions = make_sessions(database_url)
+    state = WorkerState(settings)
+    good = record(sessions, require(dicom_samples / GOOD[0]), "1.2.826.0.1.1")
+    bad = record(sessions, require(dicom_samples / BAD[0]), "1.2.826.0.1.1")
+    good_msg = ClassifyInstance(
+        instance_id=good.id, sop_instance_uid=good.sop_instance_uid, path=good.storage_path
+    ).model_dump()
+    bad_msg = ClassifyInstance(
+        instance_id=bad.id, sop_instance_uid=bad.sop_instance_uid, path=bad.storage_path
+    ).model_dump()
+
+    assert classify(state, good_msg) == "done"
+    assert classify(state, good_msg) == "exists"  # redelivered message
+    assert classify(state, bad_msg) == "failed"
+    assert classify(state, bad_msg) == "failed"  # redelivered: not attempted again
+    assert classify(state, {**good_msg, "schema_version": 2}) == "invalid"
+    assert classify(state, {**good_msg, "sop_instance_uid": "1.2.3.4"}) == "missing"
+
+    assert result_counts(sessions) == {good.id: 1}
+    with sessions() as session:
+        g = session.get(Instance, good.id)
+        b = session.get(Instance, bad.id)
+        assert g is not None and b is not None
+        assert g.status == InstanceStatus.done and g.attempts == 1
+        assert b.status == InstanceStatus.failed and b.attempts == 1
+        assert b.failure_reason and "decode" in b.failure_reason
+        result = session.scalars(select(Result)).one()
+        assert 0.0 <= result.probability <= 1.0
+        assert result.model_version == "test-0" and result.model_uid == "2.25.1234567890"
+
+
+def test_sweeper_queues_pending_when_the_broker_comes_back(
+    tmp_path: Path, dicom_samples: Path
+) -> None:
+    """Instances stored while Redis was down stay pending; the sweeper queues them once it is
+    back, and resends queued ones whose message was lost (queue empty, no result)."""
+    server = RedisServer(tmp_path / "redis")
+    url = f"sqlite:///{tmp_path / 'triage.db'}"
+    settings = node_settings(tmp_path, url, server.url, tmp_path / "no-model-needed")
+    sessions = make_sessions(url)
+    enqueuer = CeleryEnqueuer(settings)
+    try:
+        sweeper = Sweeper(settings, sessions, enqueuer, stale_after=timedelta(seconds=0))
+        ids = [
+            record(sessions, require(dicom_samples / name), "1.2.826.0.1.2").id for name in GOOD[:3]
+        ]
+        counts = sweeper.sweep_once()
+        assert counts.broker_down and counts.queued == 0
+        assert set(statuses(sessions).values()) == {InstanceStatus.pending}
+
+        server.start()
+        counts = sweeper.sweep_once()
+        assert not counts.broker_down and counts.queued == 3
+        assert set(statuses(sessions).values()) == {InstanceStatus.queued}
+        assert enqueuer.queue_length() == 3
+        # Messages still waiting: nothing is resent however old they are.
+        assert sweeper.sweep_once().requeued == 0
+
+        # Redis restarted without persistence: the three messages are gone.
+        server.stop()
+        server.start()
+        assert enqueuer.queue_length() == 0
+        counts = sweeper.sweep_once()
+        assert counts.requeued == 3 and enqueuer.queue_length() == 3
+        assert set(statuses(sessions)) == set(ids)
+    finally:
+        enqueuer.close()
+        server.stop()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_worker_classifies_each_instance_once_and_reports_each_study_revision_once(
+    tmp_path: Path, database_url: str, tiny_model_dir: Path, dicom_samples: Path
+) -> None:
+    """A real Celery worker and the sweeper: every queued instance gets exactly one result
+    (a duplicated message included), every undecodable one is failed with a reason after one
+    attempt, and each study gets one SR per revision, a new one when an image arrives later."""
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    settings = node_settings(
+        tmp_path, database_url, redis.url, tiny_model_dir, study_stable_seconds=1.0
+    )
+    sessions = make_sessions(database_url)
+    enqueuer = CeleryEnqueuer(settings)
+    studies = ["1.2.826.0.1.3.1", "1.2.826.0.1.3.2"]
+    try:
+        with celery_worker(settings, tmp_path / "worker.log") as worker:
+            for i, name in enumerate(GOOD + BAD):
+                assert scp_store(sessions, enqueuer, require(dicom_samples / name), studies[i % 2])
+            # The same message twice (a retried C-STORE answered late, a resend...).
+            with sessions() as session:
+                first = session.scalars(select(Instance).order_by(Instance.id)).first()
+                assert first is not None
+                queue_instance(session, enqueuer, first)
+            worker.wait_ready()
+            with sweeper_thread(settings):
+                took = wait_until(
+                    lambda: _all_reported(sessions, 2), 120, "results and one SR per study"
+                )
+                print(
+                    f"\n{len(GOOD + BAD)} instances classified and 2 studies reported "
+                    f"{took:.1f} s after the worker was ready"
+                )
+                # A late image: the study gets a second SR (new revision), the other study none.
+                late = record(sessions, require(dicom_samples / GOOD[0]), studies[0])
+                with sessions() as session:
+                    queue_instance(session, enqueuer, late)
+                wait_until(lambda: _all_reported(sessions, 3), 60, "the late image's SR")
+                time.sleep(2)  # a few more sweeps: nothing is reported twice
+
+        counts = result_counts(sessions)
+        with sessions() as session:
+            instances = session.scalars(select(Instance)).all()
+            good = [i for i in instances if Path(i.storage_path).name in GOOD]
+            bad = [i for i in instances if Path(i.storage_path).name in BAD]
+            assert len(good) == len(GOOD) + 1 and len(bad) == len(BAD)
+            for inst in good:
+                assert inst.status == InstanceStatus.done
+                assert counts.get(inst.id) == 1, inst.storage_path
+            for inst in bad:
+                assert inst.status == InstanceStatus.failed, inst.storage_path
+                assert inst.failure_reason, inst.storage_path
+                assert inst.attempts == 1 and inst.id not in counts
+            docs = session.scalars(select(SRDocument).order_by(SRDocument.id)).all()
+            by_study: dict[int, list[SRDocument]] = {}
+            for doc in docs:
+                by_study.setdefault(doc.study_id, []).append(doc)
+            revisions = [(d.study_id, d.study_revision) for d in docs]
+            assert len(revisions) == len(set(revisions)) == 3
+            for study in session.scalars(select(Study)):
+                assert study.reported_revision == study.revision
+            late_study = session.scalars(
+                select(Study).where(Study.study_instance_uid == studies[0])
+            ).one()
+            old, new = by_study[late_study.id]
+            assert old.superseded_by_id == new.id and new.superseded_by_id is None
+            assert new.instance_count == old.instance_count + 1
+    finally:
+        enqueuer.close()
+        redis.stop()
+
+
+def _all_reported(sessions: sessionmaker[Session], sr_count: int) -> bool:
+    with sessions() as session:
+        unsettled = session.scalar(
+            select(func.count(Instance.id)).where(
+                Instance.status.in_([InstanceStatus.pending, InstanceStatus.queued])
+            )
+        )
+        docs = session.scalar(select(func.count(SRDocument.id)))
+    return unsettled == 0 and docs == sr_count

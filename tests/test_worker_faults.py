@@ -1,0 +1,166 @@
+"""Faults with real parts: a Celery worker killed with SIGKILL in the middle of a task, and
+redis-server stopped during a burst of stores. Every acknowledged instance still ends with
+exactly one result."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import Instance, InstanceStatus
+from tests.conftest import require
+from tests.servers import RedisServer
+from tests.test_worker import (
+    BAD,
+    GOOD,
+    celery_worker,
+    make_sessions,
+    node_settings,
+    record,
+    result_counts,
+    scp_store,
+    statuses,
+    sweeper_thread,
+    wait_until,
+)
+from worker.celery_app import UNACKED_RESTORE_INTERVAL_S, VISIBILITY_TIMEOUT_S
+from worker.queue import CeleryEnqueuer, queue_instance
+
+#: The largest sample (4 MB JPEG 2000, 2128 x 2000): the task stays busy long enough to kill.
+BIG = "DX_chest_MONO1_12b_J2K_lossless_Canon.dcm"
+#: Stores per phase of the burst (broker up, down, up again).
+PER_PHASE = 5
+
+
+def _attempts(sessions: sessionmaker[Session], instance_id: int) -> int:
+    with sessions() as session:
+        instance = session.get(Instance, instance_id)
+        assert instance is not None
+        return instance.attempts
+
+
+def _pool_children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_sigkill_mid_task_reruns_the_task_once(
+    tmp_path: Path, tiny_model_dir: Path, dicom_samples: Path
+) -> None:
+    """Kill the pool child mid-task (the worker requeues at once), then kill the whole worker
+    mid-task (the broker restores the message after its visibility timeout, to a new
+    worker): the task re-runs each time and the instance ends with one result."""
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    url = f"sqlite:///{tmp_path / 'triage.db'}"
+    settings = node_settings(tmp_path, url, redis.url, tiny_model_dir)
+    sessions = make_sessions(url)
+    enqueuer = CeleryEnqueuer(settings)
+    instance = record(sessions, require(dicom_samples / BIG), "1.2.826.0.1.4")
+    try:
+        with celery_worker(settings, tmp_path / "worker1.log") as worker:
+            worker.wait_ready()
+            with sessions() as session:
+                assert queue_instance(session, enqueuer, instance)
+            # attempts is committed when the task starts, before the model loads (~10 s).
+            wait_until(lambda: _attempts(sessions, instance.id) >= 1, 60, "task start")
+            assert result_counts(sessions) == {}
+            children = _pool_children(worker.proc.pid)
+            assert len(children) == 1
+            subprocess.run(["kill", "-KILL", str(children[0])], check=True)
+            t_child = time.monotonic()
+            # task_reject_on_worker_lost: the main process requeues, a new child runs it.
+            wait_until(lambda: _attempts(sessions, instance.id) >= 2, 60, "re-run in new child")
+            child_rerun = time.monotonic() - t_child
+            assert result_counts(sessions) == {}
+            worker.sigkill()
+            t_kill = time.monotonic()
+        assert result_counts(sessions) == {}, "the task finished before the kill"
+        assert _attempts(sessions, instance.id) == 2
+
+        with celery_worker(settings, tmp_path / "worker2.log") as worker:
+            worker.wait_ready()
+            wait_until(lambda: _attempts(sessions, instance.id) >= 3, 60, "re-run after crash")
+            rerun = time.monotonic() - t_kill
+            wait_until(lambda: bool(result_counts(sessions)), 60, "result")
+            done = time.monotonic() - t_kill
+            time.sleep(1)  # nothing else arrives
+        print(
+            f"\nre-run after SIGKILL of the pool child: {child_rerun:.1f} s; after SIGKILL of "
+            f"the whole worker: {rerun:.1f} s (visibility timeout {VISIBILITY_TIMEOUT_S} s, "
+            f"restore every {UNACKED_RESTORE_INTERVAL_S} s), result {done:.1f} s after the kill"
+        )
+        assert rerun < 30
+        assert result_counts(sessions) == {instance.id: 1}
+        assert statuses(sessions) == {instance.id: InstanceStatus.done}
+        assert _attempts(sessions, instance.id) == 3
+    finally:
+        enqueuer.close()
+        redis.stop()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_redis_stopped_during_a_burst_loses_nothing(
+    tmp_path: Path, database_url: str, tiny_model_dir: Path, dicom_samples: Path
+) -> None:
+    """Stores keep being acknowledged while Redis is down (instances left pending); queued
+    messages that Redis lost when it stopped are resent; the worker reconnects. Every
+    instance ends with exactly one result (or a recorded failure for the bad file)."""
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    settings = node_settings(tmp_path, database_url, redis.url, tiny_model_dir)
+    sessions = make_sessions(database_url)
+    enqueuer = CeleryEnqueuer(settings)
+    files = [require(dicom_samples / name) for name in (*GOOD, BAD[0])]
+    queued: list[bool] = []
+    try:
+        with celery_worker(settings, tmp_path / "worker.log") as worker:
+            worker.wait_ready()
+            with sweeper_thread(settings, stale_after=timedelta(seconds=3)):
+                for phase in ("up", "down", "up again"):
+                    if phase == "down":
+                        redis.stop()
+                    elif phase == "up again":
+                        redis.start()
+                        t_back = time.monotonic()
+                    for _ in range(PER_PHASE):
+                        queued.append(
+                            scp_store(
+                                sessions, enqueuer, files[len(queued) % len(files)], "1.2.826.0.1.5"
+                            )
+                        )
+                        time.sleep(0.05)
+                wait_until(
+                    lambda: (
+                        not {InstanceStatus.pending, InstanceStatus.queued}
+                        & set(statuses(sessions).values())
+                    ),
+                    120,
+                    "every instance settled",
+                )
+                settled = time.monotonic() - t_back
+            assert worker.proc.poll() is None, "the worker did not survive the outage"
+        print(f"\nall {3 * PER_PHASE} instances settled {settled:.1f} s after Redis came back")
+        n = PER_PHASE
+        assert queued[:n] == [True] * n
+        assert queued[n : 2 * n] == [False] * n  # acknowledged anyway: pending in the database
+        counts = result_counts(sessions)
+        with sessions() as session:
+            instances = session.scalars(select(Instance)).all()
+        assert len(instances) == 3 * PER_PHASE
+        for inst in instances:
+            if Path(inst.storage_path).name in BAD:
+                assert inst.status == InstanceStatus.failed and inst.failure_reason
+                assert inst.id not in counts
+            else:
+                assert inst.status == InstanceStatus.done
+                assert counts[inst.id] == 1
+    finally:
+        enqueuer.close()
+        redis.stop()
