@@ -1,0 +1,337 @@
+"""Train the MobileNetV2 fracture classifier and write a model artifact.
+
+Transfer learning in two phases, on cached activations of the frozen lower network
+(:mod:`model.features`: every image under several augmented views, view 0 = the exact
+inference input):
+
+1. *Frozen base*: all of MobileNetV2 frozen, only the sigmoid head trains (on the cached
+   pooled ImageNet embeddings).
+2. *Fine-tuning the top*: blocks 14-16 and ``Conv_1`` unfrozen (batch-norm statistics kept
+   frozen, as usual for fine-tuning), trained at a low learning rate on the cached block-13
+   activations.
+
+Every epoch draws one random view per training image (rotation / flip / zoom / shift / contrast
+augmentation); validation uses view 0. Class weights balance the labels. Early stopping on
+validation loss keeps the best epoch; ``best_model.keras`` is the whole network (Rescaling +
+MobileNetV2 + head) taking 0..255 RGB images, the threshold is chosen on validation data for
+the target sensitivity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.artifact import MODEL_FILE, ModelCard, write_card
+from model.data import Record, file_sha256, read_all
+from model.features import Cache, build_cache, split_network
+from model.metrics import binary_metrics, threshold_for_sensitivity
+
+HISTORY_FILE = "history.json"
+
+
+def select(records: Sequence[Record], mode: str, split_csv: Path | None) -> dict[str, list[str]]:
+    """Keys of train / val / test: ``leakage-free`` from the split CSV, or ``original``: the
+    bone fracture set's own (leaky) split, as the notebook used it."""
+    if mode == "original":
+        out: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+        for rec in records:
+            for name in ("train", "val", "test"):
+                if name in rec.original_splits:
+                    out[name].append(rec.key)
+        return out
+    if split_csv is None:
+        raise ValueError("--split is required for the leakage-free split")
+    from model.split import read_split_csv
+
+    table = read_split_csv(split_csv)
+    return {
+        name: [r.key for r in records if r.key in table and table[r.key][1] == name]
+        for name in ("train", "val", "test")
+    }
+
+
+class ViewSampler:
+    """Training batches: one random cached view per image and epoch, with class weights."""
+
+    def __init__(
+        self,
+        features: np.ndarray,
+        labels: np.ndarray,
+        batch_size: int,
+        seed: int,
+        weights: dict[int, float],
+    ) -> None:
+        self.features, self.labels = features, labels
+        self.batch_size = batch_size
+        self.rng = np.random.default_rng(seed)
+        self.weights = np.array([weights[0], weights[1]], dtype=np.float32)
+
+    def epoch(self) -> Any:
+        import tensorflow as tf
+
+        n, views = self.features.shape[:2]
+        order = self.rng.permutation(n)
+        chosen: np.ndarray = self.rng.integers(0, views, size=n)
+
+        def gen() -> Any:
+            for start in range(0, n, self.batch_size):
+                idx: np.ndarray = order[start : start + self.batch_size]
+                x = self.features[idx, chosen[idx]].astype(np.float32)
+                y = self.labels[idx].astype(np.float32)
+                yield x, y, self.weights[self.labels[idx]]
+
+        spec = tf.TensorSpec((None, *self.features.shape[2:]), tf.float32)
+        sig = (spec, tf.TensorSpec((None,), tf.float32), tf.TensorSpec((None,), tf.float32))
+        return tf.data.Dataset.from_generator(gen, output_signature=sig).prefetch(2)
+
+
+def class_weights(labels: np.ndarray) -> dict[int, float]:
+    n = len(labels)
+    pos = int(labels.sum())
+    return {0: n / (2 * max(n - pos, 1)), 1: n / (2 * max(pos, 1))}
+
+
+def fit_phase(
+    model: Any,
+    sampler: ViewSampler,
+    val: tuple[np.ndarray, np.ndarray],
+    epochs: int,
+    patience: int,
+    phase: str,
+    history: list[dict[str, Any]],
+    on_best: Any = None,
+) -> None:
+    """Epoch loop with early stopping on validation loss; best weights restored at the end."""
+    # The phase starts from the previous phase's best: it must beat that, not infinity.
+    best = float(model.evaluate(val[0], val[1], batch_size=256, verbose=0)[0])
+    best_weights, waited = model.get_weights(), 0
+    print(f"[{phase}] start val_loss {best:.4f}", flush=True)
+    for epoch in range(epochs):
+        t0 = time.time()
+        h = model.fit(sampler.epoch(), epochs=1, verbose=0)
+        val_loss, val_acc = model.evaluate(val[0], val[1], batch_size=256, verbose=0)
+        row = {
+            "phase": phase,
+            "epoch": epoch + 1,
+            "loss": float(h.history["loss"][-1]),
+            "accuracy": float(h.history["accuracy"][-1]),
+            "val_loss": float(val_loss),
+            "val_accuracy": float(val_acc),
+            "seconds": round(time.time() - t0, 1),
+        }
+        history.append(row)
+        improved = val_loss < best - 1e-4
+        print(
+            f"[{phase}] epoch {epoch + 1}/{epochs} loss {row['loss']:.4f} acc {row['accuracy']:.3f}"
+            f" val_loss {val_loss:.4f} val_acc {val_acc:.3f} ({row['seconds']}s)"
+            + (" *" if improved else ""),
+            flush=True,
+        )
+        if improved:
+            best, best_weights, waited = val_loss, model.get_weights(), 0
+            if on_best is not None:
+                on_best()
+        else:
+            waited += 1
+            if waited >= patience:
+                print(f"[{phase}] early stop: no val_loss improvement for {patience} epochs")
+                break
+    model.set_weights(best_weights)
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    import keras
+
+    t_start = time.time()
+    keras.utils.set_random_seed(args.seed)
+    records = read_all(args.bfmr_dir, args.fracatlas_dir)
+    sets = select(records, args.split_mode, args.split)
+    if args.limit:
+        rng = np.random.default_rng(args.seed)
+        sets = {k: sorted(rng.permutation(v)[: args.limit].tolist()) for k, v in sets.items()}
+    wanted = {k for keys in sets.values() for k in keys}
+    if args.cache is not None and (args.cache / "keys.json").is_file():
+        cache = Cache(args.cache)
+    else:
+        cache_dir = args.cache or (args.out / "cache")
+        use = [r for r in records if r.key in wanted]
+        build_cache(use, cache_dir, args.size, args.weights, views=args.views, seed=args.seed)
+        cache = Cache(cache_dir)
+    if cache.size != args.size:
+        raise ValueError(f"cache is for input size {cache.size}, not {args.size}")
+    labels_by_key = {r.key: r.label for r in records}
+
+    def arrays(keys: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        keys = [k for k in keys if k in cache.index and k not in cache.rejected]
+        idx = np.array(sorted(cache.index[k] for k in keys), dtype=int)
+        y = np.array([labels_by_key[cache.keys[i]] for i in idx], dtype=np.int64)
+        return np.asarray(cache.features[idx]), np.asarray(cache.embeddings[idx]), y
+
+    (xf_tr, xe_tr, y_tr), (xf_va, xe_va, y_va), (xf_te, _, y_te) = (
+        arrays(sets["train"]),
+        arrays(sets["val"]),
+        arrays(sets["test"]),
+    )
+    print(
+        f"train {len(y_tr)} ({int(y_tr.sum())} fractured), val {len(y_va)} "
+        f"({int(y_va.sum())}), test {len(y_te)} ({int(y_te.sum())}); "
+        f"{xf_tr.shape[1]} views; input {args.size}",
+        flush=True,
+    )
+    from model.network import build_classifier
+
+    model, base = build_classifier(args.size, weights=args.weights, dropout=args.dropout)
+    _, (top, embed) = split_network(model, base)
+    weights = class_weights(y_tr)
+    history: list[dict[str, Any]] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    # Phase 1: frozen base, head only (on the cached pooled embeddings).
+    feat_in = keras.Input(shape=(xe_tr.shape[-1],))
+    head = keras.Model(
+        feat_in, model.get_layer("fracture_probability")(model.get_layer("dropout")(feat_in))
+    )
+    head.compile(keras.optimizers.Adam(args.lr_head), "binary_crossentropy", metrics=["accuracy"])
+    fit_phase(
+        head,
+        ViewSampler(xe_tr, y_tr, args.batch_size, args.seed, weights),
+        (xe_va[:, 0].astype(np.float32), y_va),
+        args.head_epochs,
+        args.patience,
+        "frozen-base",
+        history,
+    )
+
+    # Phase 2: fine-tune the top blocks on the cached block-13 activations.
+    base.trainable = True
+    for layer in top.layers:
+        # Batch-norm layers stay in inference mode with their ImageNet statistics.
+        layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+    top.compile(keras.optimizers.Adam(args.lr_fine), "binary_crossentropy", metrics=["accuracy"])
+
+    def save_best() -> None:
+        model.save(args.out / MODEL_FILE)
+
+    save_best()
+    fit_phase(
+        top,
+        ViewSampler(xf_tr, y_tr, args.batch_size, args.seed + 1, weights),
+        (xf_va[:, 0].astype(np.float32), y_va),
+        args.epochs,
+        args.patience,
+        "fine-tune",
+        history,
+        on_best=save_best,
+    )
+    model.save(args.out / MODEL_FILE)
+    train_seconds = time.time() - t_start
+
+    p_va = top.predict(xf_va[:, 0].astype(np.float32), batch_size=256, verbose=0).ravel()
+    threshold = threshold_for_sensitivity(y_va, p_va, args.target_sensitivity)
+    metrics = {"val": binary_metrics(y_va, p_va, threshold)}
+    if len(y_te):
+        p_te = top.predict(xf_te[:, 0].astype(np.float32), batch_size=256, verbose=0).ravel()
+        metrics["test_cached"] = binary_metrics(y_te, p_te, threshold)
+    (args.out / HISTORY_FILE).write_text(json.dumps(history, indent=1) + "\n")
+    manifests = {}
+    for name, d in (
+        ("bone-fracture-multi-region", args.bfmr_dir),
+        ("fracatlas-train", args.fracatlas_dir),
+    ):
+        if d is not None:
+            manifests[name] = file_sha256(Path(d) / "manifest.csv")
+    card = ModelCard(
+        name=args.name,
+        version=args.version,
+        uid=f"2.25.{uuid.uuid4().int}",
+        threshold=round(float(threshold), 6),
+        input_size=args.size,
+        extra={
+            "architecture": "MobileNetV2 (alpha 1.0, ImageNet) + global average pool + dropout "
+            f"{args.dropout} + sigmoid; input 0..255 RGB, rescaled inside the network",
+            "training": {
+                "split_mode": args.split_mode,
+                "split_file": args.split.name if args.split else None,
+                "split_file_sha256": file_sha256(args.split) if args.split else None,
+                "dataset_manifests_sha256": manifests,
+                "weights_sha256": file_sha256(Path(args.weights)) if args.weights else None,
+                "images": {"train": len(y_tr), "val": len(y_va), "test": len(y_te)},
+                "fractured": {
+                    "train": int(y_tr.sum()),
+                    "val": int(y_va.sum()),
+                    "test": int(y_te.sum()),
+                },
+                "views_per_image": int(xf_tr.shape[1]),
+                "class_weights": weights,
+                "seed": args.seed,
+                "target_sensitivity": args.target_sensitivity,
+                "epochs_run": len(history),
+                "seconds_training": round(train_seconds, 1),
+                "seconds_feature_cache": cache.meta.get("seconds"),
+                "finetuned_from_layer": "block_14_expand",
+            },
+            "metrics": metrics,
+        },
+    )
+    write_card(args.out, card)
+    print(json.dumps({"threshold": card.threshold, "metrics": metrics}, indent=1))
+    print(f"saved {args.out / MODEL_FILE} ({train_seconds:.0f}s)")
+    return {"card": card, "history": history, "metrics": metrics}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    repo = Path(__file__).resolve().parent.parent
+    shared = repo.parent / "shared"
+    parser.add_argument(
+        "--bfmr-dir", type=Path, default=shared / "datasets/bone-fracture-multi-region"
+    )
+    parser.add_argument("--fracatlas-dir", type=Path, default=shared / "datasets/fracatlas-train")
+    parser.add_argument(
+        "--weights",
+        default=str(shared / "weights/mobilenet_v2_imagenet_1.0_224_no_top.h5"),
+        help='ImageNet weights file, or "imagenet" where internet exists',
+    )
+    parser.add_argument("--split", type=Path, default=repo / "model/splits/split_v1.csv")
+    parser.add_argument(
+        "--split-mode", choices=("leakage-free", "original"), default="leakage-free"
+    )
+    parser.add_argument("--cache", type=Path, default=None, help="feature cache (model.features)")
+    parser.add_argument("--out", type=Path, required=True, help="artifact directory to write")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--views", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--head-epochs", type=int, default=15)
+    parser.add_argument("--patience", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr-head", type=float, default=1e-3)
+    parser.add_argument("--lr-fine", type=float, default=1e-4)
+    parser.add_argument("--dropout", type=float, default=0.2)
+    parser.add_argument("--target-sensitivity", type=float, default=0.92)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--limit", type=int, default=0, help="at most N images per split")
+    parser.add_argument("--name", default="fracture-triage-mobilenetv2")
+    parser.add_argument("--version", default=time.strftime("%Y%m%d"))
+
+
+def main_args(args: argparse.Namespace) -> int:
+    train(args)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Train the fracture classifier")
+    add_arguments(parser)
+    return main_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
