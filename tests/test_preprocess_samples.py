@@ -363,3 +363,55 @@ def test_sixteen_bit_picture_is_scaled_over_its_range(tmp_path: Path) -> None:
 def test_missing_file_is_a_preprocess_error(tmp_path: Path) -> None:
     with pytest.raises(PreprocessError, match="cannot open"):
         load_network_input(tmp_path / "absent.dcm", 64)
+
+
+CHEST_440 = "CR_chest_MONO1_10b_440_EVRLE_gdcm.dcm"  # MONOCHROME1, 10 bits, WC 550 / WW 1024
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+def test_voi_lut_functions_match_pydicom(function: str) -> None:
+    """PS3.3 C.11.2.1.2 / C.11.2.1.3, checked against pydicom's independent implementation."""
+    from pydicom.pixels import apply_windowing
+
+    ds = read_dataset(sample(CHEST_440))
+    ds.VOILUTFunction = function
+    ds.WindowCenter, ds.WindowWidth = 400, 300
+    # pydicom returns the window's output within 0..2^10-1; MONOCHROME1 then inverts.
+    windowed = apply_windowing(ds.pixel_array.astype(np.float64), ds) / 1023.0
+    expected = np.rint((1.0 - windowed) * 255)
+    assert np.abs(dataset_to_uint8(ds) - expected).max() <= 1
+
+
+def test_signed_pixels_render_like_unsigned() -> None:
+    ds = read_dataset(sample(CHEST_440))
+    signed = copy.deepcopy(ds)
+    signed.PixelRepresentation = 1
+    signed.PixelData = (ds.pixel_array.astype(np.int16) - 512).tobytes()
+    signed.WindowCenter = float(ds.WindowCenter) - 512
+    assert np.array_equal(dataset_to_uint8(signed), dataset_to_uint8(ds))
+
+
+def test_unusable_window_falls_back_to_full_range(caplog: pytest.LogCaptureFixture) -> None:
+    ds = read_dataset(sample(CHEST_440))
+    ds.WindowWidth = 0
+    with caplog.at_level(logging.WARNING, logger="model.preprocess"):
+        image = dataset_to_uint8(ds)
+    assert "ignoring invalid Window" in caplog.text
+    del ds.WindowCenter, ds.WindowWidth
+    assert np.array_equal(image, dataset_to_uint8(ds))
+    assert image.std() > 10
+
+
+def test_multiframe_uses_the_first_frame_and_counts_every_frame() -> None:
+    ds = read_dataset(sample(CHEST_440))
+    single = dataset_to_uint8(ds)
+    frames = copy.deepcopy(ds)
+    arr = ds.pixel_array
+    frames.NumberOfFrames = 2
+    frames.PixelData = arr.tobytes() + (1023 - arr).astype(arr.dtype).tobytes()
+    assert np.array_equal(dataset_to_uint8(frames), single)
+    with pytest.raises(PreprocessError, match="2 frames"):
+        dataset_to_uint8(frames, max_pixels=arr.size + 1)
+    frames.PixelData = arr.tobytes()  # one frame's worth for two declared
+    with pytest.raises(PreprocessError, match="Pixel Data holds"):
+        dataset_to_uint8(frames)
