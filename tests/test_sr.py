@@ -321,3 +321,46 @@ def test_malformed_source_headers_still_give_a_valid_sr(
     assert "PatientAge" not in out or out.PatientAge == source.PatientAge
     if source.get("SpecificCharacterSet"):
         assert out.PatientName == source.PatientName  # declared charset: copied exactly
+
+
+def test_concurrent_reports_of_one_revision_record_one_sr(
+    session_factory: sessionmaker[Session], dicom_samples: Path, tmp_path: Path
+) -> None:
+    """Redelivered or duplicated report tasks running at once leave one SR per revision."""
+    import threading
+
+    from sqlalchemy.exc import OperationalError
+
+    settings = Settings(data_dir=tmp_path)
+    instance = receive(session_factory, require(dicom_samples / RG3))
+    classify(session_factory, instance, 0.66)
+    study_id = study_id_of(session_factory, instance)
+    barrier = threading.Barrier(3)
+    docs: list[tuple[int, str, str]] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        barrier.wait()
+        for _ in range(3):  # a Celery retry after a transient database conflict
+            try:
+                doc = build_study_report(session_factory, settings, study_id, CARD)
+                docs.append((doc.id, doc.sop_instance_uid, doc.path))
+                return
+            except OperationalError:  # SQLite: write from a stale snapshot refused
+                continue
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == [] and len(docs) == 3
+    assert len(set(docs)) == 1, docs
+    with session_factory() as session:
+        assert len(session.scalars(select(SRDocument)).all()) == 1
+    files = list((settings.sr_dir).rglob("*.dcm"))
+    assert [str(f) for f in files] == [docs[0][2]]
+    assert not list(settings.sr_dir.rglob(".tmp-*"))

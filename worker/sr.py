@@ -38,7 +38,7 @@ from pydicom import config
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import PersonName, validate_value
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Instance, InstanceStatus, Result, Series, SRDocument, Study
@@ -583,16 +583,22 @@ def _record(
     findings: StudyFindings,
     settings: Settings,
 ) -> SRDocument:
-    # Lock the study row (PostgreSQL) so two workers cannot record the same revision twice;
-    # SQLite serialises writers and refuses a write from a stale snapshot.
-    locked = session.scalars(select(Study).where(Study.id == study.id).with_for_update()).one()
+    # Take the write lock before looking for an SR of this revision, so two workers cannot
+    # both find none and record two: a (no-op) UPDATE of the study row locks the row on
+    # PostgreSQL and, on SQLite, opens the write transaction (pysqlite issues BEGIN only
+    # before a write; the SELECTs before it see no snapshot, and SELECT ... FOR UPDATE is
+    # ignored there).
+    session.execute(update(Study).where(Study.id == study.id).values(revision=Study.revision))
+    locked = session.scalars(select(Study).where(Study.id == study.id)).one()
+    session.refresh(locked)
     existing = session.scalars(
         select(SRDocument).where(
             SRDocument.study_id == study.id, SRDocument.study_revision == revision
         )
     ).first()
     if existing is not None and Path(existing.path).is_file():
-        session.rollback()
+        # Another worker recorded this revision while we built ours; keep theirs (no
+        # rollback here: it would expire the row the caller reads after the session).
         return existing
     doc = SRDocument(
         study_id=study.id,
