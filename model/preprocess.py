@@ -12,7 +12,9 @@ DICOM pipeline (PS3.3 C.11 "Look Up Tables and Presentation States", PS3.4 N.2.1
    are datasets whose elements contradict their transfer syntax's VR encoding.
 2. Validate before allocating (:func:`check_pixel_data`): Rows x Columns x Samples per Pixel x
    Number of Frames against ``max_pixels`` and, for native (uncompressed) Pixel Data, against
-   the length of the Pixel Data element (PS3.5 8.1.1). Bad integer strings (IS) are refused.
+   the length of the Pixel Data element (PS3.5 8.1.1); for compressed data, against the size
+   the JPEG / JPEG-LS / JPEG 2000 codestream itself declares, which is what the decoders
+   allocate. Bad integer strings (IS) are refused.
 3. Decode the first frame only (pydicom 3 with the pylibjpeg, pyjpegls and RLE plugins; the
    12-bit JPEG Extended process is decoded by pylibjpeg-libjpeg only).
 4. Grayscale rendering (:func:`dataset_to_uint8`): Modality LUT Sequence, else Rescale
@@ -50,6 +52,7 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -327,10 +330,17 @@ def check_pixel_data(ds: Dataset, max_pixels: int | None = None) -> PixelGeometr
         )
     data_length = len(ds["PixelData"].value or b"")
     if geometry.encapsulated:
-        # Compressed: the decoded size is only known from Rows/Columns (checked above);
-        # a few bytes cannot hold even one frame's codestream.
+        # Compressed: a few bytes cannot hold even one frame's codestream; and the decoders
+        # size their buffers from the codestream's own header, so it must not declare more
+        # pixels than Rows x Columns (which were checked against max_pixels above).
         if data_length < 16:
             raise PreprocessError(f"encapsulated Pixel Data is only {data_length} bytes long")
+        size = _codestream_size(_first_fragment(ds["PixelData"].value, frames))
+        if size is not None and size[0] * size[1] > rows * columns:
+            raise PreprocessError(
+                f"the compressed frame declares {size[0]} x {size[1]} pixels, more than "
+                f"Rows x Columns = {rows} x {columns}"
+            )
     elif data_length < geometry.native_bytes:
         raise PreprocessError(
             f"Pixel Data holds {data_length} bytes but {rows} x {columns} x {samples} samples "
@@ -338,6 +348,43 @@ def check_pixel_data(ds: Dataset, max_pixels: int | None = None) -> PixelGeometr
             "truncated or inconsistent header"
         )
     return geometry
+
+
+def _first_fragment(value: bytes, frames: int) -> bytes:
+    """The start of the first frame of encapsulated Pixel Data (PS3.5 A.4), or b"" if unparsable."""
+    from pydicom.encaps import generate_frames
+
+    try:
+        return next(generate_frames(value, number_of_frames=frames))[:65536]
+    except Exception:  # malformed items: the decoder will report it
+        return b""
+
+
+# JPEG start-of-frame markers (ITU-T T.81 Table B.1; JPEG-LS SOF55, ITU-T T.87 C.2.2).
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}
+
+
+def _codestream_size(frame: bytes) -> tuple[int, int] | None:
+    """(rows, columns) a JPEG, JPEG-LS or JPEG 2000 codestream declares; None if unknown."""
+    if frame[:4] == b"\xff\x4f\xff\x51" and len(frame) >= 24:
+        # JPEG 2000 SOC + SIZ: Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz (ISO/IEC 15444-1 A.5.1)
+        xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", frame[8:24])
+        return max(ysiz - yosiz, 0), max(xsiz - xosiz, 0)
+    if frame[:2] != b"\xff\xd8":
+        return None
+    pos = 2  # walk the marker segments after SOI up to the frame header (T.81 B.2.2)
+    while pos + 9 <= len(frame):
+        if frame[pos] != 0xFF:
+            return None
+        marker = frame[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _JPEG_SOF:
+            rows, columns = struct.unpack(">HH", frame[pos + 5 : pos + 9])
+            return (rows, columns) if rows else None  # 0 rows: defined later by DNL
+        pos += 2 + struct.unpack(">H", frame[pos + 2 : pos + 4])[0]
+    return None
 
 
 def _is_encapsulated(ds: Dataset) -> bool:

@@ -415,3 +415,29 @@ def test_multiframe_uses_the_first_frame_and_counts_every_frame() -> None:
     frames.PixelData = arr.tobytes()  # one frame's worth for two declared
     with pytest.raises(PreprocessError, match="Pixel Data holds"):
         dataset_to_uint8(frames)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "DERIVED_SC_modDX_chest_NIH_MONO2_8b_JPEGBaseline.dcm",  # JPEG SOF0
+        "CR_extremity_RG3_MONO1_10b_JPEGLS_lossless.dcm",  # JPEG-LS SOF55
+        "CR_hip_RG2_MONO2_10b_J2K_lossless.dcm",  # JPEG 2000 SIZ
+    ],
+)
+def test_codestream_larger_than_header_is_refused_before_decoding(name: str) -> None:
+    """A decompression bomb: small Rows/Columns, a codestream declaring 50000 x 50000."""
+    import struct
+
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = read_dataset(sample(name))
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    if frame[:2] == b"\xff\x4f":
+        frame[8:16] = struct.pack(">II", 50000, 50000)  # Xsiz, Ysiz
+    else:
+        pos = frame.find(b"\xff\xc0") if b"\xff\xc0" in frame[:2000] else frame.find(b"\xff\xf7")
+        frame[pos + 5 : pos + 9] = struct.pack(">HH", 50000, 50000)
+    ds.PixelData = encapsulate([bytes(frame)])
+    with pytest.raises(PreprocessError, match="compressed frame declares 50000 x 50000"):
+        dataset_to_uint8(ds)
