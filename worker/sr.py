@@ -29,7 +29,7 @@ import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import highdicom as hd
@@ -386,7 +386,8 @@ def build_sr(
     )
     # Device UID (0018,1002) in the Contributing Equipment item: changes with every model.
     equipment.DeviceUID = card.uid
-    now = datetime.now(UTC)
+    # Local time, like the source's Study Date/Time; no Timezone Offset From UTC is claimed.
+    now = datetime.now()
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
@@ -404,7 +405,7 @@ def build_sr(
         manufacturer_model_name=card.name,
         software_versions=card.version,
         content_date=now.date(),
-        content_time=now.time().replace(tzinfo=None),
+        content_time=now.time(),
     )
     # highdicom copies patient/study attributes from evidence[0]; put back our header so
     # invalid source values it may have re-added stay out.
