@@ -29,10 +29,10 @@ from db.models import Instance, InstanceStatus, Result, SRDocument, Study
 from fracture_triage.messages import ClassifyInstance
 from fracture_triage.settings import Settings
 from tests.conftest import REPO, require
-from tests.servers import RedisServer
+from tests.servers import RedisServer, free_port
 from worker.queue import CeleryEnqueuer, EnqueueError, queue_instance
 from worker.sweeper import Sweeper, run_sweeper
-from worker.tasks import WorkerState, classify
+from worker.tasks import MAX_ATTEMPTS, RETRYABLE, WorkerState, classify
 
 #: Radiographs that decode (small ones: the worker's speed is not under test here).
 GOOD = (
@@ -163,12 +163,16 @@ class WorkerProcess:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # warm shutdown
+            self.proc.send_signal(signal.SIGTERM)  # warm shutdown: the task in hand finishes
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
+        try:  # pool children left behind (none expected)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @contextmanager
@@ -272,8 +276,25 @@ def test_classify_in_process_is_idempotent_and_records_decode_failures(
     assert classify(state, {**good_msg, "schema_version": 2}) == "invalid"
     assert classify(state, {**good_msg, "sop_instance_uid": "1.2.3.4"}) == "missing"
 
+    # A file that killed its worker MAX_ATTEMPTS times is failed, not delivered for ever.
+    crashing = record(sessions, require(dicom_samples / GOOD[1]), "1.2.826.0.1.1")
+    with sessions() as session:
+        row = session.get(Instance, crashing.id)
+        assert row is not None
+        row.attempts = MAX_ATTEMPTS
+        session.commit()
+    crash_msg = ClassifyInstance(
+        instance_id=crashing.id,
+        sop_instance_uid=crashing.sop_instance_uid,
+        path=crashing.storage_path,
+    ).model_dump()
+    assert classify(state, crash_msg) == "failed"
+
     assert result_counts(sessions) == {good.id: 1}
     with sessions() as session:
+        c = session.get(Instance, crashing.id)
+        assert c is not None and c.status == InstanceStatus.failed
+        assert c.failure_reason and c.failure_reason.startswith("gave up after")
         g = session.get(Instance, good.id)
         b = session.get(Instance, bad.id)
         assert g is not None and b is not None
@@ -283,6 +304,16 @@ def test_classify_in_process_is_idempotent_and_records_decode_failures(
         result = session.scalars(select(Result)).one()
         assert 0.0 <= result.probability <= 1.0
         assert result.model_version == "test-0" and result.model_uid == "2.25.1234567890"
+
+
+def test_database_outage_is_transient_not_a_failure(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """With the database unreachable the task body raises a retryable error (the Celery task
+    retries it with backoff) instead of recording anything about the instance."""
+    url = f"postgresql+psycopg://triage@127.0.0.1:{free_port()}/triage?connect_timeout=2"
+    state = WorkerState(node_settings(tmp_path, url, "redis://127.0.0.1:1/0", tiny_model_dir))
+    msg = ClassifyInstance(instance_id=1, sop_instance_uid="1.2.3", path="/nowhere")
+    with pytest.raises(RETRYABLE):
+        classify(state, msg.model_dump())
 
 
 def test_sweeper_queues_pending_when_the_broker_comes_back(

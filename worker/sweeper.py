@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 STALE_AFTER = timedelta(minutes=2)
 REPORT_RESEND_AFTER_S = 120.0
 SEND_PENDING_AFTER = timedelta(seconds=30)
+PENDING_BATCH = 500
 
 
 @dataclass
@@ -79,17 +80,12 @@ class Sweeper:
         return counts
 
     def _queue_pending(self, session: Session, counts: SweepCounts) -> None:
-        while True:
-            batch = repository.pending_instances(session, limit=200)
-            if not batch:
+        # One batch per sweep (a sweep every few seconds still queues hundreds per second).
+        for instance in repository.pending_instances(session, limit=PENDING_BATCH):
+            if not queue_instance(session, self.enqueuer, instance):
+                counts.broker_down = True
                 return
-            for instance in batch:
-                if not queue_instance(session, self.enqueuer, instance):
-                    counts.broker_down = True
-                    return
-                counts.queued += 1
-            if len(batch) < 200:
-                return
+            counts.queued += 1
 
     def _requeue_stale(self, session: Session, counts: SweepCounts) -> None:
         stale = repository.stale_queued_instances(session, self.stale_after, limit=200)

@@ -185,7 +185,10 @@ def classify(state: WorkerState, payload: Any) -> str:
             return "exists"
         attempts = repository.start_attempt(session, instance.id)
         if attempts > MAX_ATTEMPTS:
-            reason = f"gave up after {attempts - 1} attempts: the worker died while classifying"
+            reason = (
+                f"gave up after {attempts - 1} attempts that did not finish "
+                "(the worker died or the task kept failing; see the worker log)"
+            )
             repository.mark_failed(session, instance.id, reason)
             log.error("instance %s failed: %s", msg.sop_instance_uid, reason)
             return "failed"
