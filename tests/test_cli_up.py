@@ -183,6 +183,10 @@ def test_up_receives_classifies_reports_and_stops_cleanly(
         timeout=60,
     )
     assert echo.returncode == 0, echo.stderr
+    ours = subprocess.run(
+        [*cli(), "echo", "--dicom-port", str(port)], capture_output=True, text=True, timeout=60
+    )
+    assert ours.returncode == 0 and "Success" in ours.stdout, ours.stdout + ours.stderr
 
     # A broken object first: the node answers it and keeps serving.
     subprocess.run(
@@ -270,6 +274,13 @@ def test_up_receives_classifies_reports_and_stops_cleanly(
     assert _processes_with(str(node["marker"]).split("=", 1)[1]) == []
     log = Path(str(node["err"])).read_text(errors="replace")
     assert "stopped" in log.splitlines()[-1]
+    gone = subprocess.run(
+        [*cli(), "echo", "--dicom-port", str(port), "--timeout", "3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert gone.returncode == 1
 
     # No patient identifier in any log line (names, accession numbers of the sent studies).
     identifiers = {
