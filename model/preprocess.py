@@ -128,8 +128,6 @@ def image_to_uint8(path: Path, max_pixels: int | None = None) -> np.ndarray:
                     f"{limit} pixels"
                 )
             im.load()
-            if im.format == "JPEG":
-                _check_jpeg_complete(Path(path))
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
                 return _range_to_uint8(np.asarray(im, dtype=np.float64))
             return np.asarray(im.convert("L"), dtype=np.uint8)
@@ -137,20 +135,6 @@ def image_to_uint8(path: Path, max_pixels: int | None = None) -> np.ndarray:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise PreprocessError(f"unreadable image {name}: {exc}") from exc
-
-
-def _check_jpeg_complete(path: Path) -> None:
-    """Refuse a JPEG cut short: no EOI marker after its last scan (ITU-T T.81 B.2.1).
-
-    libjpeg fills a truncated scan with grey and Pillow raises only when unread bytes remain,
-    so a file cut at a lucky boundary (e.g. exactly 16 KiB) decodes "fine" without this.
-    Entropy-coded data cannot contain FF D9 (byte stuffing), so EOI after the last SOS is
-    the end of the image; trailing bytes after it are allowed.
-    """
-    data = path.read_bytes()
-    last_scan = data.rfind(b"\xff\xda")
-    if last_scan < 0 or data.find(b"\xff\xd9", last_scan) < 0:
-        raise PreprocessError(f"unreadable image {path.name}: JPEG is truncated (no EOI marker)")
 
 
 def _range_to_uint8(values: np.ndarray) -> np.ndarray:
