@@ -457,3 +457,25 @@ def test_codestream_larger_than_header_is_refused_before_decoding(name: str) -> 
     ds.PixelData = encapsulate([bytes(frame)])
     with pytest.raises(PreprocessError, match="compressed frame declares 50000 x 50000"):
         dataset_to_uint8(ds)
+
+
+def test_voi_lut_is_normalised_by_its_real_range() -> None:
+    """Vendors declare 16-bit VOI LUTs holding 12-bit values (the Agfa header in the set):
+    the output is scaled by the table's range, so the image does not come out dark."""
+    ds = read_dataset(sample("DERIVED_CR_chest_MONO1_10b_440_VOILUTSequence.dcm"))
+    reference = dataset_to_uint8(ds)
+    item = ds.VOILUTSequence[0]
+    assert list(item.LUTDescriptor) == [1024, 0, 12]
+    item.LUTDescriptor = [1024, 0, 16]
+    assert np.array_equal(dataset_to_uint8(ds), reference)
+    # And the LUT is really applied: it differs from the window it replaced.
+    ds.WindowCenter, ds.WindowWidth = 550, 1024
+    del ds.VOILUTSequence
+    assert np.abs(dataset_to_uint8(ds).astype(np.int16) - reference).mean() > 5
+
+
+def test_palette_color_is_refused_with_reason() -> None:
+    ds = read_dataset(sample(CHEST_440))
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    with pytest.raises(PreprocessError, match="unsupported Photometric Interpretation"):
+        dataset_to_uint8(ds)
