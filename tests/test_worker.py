@@ -355,6 +355,86 @@ def test_sweeper_queues_pending_when_the_broker_comes_back(
         server.stop()
 
 
+def _classified(sessions: sessionmaker[Session], instance_id: int) -> None:
+    with sessions() as session:
+        repository.save_result(
+            session,
+            instance_id,
+            repository.Classification(
+                probability=0.9,
+                threshold=0.5,
+                fracture=True,
+                model_name="m",
+                model_version="1",
+                model_uid="2.25.1",
+                preprocess_ms=1.0,
+                inference_ms=1.0,
+            ),
+        )
+
+
+def test_sweeper_queues_one_report_per_study_revision_and_pending_sends(
+    tmp_path: Path, database_url: str, dicom_samples: Path
+) -> None:
+    """Reports are queued for quiet, settled studies once per revision (a slow report is not
+    queued again); a later image makes a new revision, queued again; SRs waiting to be sent
+    are queued when a destination is configured."""
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    settings = node_settings(
+        tmp_path,
+        database_url,
+        redis.url,
+        tmp_path / "no-model-needed",
+        study_stable_seconds=0.0,
+        sr_destination_host="127.0.0.1",
+        sr_destination_port=104,
+        sr_destination_ae_title="PACS",
+    )
+    sessions = make_sessions(database_url)
+    enqueuer = CeleryEnqueuer(settings)
+    try:
+        sweeper = Sweeper(settings, sessions, enqueuer, send_pending_after=timedelta(0))
+        first = record(sessions, require(dicom_samples / GOOD[0]), "1.2.826.0.1.6")
+        counts = sweeper.sweep_once()
+        assert counts.queued == 1 and counts.reports == 0  # an image not classified yet
+        _classified(sessions, first.id)
+        counts = sweeper.sweep_once()
+        assert counts.queued == 0 and counts.reports == 1
+        assert sweeper.sweep_once().reports == 0  # same revision, report still on its way
+        second = record(sessions, require(dicom_samples / GOOD[1]), "1.2.826.0.1.6")
+        _classified(sessions, second.id)
+        assert sweeper.sweep_once().reports == 1  # a new revision
+        assert enqueuer.queue_length() == 3  # classify, report, report
+
+        with sessions() as session:
+            study = session.scalars(select(Study)).one()
+            study.reported_revision = study.revision  # what the SR task records
+            session.add(
+                SRDocument(
+                    study_id=study.id,
+                    study_revision=study.revision,
+                    sop_instance_uid="2.25.9",
+                    series_instance_uid="2.25.8",
+                    path=str(tmp_path / "sr.dcm"),
+                    created_at=repository.utcnow(),
+                    fracture=True,
+                    probability=0.9,
+                    instance_count=2,
+                    send_status="pending",
+                    send_attempts=0,
+                )
+            )
+            session.commit()
+        counts = sweeper.sweep_once()
+        assert counts.reports == 0 and counts.sends == 1
+        assert sweeper.sweep_once().sends == 0  # queued recently: not duplicated
+        assert enqueuer.queue_length() == 4
+    finally:
+        enqueuer.close()
+        redis.stop()
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_worker_classifies_each_instance_once_and_reports_each_study_revision_once(
     tmp_path: Path, database_url: str, tiny_model_dir: Path, dicom_samples: Path
