@@ -8,7 +8,6 @@ and the sweeper queues it once the broker is back. Nothing acknowledged depends 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -50,7 +49,6 @@ class CeleryEnqueuer:
 
     def __init__(self, settings: Settings, app: Celery | None = None) -> None:
         self._app = app if app is not None else make_celery(settings, register_tasks=False)
-        self._lock = threading.Lock()
 
     @property
     def app(self) -> Celery:
