@@ -77,8 +77,10 @@ def celery_config(
             "visibility_timeout": visibility_timeout,
             "unacked_restore_interval": restore_interval,
             "unacked_restore_throttle": UNACKED_RESTORE_THROTTLE,
-            # The restore scan holds a Redis mutex; if its holder dies, free it soon.
-            "unacked_mutex_expire": 30,
+            # Each restore scan holds a Redis mutex for milliseconds; if a worker is killed
+            # while holding it, it must expire well within the 30 s re-run budget (default
+            # 300 s would block every restore for five minutes).
+            "unacked_mutex_expire": 5,
             # A broker that is down must fail a publish quickly (the SCP then leaves the
             # instance pending for the sweeper) rather than block a C-STORE.
             "socket_connect_timeout": 1,
