@@ -80,7 +80,7 @@ class ViewSampler:
 
         n, views = self.features.shape[:2]
         order = self.rng.permutation(n)
-        chosen: np.ndarray = self.rng.integers(0, views, size=n)
+        chosen = np.asarray(self.rng.integers(0, views, size=n))
 
         def gen() -> Any:
             for start in range(0, n, self.batch_size):
