@@ -434,6 +434,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_handler(handler, args, settings)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `fracture-triage results --json | head`: the reader left; that is not an error.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
