@@ -68,13 +68,19 @@ class StorageSCP:
     """
 
     def __init__(
-        self, settings: Settings, session_factory: sessionmaker[Session], enqueue: Enqueue
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        enqueue: Enqueue,
+        *,
+        stop: threading.Event | None = None,
     ) -> None:
         self.settings = settings
         self.context = StoreContext(settings, session_factory, enqueue)
         self.ae = build_ae(settings)
         self._server: ThreadedAssociationServer | None = None
-        self._stop = threading.Event()
+        #: Set to make :meth:`serve_forever` return (from a signal handler or another thread).
+        self.stop_event = stop if stop is not None else threading.Event()
 
     @property
     def port(self) -> int:
@@ -110,7 +116,7 @@ class StorageSCP:
             self.start()
         try:
             # Short waits keep the main thread responsive to signals (KeyboardInterrupt).
-            while not self._stop.wait(0.5):
+            while not self.stop_event.wait(0.5):
                 pass
         except KeyboardInterrupt:
             logger.info("interrupted")
@@ -122,7 +128,7 @@ class StorageSCP:
 
         A request cut short was never acknowledged, so the peer sends it again: nothing is lost.
         """
-        self._stop.set()
+        self.stop_event.set()
         server, self._server = self._server, None
         if server is None:
             return
@@ -151,13 +157,16 @@ def run_scp(
     *,
     session_factory: sessionmaker[Session] | None = None,
     ready: threading.Event | None = None,
+    stop: threading.Event | None = None,
 ) -> None:
-    """Run the storage SCP until Ctrl-C or SIGTERM (the ``fracture-triage scp`` role).
+    """Run the storage SCP until Ctrl-C, SIGTERM or ``stop`` (the ``fracture-triage scp`` role).
 
     ``enqueue`` hands a :class:`~fracture_triage.messages.ClassifyInstance` to the broker and
     raises when it cannot (e.g. ``worker.queue.CeleryEnqueuer``). Without ``session_factory``
     the database at ``settings.resolved_database_url`` is used (and upgraded to the current
-    schema). ``ready`` is set once the port is bound.
+    schema). ``ready`` is set once the port is bound. From the main thread, SIGINT and SIGTERM
+    stop it; from another thread (``fracture-triage up``), set ``stop``. Returns after a clean
+    shutdown (requests in progress finish first, see :meth:`StorageSCP.shutdown`).
     """
     engine = None
     if session_factory is None:
@@ -168,22 +177,25 @@ def run_scp(
         upgrade(settings.resolved_database_url)
         engine = make_engine(settings.resolved_database_url)
         session_factory = make_session_factory(engine)
-    scp = StorageSCP(settings, session_factory, enqueue)
-    scp.start()
+    scp = StorageSCP(settings, session_factory, enqueue, stop=stop)
 
-    previous = None
+    previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
 
-        def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-            scp._stop.set()
+        def _on_signal(signum: int, frame: FrameType | None) -> None:
+            logger.info("signal %d: stopping", signum)
+            scp.stop_event.set()
 
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        # Explicit handlers: SIGINT may be ignored when started in the background by a shell.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, _on_signal)
     try:
+        scp.start()
         if ready is not None:
             ready.set()
         scp.serve_forever()
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
         if engine is not None:
             engine.dispose()

@@ -42,7 +42,7 @@ from db.models import Instance, InstanceStatus
 from db.session import make_engine, make_session_factory
 from dicom_node.contexts import CANDIDATE_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
 from dicom_node.records import REFUSED_PREFIX
-from dicom_node.scp import StorageSCP
+from dicom_node.scp import StorageSCP, run_scp
 from fracture_triage.messages import ClassifyInstance
 from fracture_triage.settings import Settings
 from tests.servers import RedisServer, free_port, wait_for_port
@@ -608,12 +608,14 @@ def test_run_scp_stops_cleanly(tmp_path: Path, sig: signal.Signals) -> None:
         "run_scp(Settings(), enqueue)\n"
         "print('stopped cleanly', flush=True)\n"
     )
+    # Started the way a shell starts a background job: SIGINT ignored. Ctrl-C must work anyway.
     proc = subprocess.Popen(
         [sys.executable, "-c", code],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     try:
         wait_for_port(port, timeout=60)
@@ -631,3 +633,30 @@ def test_run_scp_stops_cleanly(tmp_path: Path, sig: signal.Signals) -> None:
     assert "stopped cleanly" in out
     with pytest.raises(TimeoutError):
         wait_for_port(port, timeout=0.5)
+
+
+def test_run_scp_in_a_thread_stops_on_its_event(
+    tmp_path: Path, sqlite_db: sessionmaker[Session]
+) -> None:
+    """How ``fracture-triage up`` runs the role: a thread, ``ready`` and ``stop`` events."""
+    settings = Settings(data_dir=tmp_path / "data", dicom_port=free_port())
+    ready, stop = threading.Event(), threading.Event()
+    thread = threading.Thread(
+        target=run_scp,
+        args=(settings, no_broker),
+        kwargs={"session_factory": sqlite_db, "ready": ready, "stop": stop},
+    )
+    thread.start()
+    try:
+        assert ready.wait(30)
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", settings.dicom_port)
+        assert assoc.send_c_echo().Status == SUCCESS
+        assoc.release()
+    finally:
+        stop.set()
+        thread.join(20)
+    assert not thread.is_alive()
+    with pytest.raises(TimeoutError):
+        wait_for_port(settings.dicom_port, timeout=0.5)
