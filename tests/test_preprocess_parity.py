@@ -31,7 +31,12 @@ from pydicom.uid import (
 )
 
 from model.inference import Classifier
-from model.preprocess import image_to_uint8, load_gray_uint8, load_network_input
+from model.preprocess import (
+    image_to_uint8,
+    load_gray_uint8,
+    load_network_input,
+    to_network_input,
+)
 from tests.conftest import SHARED, require
 
 # Real pictures of the training data: grayscale PNG, RGB JPEG, grayscale JPEG, FracAtlas.
@@ -159,9 +164,36 @@ def build_rgb_dicom(rgb: np.ndarray) -> Dataset:
     return ds
 
 
+WEIGHTS = "weights/mobilenet_v2_imagenet_1.0_224_no_top.h5"
+
+
 @pytest.fixture(scope="module")
-def classifier(tiny_model_dir: Path) -> Classifier:
-    return Classifier.load(tiny_model_dir)
+def classifier(tmp_path_factory: pytest.TempPathFactory) -> Classifier:
+    """The project's network with the shared ImageNet base and a seeded random head, saved
+    as an artifact and loaded through :meth:`Classifier.load` (the worker's code path).
+
+    Not conftest's ``tiny_model_dir``: its random base lets the features vanish (~1e-10
+    after global pooling), so it answers 0.5 for every input and a 0.01 tolerance on it
+    would test nothing. ImageNet features make the probability depend on the picture.
+    """
+    import keras
+
+    from model.artifact import MODEL_FILE, ModelCard, write_card
+    from model.network import build_classifier
+
+    keras.utils.set_random_seed(0)
+    out = tmp_path_factory.mktemp("parity-model")
+    model, _ = build_classifier(input_size=96, weights=require(SHARED / WEIGHTS))
+    model.save(out / MODEL_FILE)
+    card = ModelCard(
+        name="parity-mobilenetv2",
+        version="test-imagenet",
+        uid="2.25.42",
+        threshold=0.5,
+        input_size=96,
+    )
+    write_card(out, card)
+    return Classifier.load(out)
 
 
 @pytest.mark.parametrize("picture", PICTURES, ids=lambda p: Path(p).name[:12])
@@ -197,9 +229,13 @@ def test_dicom_gives_the_pictures_pixels_and_probability(
             failures.append(f"{name}: mean abs diff {diff.mean():.3f}, max {diff.max()}")
     assert not failures, "\n".join(failures)
 
+    # Negative control first: the model must notice a change as large as a wrong polarity,
+    # or agreeing within 0.01 would mean nothing.
     batch = np.stack(
-        [load_network_input(path, size)] + [load_network_input(f, size) for f in files]
+        [load_network_input(path, size), to_network_input(255 - v, size)]
+        + [load_network_input(f, size) for f in files]
     )
     probabilities = classifier.predict_batch(batch)
-    worst = np.abs(probabilities[1:] - probabilities[0])
+    assert abs(probabilities[1] - probabilities[0]) > 0.01, probabilities[:2]
+    worst = np.abs(probabilities[2:] - probabilities[0])
     assert worst.max() < 0.01, dict(zip(names, worst.round(4).tolist(), strict=True))
