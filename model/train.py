@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from model.artifact import MODEL_FILE, ModelCard, write_card
-from model.data import Record, file_sha256, read_all
+from model.data import Record, file_sha256, integrity_problem, read_all
 from model.features import Cache, build_cache, split_network
 from model.metrics import binary_metrics, threshold_for_sensitivity
 
@@ -169,9 +169,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if cache.size != args.size:
         raise ValueError(f"cache is for input size {cache.size}, not {args.size}")
     labels_by_key = {r.key: r.label for r in records}
+    # Damaged files never train or validate, whichever split they come from.
+    damaged = {r.key for r in records if r.key in wanted and integrity_problem(r.path)}
 
     def arrays(keys: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        keys = [k for k in keys if k in cache.index and k not in cache.rejected]
+        keys = [
+            k for k in keys if k in cache.index and k not in cache.rejected and k not in damaged
+        ]
         idx = np.array(sorted(cache.index[k] for k in keys), dtype=int)
         y = np.array([labels_by_key[cache.keys[i]] for i in idx], dtype=np.int64)
         return np.asarray(cache.features[idx]), np.asarray(cache.embeddings[idx]), y
@@ -236,6 +240,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     train_seconds = time.time() - t_start
 
     p_va = top.predict(xf_va[:, 0].astype(np.float32), batch_size=256, verbose=0).ravel()
+    parity = cache_parity(model, records, cache, sets["val"], p_va, labels_by_key, damaged)
+    print(f"saved network vs cached path on val files: max |dp| = {parity:.5f}", flush=True)
     threshold = threshold_for_sensitivity(y_va, p_va, args.target_sensitivity)
     metrics = {"val": binary_metrics(y_va, p_va, threshold)}
     if len(y_te):
@@ -278,6 +284,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 "seconds_training": round(train_seconds, 1),
                 "seconds_feature_cache": cache.meta.get("seconds"),
                 "finetuned_from_layer": "block_14_expand",
+                "cache_parity_max_abs_diff": round(parity, 6),
             },
             "metrics": metrics,
         },
@@ -286,6 +293,32 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     print(json.dumps({"threshold": card.threshold, "metrics": metrics}, indent=1))
     print(f"saved {args.out / MODEL_FILE} ({train_seconds:.0f}s)")
     return {"card": card, "history": history, "metrics": metrics}
+
+
+def cache_parity(
+    model: Any,
+    records: Sequence[Record],
+    cache: Cache,
+    val_keys: Sequence[str],
+    p_cached: np.ndarray,
+    labels_by_key: dict[str, int],
+    damaged: set[str],
+    n: int = 16,
+) -> float:
+    """Largest probability difference between the whole saved network on files read through
+    the shared preprocessing and the cached-activation path training used (float16 cache)."""
+    from model.preprocess import load_network_input
+
+    # the order of ``p_cached``: validation keys by cache index, as ``arrays`` builds them
+    keys = sorted(
+        (k for k in val_keys if k in cache.index and k not in cache.rejected and k not in damaged),
+        key=cache.index.__getitem__,
+    )
+    by_key = {r.key: r for r in records}
+    pick = keys[:n]
+    x = np.stack([load_network_input(by_key[k].path, cache.size) for k in pick])
+    p_full = np.asarray(model(x.astype(np.float32), training=False)).ravel()
+    return float(np.abs(p_full - p_cached[: len(pick)]).max()) if pick else 0.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

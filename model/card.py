@@ -1,0 +1,245 @@
+"""Finish a model artifact: both figures side by side in ``model_card.json`` and ``model_card.md``.
+
+``python -m model.card --artifact DIR --honest-eval DIR --original-eval DIR
+--original-artifact DIR --audit AUDIT.json [--size-probe JSON] [--throughput JSON]``
+
+The two figures are always reported together: (1) notebook-comparable, a model trained on the
+bone fracture set's original train split and tested on its original (leaky) test split;
+(2) honest, the shipped model on the leakage-free test split (:mod:`model.split`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from model.artifact import ModelCard, read_card, write_card
+from model.plots import history_plot
+
+ROWS = ("n", "accuracy", "auroc", "sensitivity", "specificity", "precision", "f1")
+
+
+def _metrics(report: dict[str, Any]) -> dict[str, Any]:
+    keep = (*ROWS, "positives", "threshold", "confusion_matrix")
+    return {k: report[k] for k in keep if k in report} | {
+        "unreadable_files": len(report.get("errors", []))
+    }
+
+
+def finish(
+    artifact: Path,
+    honest_eval: Path,
+    original_eval: Path,
+    original_artifact: Path,
+    audit: Path,
+    size_probe: Path | None,
+    throughput: Path | None,
+) -> ModelCard:
+    card = read_card(artifact)
+    honest = json.loads((honest_eval / "evaluation.json").read_text())
+    original = json.loads((original_eval / "evaluation.json").read_text())
+    original_card = read_card(original_artifact)
+    audit_data = json.loads(audit.read_text())
+    plots = {}
+    for src_dir, tag in ((honest_eval, "leakage_free"), (original_eval, "original")):
+        for name in ("roc", "confusion_matrix"):
+            src = src_dir / f"{name}.png"
+            if src.is_file():
+                dst = artifact / f"{name}_{tag}.png"
+                shutil.copy(src, dst)
+                plots[f"{name}_{tag}"] = dst.name
+    history = json.loads((artifact / "history.json").read_text())
+    plots["training_curves"] = history_plot(
+        history, artifact / "training_curves.png", f"{card.name} {card.version}"
+    ).name
+    orig_history = original_artifact / "history.json"
+    if orig_history.is_file():
+        shutil.copy(orig_history, artifact / "history_original_split.json")
+        plots["training_curves_original"] = history_plot(
+            json.loads(orig_history.read_text()),
+            artifact / "training_curves_original.png",
+            "notebook-comparable run (original train split)",
+        ).name
+    extra = dict(card.extra)
+    extra["metrics"] = {
+        "leakage_free_test": _metrics(honest),
+        "original_test_notebook_comparable": _metrics(original),
+        "validation": extra.get("metrics", {}).get("val"),
+        "notebook_reported_original_test_accuracy": 0.96,
+    }
+    extra["notebook_comparable_model"] = {
+        "note": "a separate model, same pipeline, trained on the original train split only "
+        "(bone fracture set); its weights are not shipped",
+        "uid": original_card.uid,
+        "threshold": original_card.threshold,
+        "training": original_card.extra.get("training"),
+    }
+    extra["leakage_audit"] = {
+        k: audit_data[k]
+        for k in (
+            "split_file",
+            "split_file_sha256",
+            "method",
+            "threshold_bits",
+            "min_similarity",
+            "groups",
+            "groups_per_split",
+            "images_per_split_and_label",
+            "excluded",
+            "original_split",
+            "audit",
+        )
+    }
+    if size_probe is not None and size_probe.is_file():
+        extra["input_size_probe"] = json.loads(size_probe.read_text())
+    if throughput is not None and throughput.is_file():
+        extra["classify_throughput"] = json.loads(throughput.read_text())
+    extra["plots"] = plots
+    new = ModelCard(**{**card.__dict__, "extra": extra})
+    write_card(artifact, new)
+    (artifact / "model_card.md").write_text(markdown(new))
+    return new
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def markdown(card: ModelCard) -> str:
+    x = card.extra
+    m = x["metrics"]
+    hon, orig = m["leakage_free_test"], m["original_test_notebook_comparable"]
+    tr = x["training"]
+    audit = x["leakage_audit"]
+    lines = [
+        f"# Model card: {card.name} {card.version}",
+        "",
+        f"- UID (Device UID in the SR): `{card.uid}` (new on every retraining)",
+        f"- Input: {card.input_size} x {card.input_size} RGB, 0..255 (rescaled inside the "
+        "network); any DICOM or picture goes through `model.preprocess.load_network_input`.",
+        f"- Operating threshold: **{card.threshold:.4f}** (chosen on validation data for "
+        f"sensitivity >= {tr['target_sensitivity']})",
+        f"- Architecture: {x['architecture']}",
+        "- Intended use: triage aid that flags radiographs for a radiologist's attention. "
+        "Not a diagnosis; a negative result does not rule out a fracture.",
+        "",
+        "## Two figures, side by side",
+        "",
+        "| | (1) notebook-comparable: original test split | (2) honest: leakage-free test split |",
+        "|---|---|---|",
+    ]
+    for key in ROWS:
+        lines.append(f"| {key} | {_fmt(orig.get(key))} | {_fmt(hon.get(key))} |")
+    lines += [
+        f"| confusion [[tn, fp], [fn, tp]] | {orig['confusion_matrix']['matrix']} | "
+        f"{hon['confusion_matrix']['matrix']} |",
+        f"| unreadable files (left out) | {orig['unreadable_files']} | {hon['unreadable_files']} |",
+        f"| model | trained on the original train split (threshold "
+        f"{x['notebook_comparable_model']['threshold']:.4f}) | this model (threshold "
+        f"{card.threshold:.4f}) |",
+        "",
+        f"The notebook reported {m['notebook_reported_original_test_accuracy']} accuracy on the "
+        "original test split. That split leaks: "
+        f"{audit['original_split']['test_images_with_near_duplicate_in_original_train']} of "
+        f"{audit['original_split']['distinct_test_images']} distinct original test images have "
+        "an exact or near-duplicate in the original train split, so figure (1) measures "
+        "memorisation. Figure (2) is the one to trust.",
+        "",
+        f"Validation (threshold chosen here): {json.dumps(m['validation'])}",
+        "",
+        "| | original split | leakage-free split |",
+        "|---|---|---|",
+        "| ROC | ![](roc_original.png) | ![](roc_leakage_free.png) |",
+        "| confusion matrix | ![](confusion_matrix_original.png) | "
+        "![](confusion_matrix_leakage_free.png) |",
+        "| training curves | ![](training_curves_original.png) | ![](training_curves.png) |",
+        "",
+        "## Data and split",
+        "",
+        f"- Dataset manifests (sha256): {json.dumps(tr['dataset_manifests_sha256'])}",
+        f"- Split file `model/splits/{audit['split_file']}` sha256 `{audit['split_file_sha256']}`",
+        f"- Leakage audit: {audit['method']}; pHash threshold {audit['threshold_bits']} bits, "
+        f"embedding similarity >= {audit['min_similarity']}.",
+        f"- {audit['groups']} groups; per split {audit['groups_per_split']}; images "
+        f"{audit['images_per_split_and_label']}",
+        f"- Test images with a near-duplicate in train: "
+        f"{audit['audit']['test_images_with_near_duplicate_in_train']}; groups on two sides: "
+        f"{audit['audit']['groups_on_two_sides']}; FracAtlas ids shared by test and train: "
+        f"{audit['audit']['test_fracatlas_ids_also_in_train']}.",
+        f"- Excluded damaged files: {len(audit['excluded'])} ("
+        + ", ".join(k.split(":")[1][:12] for k in audit["excluded"])
+        + ")",
+        "",
+        "## Training",
+        "",
+        f"- Images: {tr['images']} (fractured {tr['fractured']}); {tr['views_per_image']} "
+        "cached views per image (view 0 = inference input; others = random rotation by 90 "
+        "degrees / flip + zoom 80-100 %, shift, contrast and brightness).",
+        "- Phase 1: MobileNetV2 frozen, head trained on pooled features. Phase 2: blocks "
+        "14-16 and Conv_1 fine-tuned (batch norm frozen) on cached block-13 activations.",
+        f"- Class weights {tr['class_weights']}; seed {tr['seed']}; epochs run "
+        f"{tr['epochs_run']} (early stopping on validation loss).",
+        f"- Time on this 2-core CPU: feature cache {tr['seconds_feature_cache']} s "
+        f"(shared by both runs), training {tr['seconds_training']} s.",
+        f"- Saved network vs cached training path (val files): max |dp| = "
+        f"{tr.get('cache_parity_max_abs_diff')}",
+    ]
+    if "input_size_probe" in x:
+        lines += [
+            "",
+            "## Input size",
+            "",
+            f"```\n{json.dumps(x['input_size_probe'], indent=1)}\n```",
+        ]
+    if "classify_throughput" in x:
+        lines += [
+            "",
+            "## Throughput (CPU)",
+            "",
+            f"```\n{json.dumps(x['classify_throughput'], indent=1)}\n```",
+        ]
+    lines += [
+        "",
+        "## Limitations",
+        "",
+        "- Trained on two public sets (Bone Fracture Multi-Region, FracAtlas); performance on "
+        "other hospitals' radiographs is not measured here.",
+        "- The bone fracture set is mostly 224 px JPEG re-exports; subtle fractures in full "
+        "resolution DICOMs are seen at 224 px only.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--artifact", type=Path, required=True)
+    p.add_argument("--honest-eval", type=Path, required=True)
+    p.add_argument("--original-eval", type=Path, required=True)
+    p.add_argument("--original-artifact", type=Path, required=True)
+    p.add_argument("--audit", type=Path, required=True)
+    p.add_argument("--size-probe", type=Path, default=None)
+    p.add_argument("--throughput", type=Path, default=None)
+    a = p.parse_args(argv)
+    card = finish(
+        a.artifact,
+        a.honest_eval,
+        a.original_eval,
+        a.original_artifact,
+        a.audit,
+        a.size_probe,
+        a.throughput,
+    )
+    print(json.dumps(card.extra["metrics"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
