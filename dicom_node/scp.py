@@ -22,6 +22,7 @@ import threading
 from types import FrameType, TracebackType
 from typing import Any
 
+from pydicom import config as pydicom_config
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
@@ -79,6 +80,7 @@ class StorageSCP:
         self.context = StoreContext(settings, session_factory, enqueue)
         self.ae = build_ae(settings)
         self._server: ThreadedAssociationServer | None = None
+        self._validation_mode = pydicom_config.settings.reading_validation_mode
         #: Set to make :meth:`serve_forever` return (from a signal handler or another thread).
         self.stop_event = stop if stop is not None else threading.Event()
 
@@ -91,6 +93,11 @@ class StorageSCP:
     def start(self) -> StorageSCP:
         """Listen in background threads and return at once."""
         self.settings.storage_dir.mkdir(parents=True, exist_ok=True)
+        # pydicom's value validation warnings quote the offending value, which may be a
+        # patient identifier (an invalid Patient's Birth Date, say): the node logs none of
+        # them. Values are still read as they are; the previous mode returns at shutdown.
+        self._validation_mode = pydicom_config.settings.reading_validation_mode
+        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, handle_echo, [self.context]),
             (evt.EVT_C_STORE, handle_store, [self.context]),
@@ -133,6 +140,7 @@ class StorageSCP:
         if server is None:
             return
         server.shutdown()  # no new associations
+        pydicom_config.settings.reading_validation_mode = self._validation_mode
         if not self.context.in_flight.wait_idle(grace):
             logger.warning("C-STORE requests still running after %.0f s: aborting", grace)
         for assoc in server.active_associations:
