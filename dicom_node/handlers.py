@@ -116,8 +116,15 @@ def handle_echo(event: Event, ctx: StoreContext) -> int:
 
 
 def handle_accepted(event: Event, ctx: StoreContext) -> None:
-    accepted = [cx for cx in event.assoc.accepted_contexts]
-    logger.info("association from %s accepted (%d contexts)", _peer(event), len(accepted))
+    assoc = event.assoc
+    refused = sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts})
+    logger.info(
+        "association from %s accepted: %d presentation contexts, %d refused%s",
+        _peer(event),
+        len(assoc.accepted_contexts),
+        len(assoc.rejected_contexts),
+        f" (abstract syntaxes {', '.join(refused)})" if refused else "",
+    )
 
 
 def handle_rejected(event: Event, ctx: StoreContext) -> None:

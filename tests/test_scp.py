@@ -100,7 +100,7 @@ class Broker:
 
     def messages(self) -> list[ClassifyInstance]:
         """Classify messages waiting in the queue (kombu keeps them as JSON in a list)."""
-        client = redis_lib.Redis(port=self.server.port)
+        client = redis_lib.Redis(port=self.server.port, db=SCP_TEST_REDIS_DB)
         try:
             raw = client.lrange(QUEUE, 0, -1)
         finally:
@@ -114,12 +114,18 @@ class Broker:
         return out
 
 
+#: A Redis database of its own on the shared test server: a Celery worker another test left
+#: running on database 0 must not consume the messages these tests inspect.
+SCP_TEST_REDIS_DB = 7
+
+
 @pytest.fixture
 def broker(redis: RedisServer) -> Iterator[Broker]:
-    client = redis_lib.Redis(port=redis.port)
+    client = redis_lib.Redis(port=redis.port, db=SCP_TEST_REDIS_DB)
     client.flushdb()
     client.close()
-    enqueuer = CeleryEnqueuer(Settings(broker_url=redis.url))
+    url = f"redis://127.0.0.1:{redis.port}/{SCP_TEST_REDIS_DB}"
+    enqueuer = CeleryEnqueuer(Settings(broker_url=url))
     yield Broker(redis, enqueuer)
     enqueuer.close()
 
@@ -553,6 +559,26 @@ def test_database_failure_answers_out_of_resources(
     assert "database" in rsp.ErrorComment
     assert broker.messages() == []
     assert "database unavailable" in caplog.text
+
+
+def test_storage_failure_answers_out_of_resources(
+    tmp_path: Path, sqlite_db: sessionmaker[Session], broker: Broker, dicom_samples: Path
+) -> None:
+    """The object cannot be written: 0xA700 (the peer retries later), no record, no message."""
+    sample = pydicom.dcmread(dicom_samples / TINY_CR)
+    with running_scp(tmp_path, sqlite_db, broker.enqueue) as scp:
+        # A file where the study's folder should be: creating the folder fails (root ignores
+        # permissions, so a read-only folder would not do).
+        (scp.settings.storage_dir / sample.StudyInstanceUID).write_bytes(b"")
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(ComputedRadiographyImageStorage)
+        assoc = ae.associate("127.0.0.1", scp.port)
+        rsp = assoc.send_c_store(dicom_samples / TINY_CR)
+        assoc.release()
+    assert rsp.Status == 0xA700  # Refused: Out of Resources
+    assert "storage" in rsp.ErrorComment
+    assert instances(sqlite_db) == {}
+    assert broker.messages() == []
 
 
 def test_refused_object_is_recorded_and_a_corrected_resend_is_stored(
