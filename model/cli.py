@@ -46,7 +46,8 @@ def iter_inputs(paths: Sequence[Path]) -> Iterator[Path]:
             yield path
 
 
-def classify(args: argparse.Namespace) -> int:
+def classify(args: argparse.Namespace, settings: Any = None) -> int:
+    """``settings``: the entry point's ``Settings`` (its ``model_dir`` is the default model)."""
     from model.evaluate import predict_files
     from model.inference import Classifier
 
@@ -54,7 +55,7 @@ def classify(args: argparse.Namespace) -> int:
     if model_dir is None:
         from fracture_triage.settings import Settings
 
-        model_dir = Settings().model_dir
+        model_dir = (settings or Settings()).model_dir
     if model_dir is None:
         print("error: no model; pass --model DIR", file=sys.stderr)
         return 2

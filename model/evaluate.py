@@ -136,12 +136,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--title", default=None)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, settings: Any = None) -> int:
     model_dir = args.model
     if model_dir is None:
         from fracture_triage.settings import Settings
 
-        model_dir = Settings().model_dir
+        model_dir = (settings or Settings()).model_dir
         if model_dir is None:
             raise SystemExit("no model: pass --model DIR")
     report = evaluate(model_dir, args.manifest, args.out, args.title)
