@@ -1,7 +1,7 @@
 """The ``fracture-triage`` command line.
 
-``up`` runs the whole node on one machine; ``scp``, ``worker`` and ``sweeper`` run one role
-each (for scaling out, e.g. with docker compose); ``results`` prints what was stored;
+``up`` runs the whole node on one machine; ``scp``, ``worker``, ``sweeper`` and ``api`` run
+one role each (for scaling out, e.g. with docker compose); ``results`` prints what was stored;
 ``db upgrade`` applies the migrations; ``train``, ``evaluate`` and ``classify`` come from
 ``model.cli``. The ``Settings`` object is built once here, from the command line options and
 ``FRACTURE_TRIAGE_*`` variables, and handed to the role; role modules are imported only when
@@ -104,7 +104,7 @@ def build_parser(with_model_commands: bool = True) -> argparse.ArgumentParser:
         "--http-port",
         type=int,
         default=argparse.SUPPRESS,
-        help="port reserved for the query API (8080)",
+        help="port of the read-only HTTP query API (8080)",
     )
     up.add_argument("--workers", type=int, default=1, help="Celery worker processes (1)")
     up.add_argument("--redis-port", type=int, default=None, help="embedded Redis port (free)")
@@ -140,6 +140,14 @@ def build_parser(with_model_commands: bool = True) -> argparse.ArgumentParser:
         help="report a study after this many seconds without new images (10)",
     )
     sweeper.set_defaults(handler=cmd_sweeper)
+
+    api = sub.add_parser("api", help="the read-only HTTP query API alone (results, worklist)")
+    _common(api, broker=False)
+    api.add_argument("--http-port", type=int, default=argparse.SUPPRESS, help="HTTP port (8080)")
+    api.add_argument(
+        "--bind-address", default=argparse.SUPPRESS, help="address to listen on (127.0.0.1)"
+    )
+    api.set_defaults(handler=cmd_api)
 
     echo = sub.add_parser(
         "echo", help="C-ECHO a node (default: this node's AE title and port): exit 0 if it answers"
@@ -302,6 +310,16 @@ def cmd_sweeper(args: argparse.Namespace, settings: Settings) -> int:
     stop = threading.Event()
     _stop_on_signals(stop)
     run_sweeper(settings, stop)
+    return 0
+
+
+def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
+    _migrate(settings)
+    from api.server import run_api
+
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    run_api(settings, stop)
     return 0
 
 

@@ -1,12 +1,12 @@
 """``fracture-triage up``: the whole node on one machine, one process per role.
 
 The supervisor (this process) migrates the SQLite database once, starts an embedded Redis on
-a free loopback port, then the SCP, the Celery worker and the sweeper as child processes
-(``python -m fracture_triage.cli <role>``), each in its own process group so that a Ctrl-C in
-the terminal reaches only the supervisor, which then stops them in order: the SCP first (no
-new associations), then the sweeper and the worker (a warm Celery shutdown finishes the task
-in hand), Redis last. Children also get SIGTERM if the supervisor itself dies (Linux
-``PR_SET_PDEATHSIG``), so nothing is left running.
+a free loopback port, then the SCP, the Celery worker, the sweeper and the query API as child
+processes (``python -m fracture_triage.cli <role>``), each in its own process group so that a
+Ctrl-C in the terminal reaches only the supervisor, which then stops them in order: the SCP
+first (no new associations), then the API, the sweeper and the worker (a warm Celery shutdown
+finishes the task in hand), Redis last. Children also get SIGTERM if the supervisor itself
+dies (Linux ``PR_SET_PDEATHSIG``), so nothing is left running.
 """
 
 from __future__ import annotations
@@ -214,6 +214,13 @@ def run_up(settings: Settings, options: UpOptions) -> int:
         )
         return 2
 
+    if not port_is_free(settings.bind_address, settings.http_port):
+        print(
+            f"error: {settings.bind_address}:{settings.http_port} is in use (--http-port)",
+            file=sys.stderr,
+        )
+        return 2
+
     for folder in (data_dir, settings.storage_dir, settings.sr_dir, data_dir / "redis"):
         folder.mkdir(parents=True, exist_ok=True)
     upgrade(settings.resolved_database_url)
@@ -262,8 +269,9 @@ def run_up(settings: Settings, options: UpOptions) -> int:
     scp = Child("scp", [*role, "scp"], grace=15.0)
     sweeper = Child("sweeper", [*role, "sweeper"], grace=15.0)
     worker = Child("worker", [*role, "worker", "--concurrency", str(options.workers)], grace=60.0)
-    children = [redis, worker, sweeper, scp]
-    stop_order = [scp, sweeper, worker, redis]
+    api = Child("api", [*role, "api"], grace=10.0)
+    children = [redis, worker, sweeper, api, scp]
+    stop_order = [scp, api, sweeper, worker, redis]
 
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     exit_code = 0
@@ -273,11 +281,12 @@ def run_up(settings: Settings, options: UpOptions) -> int:
         if not wait_for_port("127.0.0.1", redis_port, 20.0, [redis.proc]):
             print(f"error: embedded Redis ({redis_binary}) did not start", file=sys.stderr)
             return 1
-        for child in (worker, sweeper, scp):
+        for child in (worker, sweeper, api, scp):
             child.start(env)
         procs = [c.proc for c in children if c.proc is not None]
-        if not wait_for_port(
-            settings.bind_address, settings.dicom_port, options.start_timeout, procs
+        if not all(
+            wait_for_port(settings.bind_address, port, options.start_timeout, procs)
+            for port in (settings.dicom_port, settings.http_port)
         ):
             dead = [c.role for c in children if not c.running()]
             print(
@@ -311,6 +320,10 @@ def run_up(settings: Settings, options: UpOptions) -> int:
     return exit_code
 
 
+def _http_host(bind_address: str) -> str:
+    return "127.0.0.1" if bind_address in ("0.0.0.0", "::", "") else bind_address
+
+
 def _print_banner(settings: Settings, card: object, redis_binary: str, options: UpOptions) -> None:
     name = getattr(card, "name", "?")
     version = getattr(card, "version", "?")
@@ -326,7 +339,8 @@ def _print_banner(settings: Settings, card: object, redis_binary: str, options: 
         f"  workers      {options.workers} Celery worker process(es); sweeper every "
         f"{settings.sweeper_interval_seconds:g} s; studies reported after "
         f"{settings.study_stable_seconds:g} s without new images",
-        f"  HTTP port    {settings.http_port} (reserved for the query API; not served yet)",
+        f"  query API    http://{_http_host(settings.bind_address)}:{settings.http_port}/worklist"
+        " (also /results, /health)",
         f"  results      fracture-triage results --data-dir {settings.data_dir}",
         "Press Ctrl-C to stop.",
     ]

@@ -1,6 +1,6 @@
 """``fracture-triage up`` end to end: the real node on loopback, studies sent with dcmtk.
 
-Starts ``fracture-triage up`` (embedded Redis, SCP, Celery worker, sweeper) with the tiny
+Starts ``fracture-triage up`` (embedded Redis, SCP, Celery worker, sweeper, query API) with the tiny
 test model, sends radiographs from ../shared/dicom-samples with dcmtk's ``storescu``, waits
 for ``fracture-triage results --json`` to show a result for every image and an SR for every
 study, checks the SRs with ``dciodvfy`` and ``dsrdump``, then stops the node with SIGINT and
@@ -24,6 +24,7 @@ import pytest
 from fracture_triage.up import find_redis_server
 from tests.conftest import require
 from tests.servers import free_port, wait_for_port
+from tests.test_cli_api import get
 from tests.test_cli_results import cli
 
 #: Good radiographs (uncompressed, so dcmtk's storescu proposes them without options): two
@@ -259,6 +260,14 @@ def test_up_receives_classifies_reports_and_stops_cleanly(
         dump = subprocess.run([dcmtk("dsrdump"), sr_path], capture_output=True, timeout=60)
         assert dump.returncode == 0, dump.stderr
 
+    # The query API serves the same results, one worklist entry per study.
+    http_port = int(str(node["http_port"]))
+    assert get(http_port, "/health") == (200, {"status": "ok"})
+    status, studies_list = get(http_port, "/worklist")
+    assert status == 200
+    assert {s["study_instance_uid"] for s in studies_list} >= studies
+    assert all(s["reported"] for s in studies_list if s["study_instance_uid"] in studies)
+
     table = subprocess.run(
         [*cli(), "results", "--data-dir", str(data_dir)],
         capture_output=True,
@@ -421,7 +430,8 @@ def test_roles_stop_when_the_supervisor_is_killed(node: dict[str, object]) -> No
     assert isinstance(proc, subprocess.Popen)
     _wait_for_banner(node)
     marker = str(node["marker"]).split("=", 1)[1]
-    assert len(_processes_with(marker)) >= 5  # supervisor, redis, scp, sweeper, worker (+ pool)
+    # supervisor, redis, scp, sweeper, api, worker (+ its pool)
+    assert len(_processes_with(marker)) >= 6
     proc.kill()
     proc.wait(timeout=30)
     assert _wait_until_gone(marker, 90) == []

@@ -1,0 +1,1 @@
+"""A small read-only HTTP query API over the results database (``fracture-triage api``)."""

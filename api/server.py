@@ -1,0 +1,146 @@
+"""Read-only HTTP query API: results, a fracture-first worklist and a health check.
+
+Standard library only (``http.server``), JSON out, bound to ``Settings.bind_address`` and
+``Settings.http_port``. Endpoints:
+
+- ``GET /health``: 200 ``{"status": "ok"}`` when the database answers, else 503.
+- ``GET /results[?study=UID]``: what ``fracture-triage results --json`` prints, as a list.
+- ``GET /worklist``: one entry per study, likely fractures first (flagged studies by highest
+  probability, then the others by highest probability, unclassified last).
+
+Patient identifiers are left out unless ``include_patient=1`` is given: the API has no
+authentication, so it listens on loopback unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+
+from fracture_triage.results import collect_results
+from fracture_triage.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def worklist(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Group result rows by study and order the studies fracture-first."""
+    studies: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        uid = row["study_instance_uid"]
+        entry = studies.setdefault(
+            uid,
+            {
+                "study_instance_uid": uid,
+                "instances": 0,
+                "classified": 0,
+                "failed": 0,
+                "waiting": 0,
+                "fracture": None,
+                "max_probability": None,
+                "last_received_at": row["received_at"],
+                "sr_path": row["sr_path"],
+                **{k: row[k] for k in row if k.startswith("patient_") or k == "accession_number"},
+            },
+        )
+        entry["instances"] += 1
+        entry["last_received_at"] = max(entry["last_received_at"], row["received_at"])
+        if row["status"] == "done":
+            entry["classified"] += 1
+            p = row["probability"]
+            entry["max_probability"] = (
+                p if entry["max_probability"] is None else max(entry["max_probability"], p)
+            )
+            entry["fracture"] = bool(entry["fracture"]) or bool(row["fracture"])
+        elif row["status"] == "failed":
+            entry["failed"] += 1
+        else:
+            entry["waiting"] += 1
+    for entry in studies.values():
+        entry["reported"] = entry["sr_path"] is not None
+
+    def key(e: dict[str, Any]) -> tuple[int, float]:
+        if e["max_probability"] is None:
+            return (2, 0.0)
+        return (0 if e["fracture"] else 1, -float(e["max_probability"]))
+
+    return sorted(studies.values(), key=key)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: QueryServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        # Paths carry Study Instance UIDs at most, never patient data.
+        log.info("%s %s", self.address_string(), format % args)
+
+    def _send(self, status: int, body: Any) -> None:
+        data = (json.dumps(body) + "\n").encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        url = urlsplit(self.path)
+        query = parse_qs(url.query)
+        include_patient = query.get("include_patient", ["0"])[0] in ("1", "true", "yes")
+        try:
+            if url.path == "/health":
+                with self.server.sessions() as session:
+                    session.execute(text("SELECT 1"))
+                self._send(HTTPStatus.OK, {"status": "ok"})
+            elif url.path == "/results":
+                study = query.get("study", [None])[0]
+                with self.server.sessions() as session:
+                    rows = collect_results(session, study, include_patient=include_patient)
+                self._send(HTTPStatus.OK, rows)
+            elif url.path == "/worklist":
+                with self.server.sessions() as session:
+                    rows = collect_results(session, include_patient=include_patient)
+                self._send(HTTPStatus.OK, worklist(rows))
+            else:
+                self._send(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {url.path}"})
+        except Exception:
+            log.exception("request failed: %s", url.path)
+            self._send(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "database unavailable"})
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+        self._send(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "read-only API"})
+
+
+class QueryServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+        super().__init__(address, _Handler)
+
+
+def run_api(settings: Settings, stop_event: threading.Event) -> None:
+    """Serve until ``stop_event`` is set (the ``fracture-triage api`` role)."""
+    from db.session import make_engine, make_session_factory
+
+    engine = make_engine(settings.resolved_database_url)
+    server = QueryServer((settings.bind_address, settings.http_port), make_session_factory(engine))
+    thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
+    thread.start()
+    log.info("query API on http://%s:%d/", settings.bind_address, settings.http_port)
+    try:
+        while not stop_event.wait(0.5):
+            pass
+    finally:
+        server.shutdown()
+        server.server_close()
+        engine.dispose()
+        log.info("query API stopped")
