@@ -35,9 +35,15 @@ Decisions worth knowing (each is explained where it is made):
   a window that leaves fewer than 1% of the pixels between full black and full white is tried
   again on values shifted by 2^(Bits Stored - 1) (the "+32768 offset" of signed data stored
   unsigned, e.g. GDCM's DX_J2K_0Padding), and dropped for the no-VOI rendering otherwise.
-- No VOI at all: 8 bits stored or fewer are shown over their full representable range (so an
-  8-bit picture stored as DICOM comes back pixel-identical); deeper data over the range of the
-  values present (a 12-bit image in 16 bits allocated would otherwise be near black).
+  Rendered as its header says: that file (MONOCHROME2, IDENTITY, Pixel Intensity
+  Relationship LIN with sign +1) shows bone dark, and no header rule could say otherwise.
+- No VOI at all (PS3.3 C.11.2 leaves it to the application): unsigned data whose declared
+  depth is in use -- 8 bits stored or fewer always (pictures, secondary captures), deeper
+  data when a value reaches the top half of 0..2^n-1 -- is shown over that full representable
+  range, like a display without a VOI; so an 8-bit picture stored as DICOM, or scaled to 12 or
+  16 bits, comes back pixel-identical. Otherwise (Bits Stored overstating the depth, e.g. a
+  12-bit detector declared as 16 bits, which would render near black; or signed data) over
+  the range of the values present.
 - MONOCHROME1 is inverted; Presentation LUT Shape never adds a second inversion. In the DX,
   MG and IO image modules (PS3.3 C.8.11.6 and its siblings) INVERSE *is* the MONOCHROME1
   inversion ("shall be used if Photometric Interpretation is MONOCHROME1") and IDENTITY goes
@@ -177,10 +183,12 @@ def read_dataset(path: Path) -> Dataset:
             "malformed DICOM: elements are not encoded with the VR encoding of the file's "
             "transfer syntax (explicit and implicit VR mixed)"
         )
-    truncated = next((m for m in messages if "End of file" in m or "truncat" in m.lower()), None)
+    truncated = any("End of file" in m or "truncat" in m.lower() for m in messages)
     if len(ds) == 0 or not _has_pixel_data(ds):
         if truncated:
-            raise PreprocessError(f"DICOM file is truncated: {truncated}")
+            raise PreprocessError(
+                "DICOM file is truncated: it ends before its Pixel Data (7FE0,0010) is complete"
+            )
         raise PreprocessError("DICOM object has no Pixel Data (7FE0,0010)")
     _ensure_transfer_syntax(ds)
     return ds
@@ -390,11 +398,15 @@ def _codestream_size(frame: bytes) -> tuple[int, int] | None:
 def _is_encapsulated(ds: Dataset) -> bool:
     from pydicom.uid import UID
 
-    uid = UID(str(ds.file_meta.get("TransferSyntaxUID", _IMPLICIT_LE)))
-    try:
-        return bool(uid.is_encapsulated)
-    except ValueError:
-        return False
+    meta = getattr(ds, "file_meta", None)
+    uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    if uid:
+        try:
+            return bool(UID(str(uid)).is_encapsulated)
+        except ValueError:
+            pass
+    # No (known) transfer syntax: encapsulated Pixel Data has an undefined length (PS3.5 A.4).
+    return bool(ds["PixelData"].is_undefined_length)
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,9 +459,12 @@ def _pixel_array_first_frame(ds: Dataset, plugin: str) -> np.ndarray:
 def dataset_to_uint8(ds: Dataset, max_pixels: int | None = None) -> np.ndarray:
     """Render a DICOM dataset's first frame as 8-bit grayscale (H, W), bone bright.
 
-    Validates first (:func:`check_pixel_data`); raises :class:`PreprocessError`.
+    Validates first (:func:`check_pixel_data`); raises :class:`PreprocessError`. A dataset
+    without File Meta Information (e.g. built in memory) gets the transfer syntax its
+    encoding implies, as in :func:`read_dataset`.
     """
     geometry = check_pixel_data(ds, max_pixels)
+    _ensure_transfer_syntax(ds)
     arr = _decode_first_frame(ds, geometry)
     if geometry.samples_per_pixel == 3:
         return _color_to_gray(arr)
