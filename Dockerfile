@@ -23,6 +23,7 @@ COPY dicom_node ./dicom_node
 COPY worker ./worker
 COPY model ./model
 COPY db ./db
+COPY api ./api
 # Editable, so the shipped model under /app/model/artifacts is found beside the code.
 RUN pip install -e .
 
@@ -35,7 +36,7 @@ USER triage
 ENV FRACTURE_TRIAGE_DATA_DIR=/data \
     FRACTURE_TRIAGE_BIND_ADDRESS=0.0.0.0
 VOLUME ["/data"]
-EXPOSE 11112
+EXPOSE 11112 8080
 
 ENTRYPOINT ["fracture-triage"]
 CMD ["scp"]

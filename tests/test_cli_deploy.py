@@ -16,7 +16,7 @@ import yaml
 from fracture_triage.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
-NODE_ROLES = ("migrate", "scp", "worker", "sweeper")
+NODE_ROLES = ("migrate", "scp", "worker", "sweeper", "api")
 
 
 def compose() -> dict[str, Any]:
@@ -26,14 +26,15 @@ def compose() -> dict[str, Any]:
 def test_compose_services_and_health_checks() -> None:
     services = compose()["services"]
     assert {"redis", "postgres", *NODE_ROLES} <= services.keys()
-    for name in ("redis", "postgres", "scp", "worker"):
+    for name in ("redis", "postgres", "scp", "worker", "api"):
         assert "healthcheck" in services[name], name
     assert "--requirepass" in services["redis"]["command"]
     assert services["scp"]["healthcheck"]["test"][:3] == ["CMD", "fracture-triage", "echo"]
     # `docker compose up --scale worker=N` needs no fixed name and no published port.
     assert "container_name" not in services["worker"]
     assert "ports" not in services["worker"]
-    for role in ("scp", "worker", "sweeper"):
+    assert all(p.startswith("127.0.0.1:") for p in services["api"]["ports"])
+    for role in ("scp", "worker", "sweeper", "api"):
         deps = services[role]["depends_on"]
         assert deps["redis"]["condition"] == "service_healthy"
         assert deps["postgres"]["condition"] == "service_healthy"
