@@ -43,25 +43,33 @@ STORAGE_SOP_CLASSES: dict[str, str] = {
     "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
 }
 
-#: Candidate transfer syntaxes, in the order the node prefers them. Native ones first: an SCU
-#: proposing several in one context gets an uncompressed one when it offers it.
+#: Candidate transfer syntaxes, in the order the node prefers them when one presentation
+#: context proposes several (pynetdicom accepts the first of this list the SCU offers):
+#: uncompressed, then lossless, then lossy (or possibly lossy) ones, so that the node never
+#: makes an SCU compress an image lossily to send it; a lossy file is received as it is.
 CANDIDATE_TRANSFER_SYNTAXES: tuple[UID, ...] = (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,  # retired in PS3.5 but still sent by old modalities
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,  # Process 14, any predictor
+    # Lossless
     JPEGLosslessSV1,  # Process 14, Selection Value 1
+    JPEGLossless,  # Process 14, any predictor
     JPEGLSLossless,
-    JPEGLSNearLossless,
     JPEG2000Lossless,
-    JPEG2000,
     HTJ2KLossless,
     HTJ2KLosslessRPCL,
-    HTJ2K,
     RLELossless,
+    # Lossy, or possibly lossy
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSNearLossless,
+    JPEG2000,
+    HTJ2K,
+)
+#: The candidates whose compression may lose information.
+LOSSY_TRANSFER_SYNTAXES = frozenset(
+    {JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless, JPEG2000, HTJ2K}
 )
 
 

@@ -41,6 +41,7 @@ from dicom_node.validate import (
     CheckedObject,
     Rejection,
     check_dataset,
+    is_valid_uid,
     usable_uids,
 )
 from fracture_triage.messages import ClassifyInstance
@@ -270,6 +271,8 @@ def _store(event: Event, ctx: StoreContext, start: float) -> Dataset:
     calling_ae = event.assoc.requestor.ae_title.strip()
     transfer_syntax = UID(event.context.transfer_syntax)
     affected_uid = str(request.AffectedSOPInstanceUID or "")
+    # Only a well-formed UID goes into the log (no control characters from a peer).
+    shown_uid = affected_uid if is_valid_uid(affected_uid) else "(invalid SOP Instance UID)"
 
     ds: Dataset | None = None
     try:
@@ -290,7 +293,7 @@ def _store(event: Event, ctx: StoreContext, start: float) -> Dataset:
         )
         logger.warning(
             "refused C-STORE of %s from %s: 0x%04X %s",
-            affected_uid or "(no SOP Instance UID)",
+            shown_uid,
             _peer(event),
             rejection.status,
             rejection.reason,

@@ -26,7 +26,11 @@ import pynetdicom._config
 import pytest
 import redis as redis_lib
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ImplicitVRLittleEndian
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from pynetdicom import AE, build_context
 from pynetdicom.dsutils import encode_file_meta, split_dataset
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -40,7 +44,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.migrations import upgrade
 from db.models import Instance, InstanceStatus
 from db.session import make_engine, make_session_factory
-from dicom_node.contexts import CANDIDATE_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
+from dicom_node.contexts import (
+    CANDIDATE_TRANSFER_SYNTAXES,
+    LOSSY_TRANSFER_SYNTAXES,
+    STORAGE_SOP_CLASSES,
+)
 from dicom_node.records import REFUSED_PREFIX
 from dicom_node.scp import StorageSCP, run_scp
 from fracture_triage.messages import ClassifyInstance
@@ -215,6 +223,26 @@ def test_unknown_sop_class_is_refused_at_negotiation(
         assert status.Status == SUCCESS
         assoc.release()
     assert set(instances(sqlite_db)) == {pydicom.dcmread(dicom_samples / TINY_CR).SOPInstanceUID}
+
+
+def test_negotiation_never_asks_for_lossy_compression(
+    tmp_path: Path, sqlite_db: sessionmaker[Session]
+) -> None:
+    """One context offering lossy and lossless syntaxes gets a lossless one; a lossy-only
+    context is accepted as offered (the file is received in its own syntax)."""
+    with running_scp(tmp_path, sqlite_db, no_broker) as scp:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(
+            ComputedRadiographyImageStorage, ["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.70"]
+        )
+        ae.add_requested_context(
+            ComputedRadiographyImageStorage, ["1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.5"]
+        )
+        ae.add_requested_context(ComputedRadiographyImageStorage, ["1.2.840.10008.1.2.4.50"])
+        assoc = ae.associate("127.0.0.1", scp.port)
+        accepted = [cx.transfer_syntax[0] for cx in assoc.accepted_contexts]
+        assoc.release()
+    assert accepted == ["1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.50"]
 
 
 # --- every sample file -----------------------------------------------------------------------
@@ -425,6 +453,50 @@ def test_every_sample_file_from_dcmtk_storescu(
         assert "0xA900" in (stored[uid].failure_reason or "")
     queued = sorted(u for u, i in stored.items() if i.status == InstanceStatus.queued)
     assert sorted(m.sop_instance_uid for m in broker.messages()) == queued
+
+
+def test_dcmsend_with_each_files_own_transfer_syntax(
+    tmp_path: Path, sqlite_db: sessionmaker[Session], broker: Broker, dicom_samples: Path
+) -> None:
+    """dcmtk dcmsend (the simplest command for users: it proposes each file's own transfer
+    syntax) stores every compressed and uncompressed radiograph of the samples."""
+    compressed = {
+        "CR_MONO1_8b_JPEGBaseline_KonicaMinolta.dcm",
+        "DERIVED_CR_extremity_RG3_MONO1_10b_JPEGExtended_lossy_SeFixed.dcm",
+        "DERIVED_CR_chest_MONO1_10b_440_JPEGLossless_P14_SV6.dcm",
+        "CR_hip_RG2_MONO2_10b_JPEGLosslessSV1.dcm",
+        "CR_extremity_RG3_MONO1_10b_JPEGLS_lossless.dcm",
+        "CR_chest_RG1_MONO1_15b_odd1955x1841_JPEGLS_nearlossless.dcm",
+        "DX_chest_MONO2_16b_J2K_lossless_0Padding.dcm",
+        "CR_extremity_RG3_MONO1_10b_J2K_lossy.dcm",
+        "CR_hip_RG2_MONO2_10b_RLE.dcm",
+        "SC_OT_MONO2_8b_Deflated_dclunie.dcm",
+    }
+    folder = tmp_path / "study"
+    folder.mkdir()
+    for name in compressed:  # links, not copies: the shared samples stay where they are
+        (folder / name).symlink_to(dicom_samples / name)
+    with running_scp(tmp_path, sqlite_db, broker.enqueue) as scp:
+        run = subprocess.run(
+            [dcmtk("dcmsend"), "-aet", "MODALITY", "-aec", "FXTRIAGE", "+sd", "127.0.0.1",
+             str(scp.port), str(folder)],
+            env=DCMTK_ENV, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    stored = instances(sqlite_db)
+    for name in compressed:
+        ds = pydicom.dcmread(dicom_samples / name, stop_before_pixels=True)
+        instance = stored[ds.SOPInstanceUID]
+        original = ds.file_meta.TransferSyntaxUID
+        # dcmsend also proposes Explicit VR Little Endian for losslessly compressed files; the
+        # node prefers uncompressed syntaxes, then lossless, then lossy ones, so an SCU is never
+        # made to compress lossily, and a lossy file arrives in its own syntax.
+        if original in LOSSY_TRANSFER_SYNTAXES:
+            assert instance.transfer_syntax_uid == original, name
+        else:
+            assert instance.transfer_syntax_uid in (original, ExplicitVRLittleEndian), name
+        assert instance.status == InstanceStatus.queued
+    assert len(broker.messages()) == len(compressed)
 
 
 # --- duplicates, broker and database failures ------------------------------------------------

@@ -11,7 +11,12 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
-from dicom_node.contexts import STORAGE_SOP_CLASSES, supported_transfer_syntaxes
+from dicom_node.contexts import (
+    CANDIDATE_TRANSFER_SYNTAXES,
+    LOSSY_TRANSFER_SYNTAXES,
+    STORAGE_SOP_CLASSES,
+    supported_transfer_syntaxes,
+)
 from dicom_node.storage import instance_path, write_atomic
 from dicom_node.validate import (
     CANNOT_UNDERSTAND,
@@ -174,3 +179,11 @@ def test_every_required_transfer_syntax_and_sop_class_is_offered() -> None:
         "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1",
         "1.2.840.10008.5.1.4.1.1.1.1.1", "1.2.840.10008.5.1.4.1.1.7",
     }  # fmt: skip
+
+
+def test_lossy_transfer_syntaxes_come_last() -> None:
+    """An SCU offering a lossless and a lossy syntax in one context is asked for the former."""
+    order = list(CANDIDATE_TRANSFER_SYNTAXES)
+    first_lossy = min(order.index(uid) for uid in LOSSY_TRANSFER_SYNTAXES)
+    assert all(uid in LOSSY_TRANSFER_SYNTAXES for uid in order[first_lossy:])
+    assert order[:2] == ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
