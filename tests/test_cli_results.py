@@ -184,6 +184,8 @@ def test_help_lists_every_command() -> None:
         "worker",
         "sweeper",
         "results",
+        "api",
+        "echo",
         "db",
         "train",
         "evaluate",

@@ -8,8 +8,11 @@ own command line is used. Nothing here runs at import of the ``db`` package.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from alembic import context
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from db.models import Base
 from db.session import make_engine
@@ -50,7 +53,12 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
-    engine = make_engine(_url())
+    url = _url()
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        # A fresh data directory: SQLite creates the file, not the folder.
+        Path(str(parsed.database)).parent.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(url)
     try:
         with engine.connect() as connection:
             _configure(connection=connection)
