@@ -61,7 +61,9 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small real network saved as a model artifact (random weights, real code path)."""
+    """A small real network saved as a model artifact: the shared ImageNet base at 96 px and
+    a seeded random head, so probabilities depend on the picture (a randomly initialised base
+    lets the pooled features vanish and answers 0.5 for everything)."""
     import keras
 
     from model.artifact import MODEL_FILE, ModelCard, write_card
@@ -69,13 +71,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     keras.utils.set_random_seed(0)
     out = tmp_path_factory.mktemp("model")
-    model, _ = build_classifier(input_size=64, weights=None, alpha=0.35)
+    weights = require(SHARED / "weights" / "mobilenet_v2_imagenet_1.0_224_no_top.h5")
+    model, _ = build_classifier(input_size=96, weights=weights)
     model.save(out / MODEL_FILE)
     write_card(
         out,
         ModelCard(
             name="test-mobilenetv2", version="test-0", uid="2.25.1234567890", threshold=0.5,
-            input_size=64,
+            input_size=96,
         ),
     )
     return out
