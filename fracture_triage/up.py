@@ -202,6 +202,8 @@ def run_up(settings: Settings, options: UpOptions) -> int:
             file=sys.stderr,
         )
         return 2
+    # Absolute, so every child finds it whatever its working directory.
+    settings = settings.model_copy(update={"model_dir": settings.model_dir.resolve()})
     try:
         card = read_card(settings.model_dir)
     except (OSError, ValueError) as exc:
