@@ -203,9 +203,10 @@ def run_up(settings: Settings, options: UpOptions) -> int:
         )
         return 2
     # Absolute, so every child finds it whatever its working directory.
-    settings = settings.model_copy(update={"model_dir": settings.model_dir.resolve()})
+    model_dir = settings.model_dir.resolve()
+    settings = settings.model_copy(update={"model_dir": model_dir})
     try:
-        card = read_card(settings.model_dir)
+        card = read_card(model_dir)
     except (OSError, ValueError) as exc:
         print(f"error: model {settings.model_dir}: {exc}", file=sys.stderr)
         return 2
