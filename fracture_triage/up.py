@@ -64,7 +64,7 @@ def wait_for_port(
 ) -> bool:
     """Wait until something accepts on host:port; False if a watched process died first."""
     deadline = time.monotonic() + timeout
-    connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    connect_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     while time.monotonic() < deadline:
         if any(p.poll() is not None for p in alive):
             return False
@@ -117,6 +117,30 @@ def mask_url(url: str) -> str:
             user = creds.split(":", 1)[0]
             return f"{scheme}://{user}:***@{host}"
         return url
+
+
+def write_redis_config(folder: Path, port: int, password: str) -> Path:
+    """The embedded Redis' configuration, readable by this user only: the password stays off
+    command lines (``ps`` shows those to every local user)."""
+    config = folder / "redis.conf"
+    lines = [
+        f"port {port}",
+        "bind 127.0.0.1",
+        "protected-mode yes",
+        "daemonize no",
+        f'dir "{folder}"',
+        # The database, not Redis, is the record of what is owed; the append-only file only
+        # saves the sweeper some re-queuing after a restart.
+        'save ""',
+        "appendonly yes",
+        "appendfsync everysec",
+        f"requirepass {password}",
+    ]
+    fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    os.chmod(config, 0o600)
+    return config
 
 
 @dataclass
@@ -243,29 +267,7 @@ def run_up(settings: Settings, options: UpOptions) -> int:
     role = [sys.executable, "-m", "fracture_triage.cli"]
     redis = Child(
         "redis",
-        [
-            redis_binary,
-            "--port",
-            str(redis_port),
-            "--bind",
-            "127.0.0.1",
-            "--protected-mode",
-            "yes",
-            "--daemonize",
-            "no",
-            "--dir",
-            str(data_dir / "redis"),
-            # The database, not Redis, is the record of what is owed; an append-only file only
-            # saves the sweeper some re-queuing after a restart.
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-            "--requirepass",
-            redis_password,
-        ],
+        [redis_binary, str(write_redis_config(data_dir / "redis", redis_port, redis_password))],
         grace=10.0,
         log_path=data_dir / "redis" / "redis.log",
     )

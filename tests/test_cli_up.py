@@ -175,6 +175,12 @@ def test_up_receives_classifies_reports_and_stops_cleanly(
     assert str(node["http_port"]) in banner
     assert "redis://:***@127.0.0.1:" in banner  # the broker password is not printed
 
+    # The embedded Redis' password is in a private file, not on a command line.
+    marker = str(node["marker"]).split("=", 1)[1]
+    for pid in _processes_with(marker):
+        assert b"requirepass" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert (data_dir / "redis" / "redis.conf").stat().st_mode & 0o077 == 0
+
     tool_env = {**os.environ, "TCP_NODELAY": "1"}
     echo = subprocess.run(
         [dcmtk("echoscu"), "-aec", "FXTRIAGE", "127.0.0.1", str(port)],
@@ -280,7 +286,7 @@ def test_up_receives_classifies_reports_and_stops_cleanly(
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 0, Path(str(node["err"])).read_text()[-4000:]
     time.sleep(0.5)
-    assert _processes_with(str(node["marker"]).split("=", 1)[1]) == []
+    assert _processes_with(marker) == []
     log = Path(str(node["err"])).read_text(errors="replace")
     assert "stopped" in log.splitlines()[-1]
     gone = subprocess.run(
