@@ -213,7 +213,7 @@ class UpOptions:
 def run_up(settings: Settings, options: UpOptions) -> int:
     """Start everything, print where it listens, run until SIGINT/SIGTERM; return an exit code."""
     from db.migrations import upgrade
-    from model.artifact import read_card
+    from model.artifact import MODEL_FILE, read_card
 
     data_dir = settings.data_dir.resolve()
     settings = settings.model_copy(
@@ -231,6 +231,8 @@ def run_up(settings: Settings, options: UpOptions) -> int:
     settings = settings.model_copy(update={"model_dir": model_dir})
     try:
         card = read_card(model_dir)
+        if not (model_dir / MODEL_FILE).is_file():
+            raise FileNotFoundError(f"no {MODEL_FILE} in model directory {model_dir}")
     except (OSError, ValueError) as exc:
         print(f"error: model {settings.model_dir}: {exc}", file=sys.stderr)
         return 2
