@@ -1,6 +1,8 @@
 """Checks a received object passes before it is stored (PS3.4 B.2.3, PS3.3 C.7.6.3).
 
 The checks read the header only: pixel data is never decoded here (the worker does that).
+The Image Pixel Module checks are the worker's own (``model.preprocess``, which imports no
+TensorFlow), so the node and the worker cannot disagree on what a consistent header is.
 They refuse what could not be stored safely or classified at all, with a C-STORE failure
 status, and note what can be stored but not classified (colour, multi-frame) so that the
 instance is recorded as failed at once instead of queued.
@@ -12,13 +14,18 @@ peer's Error Comment, and must not carry patient identifiers.
 from __future__ import annotations
 
 import re
-import struct
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from dicom_node.contexts import STORAGE_SOP_CLASSES
+from model.preprocess import (
+    PixelGeometry,
+    PreprocessError,
+    UnreadablePixelDataError,
+    check_pixel_geometry,
+)
 
 # C-STORE response statuses (PS3.4 Table B.2-1, PS3.7 Annex C).
 SUCCESS = 0x0000  # Success
@@ -32,9 +39,6 @@ CANNOT_UNDERSTAND = 0xC000  # Failure: Error: Cannot understand
 #: forbidden by the standard but common in real devices' UIDs; they are accepted because they
 #: are harmless in a path (only digits and dots, no empty component: no "..", no "/").
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
-
-_ITEM = 0xE000FFFE  # (FFFE,E000) Item, read as a little-endian uint32 of group, element
-_SEQ_DELIM = 0xE0DDFFFE  # (FFFE,E0DD) Sequence Delimitation Item
 
 
 class Rejection(Exception):
@@ -89,87 +93,20 @@ def usable_uids(ds: Dataset) -> Uids | None:
     return Uids(*(str(v) for v in values))
 
 
-def _int(ds: Dataset, keyword: str, tag: str, default: int | None = None) -> int:
-    """A required (or defaulted) integer attribute, refused with 0xA900 when unusable."""
-    try:
-        value = ds.get(keyword)
-    except Exception as exc:  # noqa: BLE001 - pydicom raises ValueError etc. on bad values
-        raise Rejection(DATASET_MISMATCH, f"{keyword} {tag} is not a valid number") from exc
-    if value is None or value == "":
-        if default is not None:
-            return default
-        raise Rejection(DATASET_MISMATCH, f"{keyword} {tag} is missing")
-    try:
-        number = int(value)
-    except (TypeError, ValueError) as exc:
-        raise Rejection(DATASET_MISMATCH, f"{keyword} {tag} is not a valid number") from exc
-    if number <= 0:
-        raise Rejection(DATASET_MISMATCH, f"{keyword} {tag} must be positive")
-    return number
+def check_pixel_data(ds: Dataset, transfer_syntax: UID, max_pixels: int) -> PixelGeometry:
+    """Image Pixel Module against Pixel Data: :func:`model.preprocess.check_pixel_geometry`.
 
-
-def encapsulated_fragment_bytes(value: bytes) -> int:
-    """Total length of the non-empty fragments of encapsulated Pixel Data (PS3.5 A.4).
-
-    Walks the items after the Basic Offset Table; raises ``ValueError`` when an item is
-    malformed or runs past the end of the value (a truncated stream).
+    The one implementation the worker's preprocessing shares, mapped to C-STORE statuses:
+    0xA900 for an inconsistent header or Pixel Data, 0xC000 when Pixel Data cannot be read.
+    Its ``reason`` carries no attribute value.
     """
-    offset, total, first = 0, 0, True
-    while offset + 8 <= len(value):
-        tag, length = struct.unpack_from("<II", value, offset)
-        if tag == _SEQ_DELIM:
-            break
-        if tag != _ITEM or length == 0xFFFFFFFF:
-            raise ValueError(f"unexpected item at byte {offset} of the encapsulated Pixel Data")
-        offset += 8
-        if offset + length > len(value):
-            raise ValueError("an encapsulated Pixel Data fragment is truncated")
-        if not first:  # the first item is the Basic Offset Table, not image data
-            total += length
-        first = False
-        offset += length
-    return total
-
-
-def check_pixel_data(ds: Dataset, transfer_syntax: UID, max_pixels: int) -> int:
-    """Check Image Pixel Module attributes against Pixel Data; return the number of frames."""
-    rows = _int(ds, "Rows", "(0028,0010)")
-    columns = _int(ds, "Columns", "(0028,0011)")
-    samples = _int(ds, "SamplesPerPixel", "(0028,0002)")
-    bits_allocated = _int(ds, "BitsAllocated", "(0028,0100)")
-    frames = _int(ds, "NumberOfFrames", "(0028,0008)", default=1)
-    if bits_allocated not in (1, 8, 16, 32, 64):
-        raise Rejection(DATASET_MISMATCH, "BitsAllocated (0028,0100) is not 1, 8, 16, 32 or 64")
-    # Refuse absurd headers before anything sizes a buffer from them (e.g. 46341 x 46341).
-    if rows * columns * samples > max_pixels:
-        raise Rejection(
-            DATASET_MISMATCH,
-            f"Rows x Columns x Samples per Pixel exceeds the node's limit of {max_pixels}",
-        )
-    if "PixelData" not in ds:
-        raise Rejection(DATASET_MISMATCH, "Pixel Data (7FE0,0010) is missing")
     try:
-        element = ds["PixelData"]
-        value = element.value
-    except Exception as exc:  # noqa: BLE001 - unreadable element
-        raise Rejection(CANNOT_UNDERSTAND, "Pixel Data (7FE0,0010) cannot be read") from exc
-    if not isinstance(value, bytes | bytearray) or not value:
-        raise Rejection(DATASET_MISMATCH, "Pixel Data (7FE0,0010) is empty")
-    if transfer_syntax.is_encapsulated:
-        try:
-            fragment_bytes = encapsulated_fragment_bytes(bytes(value))
-        except ValueError as exc:
-            raise Rejection(DATASET_MISMATCH, f"Pixel Data (7FE0,0010): {exc}") from exc
-        if fragment_bytes == 0:
-            raise Rejection(DATASET_MISMATCH, "encapsulated Pixel Data (7FE0,0010) has no data")
-    else:
-        expected = (rows * columns * samples * frames * bits_allocated + 7) // 8
-        if len(value) < expected:
-            raise Rejection(
-                DATASET_MISMATCH,
-                f"Pixel Data (7FE0,0010) has {len(value)} bytes, the header needs {expected}",
-            )
-    return frames
+        return check_pixel_geometry(ds, max_pixels, transfer_syntax)
+    except UnreadablePixelDataError as exc:
+        raise Rejection(CANNOT_UNDERSTAND, exc.reason or "Pixel Data cannot be read") from exc
+    except PreprocessError as exc:
+        reason = exc.reason or "the Image Pixel Module does not match the Pixel Data"
+        raise Rejection(DATASET_MISMATCH, reason) from exc
 
 
 def check_dataset(
@@ -215,15 +152,16 @@ def check_dataset(
         raise Rejection(DATASET_MISMATCH, "Series Instance UID (0020,000E) is missing or invalid")
     uids = Uids(sop_class, str(sop_instance), str(study), str(series))
 
-    frames = check_pixel_data(ds, transfer_syntax, max_pixels)
+    geometry = check_pixel_data(ds, transfer_syntax, max_pixels)
 
     unclassifiable = None
-    photometric = _text(ds, "PhotometricInterpretation") or ""
-    if photometric.strip() not in ("MONOCHROME1", "MONOCHROME2"):
+    if geometry.photometric not in ("MONOCHROME1", "MONOCHROME2"):
         unclassifiable = (
             "not a grayscale image (Photometric Interpretation is not MONOCHROME1/2): "
             "the classifier reads grayscale radiographs"
         )
-    elif frames > 1:
-        unclassifiable = f"multi-frame image ({frames} frames): the classifier reads single frames"
+    elif geometry.frames > 1:
+        unclassifiable = (
+            f"multi-frame image ({geometry.frames} frames): the classifier reads single frames"
+        )
     return CheckedObject(uids=uids, unclassifiable=unclassifiable)

@@ -12,9 +12,11 @@ DICOM pipeline (PS3.3 C.11 "Look Up Tables and Presentation States", PS3.4 N.2.1
    are datasets whose elements contradict their transfer syntax's VR encoding.
 2. Validate before allocating (:func:`check_pixel_data`): Rows x Columns x Samples per Pixel x
    Number of Frames against ``max_pixels`` and, for native (uncompressed) Pixel Data, against
-   the length of the Pixel Data element (PS3.5 8.1.1); for compressed data, against the size
-   the JPEG / JPEG-LS / JPEG 2000 codestream itself declares, which is what the decoders
-   allocate. Bad integer strings (IS) are refused.
+   the length of the Pixel Data element (PS3.5 8.1.1); for compressed data, the fragments'
+   items (PS3.5 A.4) and the size the JPEG / JPEG-LS / JPEG 2000 codestream itself declares,
+   which is what the decoders allocate. Bad integer strings (IS) are refused. The part that
+   does not depend on what this module decodes, :func:`check_pixel_geometry`, is the storage
+   SCP's own check of every received image.
 3. Decode the first frame only (pydicom 3 with the pylibjpeg, pyjpegls and RLE plugins; the
    12-bit JPEG Extended process is decoded by pylibjpeg-libjpeg only).
 4. Grayscale rendering (:func:`dataset_to_uint8`): Modality LUT Sequence, else Rescale
@@ -108,7 +110,20 @@ _EXPLICIT_BE = "1.2.840.10008.1.2.2"
 
 
 class PreprocessError(ValueError):
-    """The file cannot be turned into a network input; the reason is meant for users."""
+    """The file cannot be turned into a network input; the message is meant for users.
+
+    ``reason``, set by :func:`check_pixel_geometry`, says the same without any attribute
+    value: the storage SCP sends it to its peer and logs it, so it must not carry patient
+    identifiers. ``None`` where no such text was given.
+    """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class UnreadablePixelDataError(PreprocessError):
+    """The Pixel Data element itself cannot be read (the SCP answers "Cannot understand")."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,66 +258,190 @@ class PixelGeometry:
         return (samples * self.bits_allocated + 7) // 8
 
 
-_ATTRIBUTE_NAMES = {
-    "Rows": "Rows (0028,0010)",
-    "Columns": "Columns (0028,0011)",
-    "SamplesPerPixel": "Samples per Pixel (0028,0002)",
-    "NumberOfFrames": "Number of Frames (0028,0008)",
-    "BitsAllocated": "Bits Allocated (0028,0100)",
-    "BitsStored": "Bits Stored (0028,0101)",
-    "PixelRepresentation": "Pixel Representation (0028,0103)",
+#: keyword -> (name, tag): messages name attributes as "Bits Allocated (0028,0100)", value-free
+#: reasons as "BitsAllocated (0028,0100)" (the SCP's Error Comments).
+_ATTRIBUTES = {
+    "Rows": ("Rows", "(0028,0010)"),
+    "Columns": ("Columns", "(0028,0011)"),
+    "SamplesPerPixel": ("Samples per Pixel", "(0028,0002)"),
+    "NumberOfFrames": ("Number of Frames", "(0028,0008)"),
+    "BitsAllocated": ("Bits Allocated", "(0028,0100)"),
+    "BitsStored": ("Bits Stored", "(0028,0101)"),
+    "PixelRepresentation": ("Pixel Representation", "(0028,0103)"),
 }
 
+_ITEM = 0xE000FFFE  # (FFFE,E000) Item, read as a little-endian uint32 of group, element
+_SEQ_DELIM = 0xE0DDFFFE  # (FFFE,E0DD) Sequence Delimitation Item
 
-def _int_attribute(ds: Dataset, keyword: str, default: int | None = None) -> int:
-    label = _ATTRIBUTE_NAMES[keyword]
+
+def _int_attribute(
+    ds: Dataset, keyword: str, default: int | None = None, *, positive: bool = False
+) -> int:
+    """An integer attribute (US, or IS whose text pydicom converts on access)."""
+    name, tag = _ATTRIBUTES[keyword]
+    label, short = f"{name} {tag}", f"{keyword} {tag}"
     try:
         value = ds.get(keyword)
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise PreprocessError(f"invalid value for {label}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - pydicom raises ValueError etc. on bad values
+        raise PreprocessError(
+            f"invalid value for {label}: {exc}", f"{short} is not a valid number"
+        ) from exc
     if value is None or value == "":
         if default is None:
-            raise PreprocessError(f"missing required attribute {label}")
+            raise PreprocessError(f"missing required attribute {label}", f"{short} is missing")
         return default
     try:
         number = float(value)
-    except (ValueError, TypeError) as exc:
-        raise PreprocessError(f"invalid value for {label}: {value!r}") from exc
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise PreprocessError(
+            f"invalid value for {label}: {value!r}", f"{short} is not a valid number"
+        ) from exc
     if not math.isfinite(number) or number != int(number):
-        raise PreprocessError(f"invalid value for {label}: {value!r}")
+        raise PreprocessError(
+            f"invalid value for {label}: {value!r}", f"{short} is not a valid number"
+        )
+    if positive and number <= 0:
+        raise PreprocessError(
+            f"invalid value for {label}: {int(number)} (must be positive)",
+            f"{short} must be positive",
+        )
     return int(number)
+
+
+def encapsulated_fragment_bytes(value: bytes) -> int:
+    """Total length of the non-empty fragments of encapsulated Pixel Data (PS3.5 A.4).
+
+    Walks the items after the Basic Offset Table; raises ``ValueError`` when an item is
+    malformed or runs past the end of the value (a truncated stream).
+    """
+    offset, total, first = 0, 0, True
+    while offset + 8 <= len(value):
+        tag, length = struct.unpack_from("<II", value, offset)
+        if tag == _SEQ_DELIM:
+            break
+        if tag != _ITEM or length == 0xFFFFFFFF:
+            raise ValueError(f"unexpected item at byte {offset} of the encapsulated Pixel Data")
+        offset += 8
+        if offset + length > len(value):
+            raise ValueError("an encapsulated Pixel Data fragment is truncated")
+        if not first:  # the first item is the Basic Offset Table, not image data
+            total += length
+        first = False
+        offset += length
+    return total
+
+
+def check_pixel_geometry(
+    ds: Dataset, max_pixels: int | None = None, transfer_syntax: str | None = None
+) -> PixelGeometry:
+    """The checks any stored image passes, whether or not this module can decode it.
+
+    The storage SCP refuses what fails them (PS3.3 C.7.6.3 Image Pixel Module, PS3.5 8.1.1
+    and A.4): Pixel Data present and not empty; Rows, Columns, Samples per Pixel and Bits
+    Allocated present and positive (Number of Frames too, 1 when absent); Bits Allocated 1,
+    8, 16, 32 or 64; Rows x Columns x Samples per Pixel (one frame) at most ``max_pixels``
+    (``None``: :data:`DEFAULT_MAX_PIXELS`), checked before anything sizes a buffer from the
+    header (e.g. 46341 x 46341); native Pixel Data at least as long as the header requires;
+    encapsulated Pixel Data made of well-formed items holding some data.
+
+    ``transfer_syntax`` decides whether Pixel Data is encapsulated; without it, the file
+    meta's, else the element's undefined length. Raises :class:`PreprocessError` whose
+    ``reason`` holds no attribute value (:class:`UnreadablePixelDataError` when the element
+    cannot be read at all). Photometric Interpretation, Bits Stored and Pixel Representation
+    are read but not checked: :func:`check_pixel_data` adds what decoding needs.
+    """
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    if "PixelData" not in ds:
+        missing = "Pixel Data (7FE0,0010) is missing"
+        if _has_pixel_data(ds):
+            raise PreprocessError("Float/Double Float Pixel Data is not a radiograph", missing)
+        raise PreprocessError("DICOM object has no Pixel Data (7FE0,0010)", missing)
+    rows = _int_attribute(ds, "Rows", positive=True)
+    columns = _int_attribute(ds, "Columns", positive=True)
+    samples = _int_attribute(ds, "SamplesPerPixel", positive=True)
+    frames = _int_attribute(ds, "NumberOfFrames", default=1, positive=True)
+    bits_allocated = _int_attribute(ds, "BitsAllocated", positive=True)
+    bits_stored = _int_attribute(ds, "BitsStored", default=bits_allocated)
+    representation = _int_attribute(ds, "PixelRepresentation", default=0)
+    if bits_allocated not in (1, 8, 16, 32, 64):
+        raise PreprocessError(
+            f"unsupported Bits Allocated {bits_allocated}",
+            "BitsAllocated (0028,0100) is not 1, 8, 16, 32 or 64",
+        )
+    if rows * columns * samples > limit:
+        raise PreprocessError(
+            f"image declares {rows} x {columns} x {samples} samples = {rows * columns * samples}"
+            f" samples per frame, more than the limit of {limit}",
+            f"Rows x Columns x Samples per Pixel exceeds the node's limit of {limit}",
+        )
+    try:
+        photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    except Exception:  # noqa: BLE001 - unreadable: as absent (check_pixel_data refuses it)
+        photometric = ""
+    try:
+        value = ds["PixelData"].value
+    except Exception as exc:  # noqa: BLE001 - a malformed element, whatever pydicom raises
+        raise UnreadablePixelDataError(
+            f"Pixel Data (7FE0,0010) cannot be read: {type(exc).__name__}",
+            "Pixel Data (7FE0,0010) cannot be read",
+        ) from exc
+    if not isinstance(value, bytes | bytearray) or not value:
+        raise PreprocessError("Pixel Data (7FE0,0010) is empty", "Pixel Data (7FE0,0010) is empty")
+    geometry = PixelGeometry(
+        rows=rows,
+        columns=columns,
+        samples_per_pixel=samples,
+        frames=frames,
+        bits_allocated=bits_allocated,
+        bits_stored=bits_stored,
+        signed=representation == 1,
+        photometric=photometric,
+        encapsulated=_is_encapsulated(ds, transfer_syntax),
+    )
+    if geometry.encapsulated:
+        try:
+            fragment_bytes = encapsulated_fragment_bytes(bytes(value))
+        except ValueError as exc:
+            reason = f"Pixel Data (7FE0,0010): {exc}"  # a byte offset at most, no value
+            raise PreprocessError(reason, reason) from exc
+        if fragment_bytes == 0:
+            no_data = "encapsulated Pixel Data (7FE0,0010) has no data"
+            raise PreprocessError(no_data, no_data)
+    elif len(value) < geometry.native_bytes:
+        raise PreprocessError(
+            f"Pixel Data holds {len(value)} bytes but {rows} x {columns} x {samples} samples "
+            f"x {frames} frames x {bits_allocated} bits need {geometry.native_bytes}: "
+            "truncated or inconsistent header",
+            f"Pixel Data (7FE0,0010) has {len(value)} bytes, the header needs "
+            f"{geometry.native_bytes}",
+        )
+    return geometry
 
 
 def check_pixel_data(ds: Dataset, max_pixels: int | None = None) -> PixelGeometry:
     """Validate the Image Pixel attributes before anything is decoded or allocated.
 
-    Raises :class:`PreprocessError` when an attribute is missing or invalid, when the object
-    holds more than ``max_pixels`` samples (``None``: :data:`DEFAULT_MAX_PIXELS`), or when
-    native Pixel Data is shorter than Rows x Columns x Samples x Frames x Bits Allocated
-    requires (PS3.5 8.1.1) -- e.g. a header declaring 46341 x 46341 pixels over 9 KB of data
-    is refused here instead of allocating 4 GB. The SCP can call this on a received dataset.
+    :func:`check_pixel_geometry` first, then what this module decodes: Samples per Pixel 1
+    (MONOCHROME1/2) or 3 (RGB, YBR), Bits Allocated 8, 16 or 32, Bits Stored within it, and
+    the whole object (every frame) at most ``max_pixels`` samples. Raises
+    :class:`PreprocessError` -- e.g. a header declaring 46341 x 46341 pixels over 9 KB of
+    data is refused here instead of allocating 4 GB. For compressed data, the size the JPEG /
+    JPEG-LS / JPEG 2000 codestream declares must not exceed Rows x Columns (the decoders
+    allocate from it).
     """
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
-    if "PixelData" not in ds:
-        if _has_pixel_data(ds):
-            raise PreprocessError("Float/Double Float Pixel Data is not a radiograph")
-        raise PreprocessError("DICOM object has no Pixel Data (7FE0,0010)")
-    rows = _int_attribute(ds, "Rows")
-    columns = _int_attribute(ds, "Columns")
-    samples = _int_attribute(ds, "SamplesPerPixel", default=1)
-    frames = _int_attribute(ds, "NumberOfFrames", default=1)
-    bits_allocated = _int_attribute(ds, "BitsAllocated")
-    bits_stored = _int_attribute(ds, "BitsStored", default=bits_allocated)
+    geometry = check_pixel_geometry(ds, limit)
+    rows, columns = geometry.rows, geometry.columns
+    samples, frames = geometry.samples_per_pixel, geometry.frames
+    bits_allocated, bits_stored = geometry.bits_allocated, geometry.bits_stored
+    photometric = geometry.photometric
     representation = _int_attribute(ds, "PixelRepresentation", default=0)
-    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
     if not photometric:
         raise PreprocessError("missing required attribute Photometric Interpretation (0028,0004)")
-    if not (1 <= rows <= 65535 and 1 <= columns <= 65535):
+    if rows > 65535 or columns > 65535:
         raise PreprocessError(f"invalid image size {rows} x {columns}")
     if samples not in (1, 3):
         raise PreprocessError(f"unsupported Samples per Pixel {samples}")
-    if frames < 1:
-        raise PreprocessError(f"invalid Number of Frames {frames}")
     if bits_allocated not in (8, 16, 32):
         raise PreprocessError(f"unsupported Bits Allocated {bits_allocated}")
     if not 1 <= bits_stored <= bits_allocated:
@@ -319,42 +458,20 @@ def check_pixel_data(ds: Dataset, max_pixels: int | None = None) -> PixelGeometr
             raise PreprocessError(f"{photometric} with {samples} samples per pixel")
     else:
         raise PreprocessError(f"unsupported Photometric Interpretation {photometric}")
-
-    geometry = PixelGeometry(
-        rows=rows,
-        columns=columns,
-        samples_per_pixel=samples,
-        frames=frames,
-        bits_allocated=bits_allocated,
-        bits_stored=bits_stored,
-        signed=representation == 1,
-        photometric=photometric,
-        encapsulated=_is_encapsulated(ds),
-    )
     if geometry.pixels > limit:
         raise PreprocessError(
             f"image declares {rows} x {columns} x {samples} samples x {frames} frames = "
             f"{geometry.pixels} samples, more than the limit of {limit}"
         )
-    data_length = len(ds["PixelData"].value or b"")
     if geometry.encapsulated:
-        # Compressed: a few bytes cannot hold even one frame's codestream; and the decoders
-        # size their buffers from the codestream's own header, so it must not declare more
-        # pixels than Rows x Columns (which were checked against max_pixels above).
-        if data_length < 16:
-            raise PreprocessError(f"encapsulated Pixel Data is only {data_length} bytes long")
+        # The decoders size their buffers from the codestream's own header, so it must not
+        # declare more pixels than Rows x Columns (which were checked against max_pixels).
         size = _codestream_size(_first_fragment(ds["PixelData"].value, frames))
         if size is not None and size[0] * size[1] > rows * columns:
             raise PreprocessError(
                 f"the compressed frame declares {size[0]} x {size[1]} pixels, more than "
                 f"Rows x Columns = {rows} x {columns}"
             )
-    elif data_length < geometry.native_bytes:
-        raise PreprocessError(
-            f"Pixel Data holds {data_length} bytes but {rows} x {columns} x {samples} samples "
-            f"x {frames} frames x {bits_allocated} bits need {geometry.native_bytes}: "
-            "truncated or inconsistent header"
-        )
     return geometry
 
 
@@ -395,11 +512,13 @@ def _codestream_size(frame: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _is_encapsulated(ds: Dataset) -> bool:
+def _is_encapsulated(ds: Dataset, transfer_syntax: str | None = None) -> bool:
     from pydicom.uid import UID
 
-    meta = getattr(ds, "file_meta", None)
-    uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    uid = transfer_syntax
+    if not uid:
+        meta = getattr(ds, "file_meta", None)
+        uid = meta.get("TransferSyntaxUID") if meta is not None else None
     if uid:
         try:
             return bool(UID(str(uid)).is_encapsulated)

@@ -25,9 +25,9 @@ from dicom_node.validate import (
     Rejection,
     Uids,
     check_dataset,
-    encapsulated_fragment_bytes,
     is_valid_uid,
 )
+from model.preprocess import encapsulated_fragment_bytes
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 
