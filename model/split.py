@@ -41,8 +41,8 @@ from model.preprocess import PreprocessError, image_to_uint8
 
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.70, 0.15, 0.15)
-DEFAULT_THRESHOLD = 6
-DEFAULT_SIMILARITY = 0.9
+DEFAULT_THRESHOLD = 4
+DEFAULT_SIMILARITY = 0.85
 DEFAULT_SEED = 20261124
 _STEM = re.compile(r"^(?P<label>[^/]+/[^/]+)/(?P<num>\d+)-rotated")
 
@@ -174,8 +174,8 @@ def assign_splits(
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     seed: int = DEFAULT_SEED,
 ) -> list[str]:
-    """Whole groups to splits: per label stratum (group majority label), groups in seeded
-    random order go to the split furthest below its target share of images."""
+    """Whole groups to splits: per label stratum (group majority label), groups (largest first,
+    seeded random order among equal sizes) go to the split furthest below its target share."""
     members: dict[int, list[int]] = defaultdict(list)
     for i, g in enumerate(groups):
         if valid[i]:
@@ -189,6 +189,9 @@ def assign_splits(
     for stratum in sorted(strata):
         order = list(strata[stratum])
         rng.shuffle(order)
+        # Largest groups first (seeded order among equals): big clusters of copies land in
+        # train, where the deficit is largest, and the small groups fill val and test evenly.
+        order.sort(key=lambda g: -len(members[g]))
         counts = np.zeros(len(SPLITS))
         total = sum(len(members[g]) for g in order)
         for g in order:
