@@ -173,8 +173,9 @@ def assign_splits(
     valid: Sequence[bool],
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     seed: int = DEFAULT_SEED,
+    sources: Sequence[str] = (),
 ) -> list[str]:
-    """Whole groups to splits: per label stratum (group majority label), groups (largest first,
+    """Whole groups to splits: per stratum (group majority source and label), groups (largest first,
     seeded random order among equal sizes) go to the split furthest below its target share."""
     members: dict[int, list[int]] = defaultdict(list)
     for i, g in enumerate(groups):
@@ -182,10 +183,13 @@ def assign_splits(
             members[g].append(i)
     rng = np.random.default_rng(seed)
     out = ["excluded"] * len(labels)
-    strata: dict[int, list[int]] = defaultdict(list)
+    strata: dict[tuple[str, int], list[int]] = defaultdict(list)
     for g, idx in sorted(members.items()):
         positives = sum(labels[i] for i in idx)
-        strata[int(2 * positives >= len(idx))].append(g)
+        # Stratify by source too: otherwise the bone fracture set's big clusters fill train
+        # and FracAtlas' many singletons end up nearly all in val/test.
+        source = Counter(sources[i] for i in idx).most_common(1)[0][0] if sources else ""
+        strata[(source, int(2 * positives >= len(idx)))].append(g)
     for stratum in sorted(strata):
         order = list(strata[stratum])
         rng.shuffle(order)
@@ -364,7 +368,13 @@ def run(args: argparse.Namespace) -> int:
     sim = embedding_similarity(cache.embeddings)
     linked = near_duplicates(dist, sim, args.threshold, args.min_similarity)
     groups = group_records(records, linked, valid)
-    splits = assign_splits([r.label for r in records], groups, valid.tolist(), seed=args.seed)
+    splits = assign_splits(
+        [r.label for r in records],
+        groups,
+        valid.tolist(),
+        seed=args.seed,
+        sources=[r.source for r in records],
+    )
     write_split_csv(args.out, records, groups, splits)
 
     sizes = Counter(g for g, ok in zip(groups, valid, strict=True) if ok)
@@ -383,7 +393,7 @@ def run(args: argparse.Namespace) -> int:
         "method": "near-duplicate = pHash (64 bit) within threshold bits under one of the 8 D4 "
         "transforms, or cosine similarity >= min_similarity of ImageNet MobileNetV2 embeddings "
         "(best over the image and its rotated/flipped/zoomed views), or the same FracAtlas image "
-        "id; union-find; whole groups to splits, stratified by label",
+        "id; union-find; whole groups to splits (largest first), stratified by source and label",
         "threshold_bits": args.threshold,
         "min_similarity": args.min_similarity,
         "seed": args.seed,
