@@ -99,49 +99,80 @@ def _get_or_create_series(session: Session, rec: ReceivedInstance, study: Study)
     return series
 
 
+#: Start of ``failure_reason`` for objects the storage SCP refused with a failure status.
+#: Such an object, when its UIDs are usable, is recorded as a ``failed`` instance so that the
+#: administrator sees it in the results and the study's SR lists it; a corrected object sent
+#: later under the same SOP Instance UID replaces it (:func:`reopen_refused`).
+REFUSED_PREFIX = "refused by the storage SCP"
+
+
+def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
+    return session.scalars(
+        select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)
+    ).first()
+
+
+def is_refused(instance: Instance) -> bool:
+    """Whether the record is of an object the SCP refused (not of an acknowledged one)."""
+    return instance.status == InstanceStatus.failed and (instance.failure_reason or "").startswith(
+        REFUSED_PREFIX
+    )
+
+
+def _take_received(session: Session, instance: Instance, rec: ReceivedInstance) -> None:
+    """Fill ``instance`` from the object just stored and mark its study changed (new revision,
+    so that its report is rebuilt): ``pending``, or ``failed`` when the SCP knows why."""
+    now = utcnow()
+    study = _get_or_create_study(session, rec, now)
+    instance.series = _get_or_create_series(session, rec, study)
+    instance.sop_class_uid = rec.sop_class_uid
+    instance.transfer_syntax_uid = rec.transfer_syntax_uid
+    instance.instance_number = rec.instance_number
+    instance.received_at = now
+    instance.calling_ae_title = rec.calling_ae_title
+    instance.storage_path = rec.storage_path
+    failed = rec.failure_reason is not None
+    instance.status = InstanceStatus.failed if failed else InstanceStatus.pending
+    instance.failure_reason = rec.failure_reason
+    instance.queued_at = None
+    instance.attempts = 0
+    study.last_received_at = now
+    study.revision = (study.revision or 0) + 1
+
+
 def record_received(session: Session, rec: ReceivedInstance) -> tuple[Instance, bool]:
     """Record a stored instance; return it and whether it is new.
 
     A SOP Instance UID seen before is not recorded again (the same object sent twice is
     stored once and classified once).
     """
-    existing = session.scalars(
-        select(Instance).where(Instance.sop_instance_uid == rec.sop_instance_uid)
-    ).first()
+    existing = find_instance(session, rec.sop_instance_uid)
     if existing is not None:
         return existing, False
-    now = utcnow()
     try:
-        study = _get_or_create_study(session, rec, now)
-        series = _get_or_create_series(session, rec, study)
-        failed = rec.failure_reason is not None
-        instance = Instance(
-            sop_instance_uid=rec.sop_instance_uid,
-            sop_class_uid=rec.sop_class_uid,
-            series=series,
-            transfer_syntax_uid=rec.transfer_syntax_uid,
-            instance_number=rec.instance_number,
-            received_at=now,
-            calling_ae_title=rec.calling_ae_title,
-            storage_path=rec.storage_path,
-            status=InstanceStatus.failed if failed else InstanceStatus.pending,
-            failure_reason=rec.failure_reason,
-            attempts=0,
-        )
+        instance = Instance(sop_instance_uid=rec.sop_instance_uid)
+        _take_received(session, instance, rec)
         session.add(instance)
-        study.last_received_at = now
-        study.revision = (study.revision or 0) + 1
         session.commit()
     except IntegrityError:
         # Another association recorded the same study, series or instance at the same moment.
         session.rollback()
-        existing = session.scalars(
-            select(Instance).where(Instance.sop_instance_uid == rec.sop_instance_uid)
-        ).first()
+        existing = find_instance(session, rec.sop_instance_uid)
         if existing is not None:
             return existing, False
         return record_received(session, rec)
     return instance, True
+
+
+def reopen_refused(session: Session, instance: Instance, rec: ReceivedInstance) -> Instance:
+    """Replace the record of a refused object by the valid object just stored (``pending``).
+
+    The series (and so the study) is the new object's; the study is marked changed so that
+    its report is rebuilt.
+    """
+    _take_received(session, instance, rec)
+    session.commit()
+    return instance
 
 
 def mark_queued(session: Session, instance_id: int) -> None:

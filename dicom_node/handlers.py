@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import repository
 from db.models import Instance, InstanceStatus, Series, Study
 from db.repository import ReceivedInstance
-from dicom_node import records, storage
+from dicom_node import storage
 from dicom_node.validate import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
@@ -234,7 +234,7 @@ def _record_refusal(
     if uids is None:
         logger.info("refused object kept as %s (no usable UIDs to record)", path.name)
         return
-    reason = f"{records.REFUSED_PREFIX} (0x{rejection.status:04X}): {rejection.reason}"
+    reason = f"{repository.REFUSED_PREFIX} (0x{rejection.status:04X}): {rejection.reason}"
     checked = CheckedObject(uids=uids, unclassifiable=None)
     assert ds is not None
     rec = received_instance(
@@ -317,14 +317,14 @@ def _store(event: Event, ctx: StoreContext, start: float) -> Dataset:
     with ctx.lock_for(uids.sop_instance_uid):
         try:
             with ctx.session_factory() as session:
-                existing = records.find_instance(session, uids.sop_instance_uid)
+                existing = repository.find_instance(session, uids.sop_instance_uid)
         except SQLAlchemyError as exc:
             logger.error(
                 "database unavailable, refusing %s: %s", uids.sop_instance_uid, type(exc).__name__
             )
             # 0xA700 Refused: Out of Resources - the database is down; the peer retries later.
             return _status(OUT_OF_RESOURCES, "database unavailable; retry later")
-        if existing is not None and not records.is_refused(existing):
+        if existing is not None and not repository.is_refused(existing):
             # Stored and queued once already: keep the first copy, do not queue it again.
             # Most archives answer Success to a resent instance, which is what modalities
             # and PACS expect (a warning makes some of them flag the transfer as faulty).
@@ -344,9 +344,9 @@ def _store(event: Event, ctx: StoreContext, start: float) -> Dataset:
 
         try:
             with ctx.session_factory() as session:
-                refused = records.find_instance(session, uids.sop_instance_uid)
+                refused = repository.find_instance(session, uids.sop_instance_uid)
                 if refused is not None:  # a corrected resend of an object refused earlier
-                    instance, created = records.reopen_refused(session, refused, rec), True
+                    instance, created = repository.reopen_refused(session, refused, rec), True
                 else:
                     instance, created = repository.record_received(session, rec)
                 instance_id = instance.id

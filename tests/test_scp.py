@@ -43,13 +43,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.migrations import upgrade
 from db.models import Instance, InstanceStatus
+from db.repository import REFUSED_PREFIX
 from db.session import make_engine, make_session_factory
 from dicom_node.contexts import (
     CANDIDATE_TRANSFER_SYNTAXES,
     LOSSY_TRANSFER_SYNTAXES,
     STORAGE_SOP_CLASSES,
 )
-from dicom_node.records import REFUSED_PREFIX
 from dicom_node.scp import StorageSCP, run_scp
 from fracture_triage.messages import ClassifyInstance
 from fracture_triage.settings import Settings
