@@ -27,6 +27,7 @@ from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node import storage
 from dicom_node.contexts import STORAGE_SOP_CLASSES, VERIFICATION, supported_transfer_syntaxes
 from dicom_node.handlers import (
     Enqueue,
@@ -93,6 +94,13 @@ class StorageSCP:
     def start(self) -> StorageSCP:
         """Listen in background threads and return at once."""
         self.settings.storage_dir.mkdir(parents=True, exist_ok=True)
+        # Never acknowledged (see storage.remove_stale_temporaries): deleting them loses nothing.
+        removed = storage.remove_stale_temporaries(self.settings.storage_dir)
+        if removed:
+            logger.warning(
+                "removed %d temporary file(s) of unacknowledged objects left by an earlier crash",
+                removed,
+            )
         # pydicom's value validation warnings quote the offending value, which may be a
         # patient identifier (an invalid Patient's Birth Date, say): the node logs none of
         # them. Values are still read as they are; the previous mode returns at shutdown.

@@ -8,6 +8,8 @@ Layout under ``Settings.storage_dir``::
 Accepted paths are built from UIDs checked by :func:`dicom_node.validate.is_valid_uid`
 (digits and dots only), so a peer cannot steer a path. Refused objects are kept for the
 administrator under a content hash: a peer retrying the same bad object writes one file.
+Objects are written through hidden temporary files (``.incoming-*.tmp``) in the same folder;
+those a crash leaves behind are removed when the node starts.
 """
 
 from __future__ import annotations
@@ -15,11 +17,17 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from dicom_node.validate import Uids, is_valid_uid
 
 REJECTED_DIR = "rejected"
+
+#: Name of the temporary file :func:`write_atomic` writes before renaming it.
+TEMP_PREFIX, TEMP_SUFFIX = ".incoming-", ".tmp"
+#: A temporary file left untouched this long is a crash's leftover, not a write in progress.
+STALE_TEMPORARY_S = 60.0
 
 
 def instance_path(storage_dir: Path, uids: Uids) -> Path:
@@ -56,7 +64,7 @@ def write_atomic(path: Path, chunks: list[bytes]) -> None:
         created.append(parent)
         parent = parent.parent
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".incoming-", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             for chunk in chunks:
@@ -74,3 +82,27 @@ def write_atomic(path: Path, chunks: list[bytes]) -> None:
     # Each new folder's entry lives in its parent: fsync those too, innermost first.
     for folder in created:
         _fsync_dir(folder.parent)
+
+
+def remove_stale_temporaries(storage_dir: Path, older_than_s: float = STALE_TEMPORARY_S) -> int:
+    """Delete the temporary files of writes a crash cut short; return how many.
+
+    An object is acknowledged only after its temporary file was complete, fsynced and renamed
+    onto its final name, so a temporary file still there was never acknowledged: the peer
+    got no Success and sends the object again. Files modified in the last ``older_than_s``
+    seconds are kept, in case another node process sharing the folder is writing them.
+    """
+    cutoff = time.time() - older_than_s
+    removed = 0
+    for folder, _dirs, names in os.walk(storage_dir):
+        for name in names:
+            if not (name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)):
+                continue
+            path = Path(folder, name)
+            try:
+                if path.lstat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:  # renamed or removed meanwhile
+                continue
+    return removed

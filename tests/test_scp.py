@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import shutil
 import signal
@@ -686,6 +687,29 @@ def test_refused_object_is_recorded_and_a_corrected_resend_is_stored(
     for identifier in (original.PatientName, original.PatientID):
         if str(identifier):
             assert str(identifier) not in caplog.text
+
+
+def test_start_removes_temporary_files_left_by_a_crash(
+    tmp_path: Path, sqlite_db: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Temporary files of writes a crash cut short (never acknowledged) go at start-up;
+    objects, and a temporary file another process may be writing now, stay."""
+    storage_dir = Settings(data_dir=tmp_path / "data").storage_dir
+    series = storage_dir / "1.2.3" / "1.2.3.5"
+    stale = [series / ".incoming-abc123.tmp", storage_dir / "rejected" / ".incoming-x.tmp"]
+    kept = [series / "1.2.3.4.dcm", series / ".incoming-now.tmp", series / "incoming-1.tmp"]
+    hour_ago = time.time() - 3600
+    for path in [*stale, *kept]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"partial")
+        if path.name != ".incoming-now.tmp":
+            os.utime(path, (hour_ago, hour_ago))
+    with caplog.at_level(logging.WARNING, logger="dicom_node.scp"):
+        with running_scp(tmp_path, sqlite_db, no_broker):
+            pass
+    assert [p for p in stale if p.exists()] == []
+    assert [p for p in kept if not p.exists()] == []
+    assert "removed 2 temporary file(s)" in caplog.text
 
 
 # --- the role's entry point ------------------------------------------------------------------
