@@ -41,8 +41,8 @@ from pydicom.valuerep import PersonName, validate_value
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Instance, InstanceStatus, Result, Series, SRDocument, Study
-from db.repository import utcnow
+from db.models import Instance, InstanceStatus, Result, SRDocument, Study
+from db.repository import study_instances, utcnow
 from fracture_triage.settings import Settings
 from model.artifact import ModelCard
 
@@ -521,12 +521,7 @@ def build_study_report(
         ).first()
         if existing is not None and Path(existing.path).is_file():
             return existing
-        instances = session.scalars(
-            select(Instance)
-            .join(Series, Instance.series_id == Series.id)
-            .where(Series.study_id == study_id)
-            .order_by(Series.id, Instance.id)
-        ).all()
+        instances = study_instances(session, study_id)
         if not instances:
             raise ReportError(f"study {study.study_instance_uid} has no instance")
         images = [_finding(session, inst, card) for inst in instances]
