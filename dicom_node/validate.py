@@ -93,7 +93,7 @@ def usable_uids(ds: Dataset) -> Uids | None:
     return Uids(*(str(v) for v in values))
 
 
-def check_pixel_data(ds: Dataset, transfer_syntax: UID, max_pixels: int) -> PixelGeometry:
+def _check_pixels(ds: Dataset, transfer_syntax: UID, max_pixels: int) -> PixelGeometry:
     """Image Pixel Module against Pixel Data: :func:`model.preprocess.check_pixel_geometry`.
 
     The one implementation the worker's preprocessing shares, mapped to C-STORE statuses:
@@ -152,7 +152,7 @@ def check_dataset(
         raise Rejection(DATASET_MISMATCH, "Series Instance UID (0020,000E) is missing or invalid")
     uids = Uids(sop_class, str(sop_instance), str(study), str(series))
 
-    geometry = check_pixel_data(ds, transfer_syntax, max_pixels)
+    geometry = _check_pixels(ds, transfer_syntax, max_pixels)
 
     unclassifiable = None
     if geometry.photometric not in ("MONOCHROME1", "MONOCHROME2"):
