@@ -18,7 +18,7 @@ class ClassifyInstance(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1  # SCHEMA_VERSION
     instance_id: int
     sop_instance_uid: str
     path: str
@@ -29,7 +29,7 @@ class ReportStudy(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1  # SCHEMA_VERSION
     study_id: int
     study_instance_uid: str
 
@@ -39,6 +39,6 @@ class SendReport(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1  # SCHEMA_VERSION
     sr_document_id: int
     path: str
