@@ -18,7 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from model.artifact import ModelCard, read_card, write_card
+from model.metrics import binary_metrics
 from model.plots import history_plot
 
 ROWS = ("n", "accuracy", "auroc", "sensitivity", "specificity", "precision", "f1")
@@ -26,9 +29,21 @@ ROWS = ("n", "accuracy", "auroc", "sensitivity", "specificity", "precision", "f1
 
 def _metrics(report: dict[str, Any]) -> dict[str, Any]:
     keep = (*ROWS, "positives", "threshold", "confusion_matrix")
-    return {k: report[k] for k in keep if k in report} | {
+    out = {k: report[k] for k in keep if k in report} | {
         "unreadable_files": len(report.get("errors", []))
     }
+    preds = report.get("predictions", [])
+    by_source: dict[str, Any] = {}
+    for source, marker in (("fracatlas", "fracatlas-train"), ("bfmr", "bone-fracture")):
+        rows = [r for r in preds if marker in r["file"]]
+        if rows:
+            y = np.array([r["label"] for r in rows])
+            p = np.array([r["probability"] for r in rows])
+            m = binary_metrics(y, p, report["threshold"])
+            by_source[source] = {k: m[k] for k in (*ROWS, "positives")}
+    if by_source:
+        out["by_source"] = by_source
+    return out
 
 
 def finish(
@@ -151,6 +166,8 @@ def markdown(card: ModelCard) -> str:
         f"{audit['original_split']['distinct_test_images']} distinct original test images have "
         "an exact or near-duplicate in the original train split, so figure (1) measures "
         "memorisation. Figure (2) is the one to trust.",
+        "",
+        f"By source on the leakage-free test split: {json.dumps(hon.get('by_source'))}",
         "",
         f"Validation (threshold chosen here): {json.dumps(m['validation'])}",
         "",

@@ -81,7 +81,7 @@ def evaluate(
     t0 = time.time()
     classifier = Classifier.load(model_dir)
     items = read_labelled_csv(manifest)
-    y, p, errors = [], [], []
+    y, p, errors, predictions = [], [], [], []
     for (path, label), (_, result) in zip(
         items, predict_files(classifier, [i[0] for i in items]), strict=True
     ):
@@ -90,6 +90,7 @@ def evaluate(
         else:
             y.append(label)
             p.append(result)
+            predictions.append({"file": str(path), "label": label, "probability": round(result, 6)})
     ya, pa = np.asarray(y), np.asarray(p)
     report: dict[str, Any] = {
         "model": {
@@ -103,6 +104,7 @@ def evaluate(
         **binary_metrics(ya, pa, classifier.threshold),
         "errors": errors,
         "seconds": round(time.time() - t0, 1),
+        "predictions": predictions,
     }
     report["images_per_second"] = round(len(items) / max(report["seconds"], 1e-9), 2)
     out = (

@@ -69,11 +69,14 @@ class ViewSampler:
         batch_size: int,
         seed: int,
         weights: dict[int, float],
+        sample_weights: np.ndarray | None = None,
     ) -> None:
         self.features, self.labels = features, labels
         self.batch_size = batch_size
         self.rng = np.random.default_rng(seed)
-        self.weights = np.array([weights[0], weights[1]], dtype=np.float32)
+        per_class = np.array([weights[0], weights[1]], dtype=np.float32)[labels]
+        extra = np.ones(len(labels), np.float32) if sample_weights is None else sample_weights
+        self.weights = (per_class * extra).astype(np.float32)
 
     def epoch(self) -> Any:
         import tensorflow as tf
@@ -87,11 +90,28 @@ class ViewSampler:
                 idx: np.ndarray = order[start : start + self.batch_size]
                 x = self.features[idx, chosen[idx]].astype(np.float32)
                 y = self.labels[idx].astype(np.float32)
-                yield x, y, self.weights[self.labels[idx]]
+                yield x, y, self.weights[idx]
 
         spec = tf.TensorSpec((None, *self.features.shape[2:]), tf.float32)
         sig = (spec, tf.TensorSpec((None,), tf.float32), tf.TensorSpec((None,), tf.float32))
         return tf.data.Dataset.from_generator(gen, output_signature=sig).prefetch(2)
+
+
+def duplicate_weights(embeddings: np.ndarray, min_similarity: float) -> np.ndarray:
+    """Per-image weights ``1 / sqrt(cluster size)`` (mean 1) over clusters of near-identical
+    training images (embedding cosine >= ``min_similarity`` over the cached views): a
+    radiograph copied 20 times in the data set should not count 20 times as much."""
+    from model.split import UnionFind, embedding_similarity
+
+    sim = embedding_similarity(embeddings)
+    uf = UnionFind(len(sim))
+    ii, jj = np.nonzero(np.triu(sim >= min_similarity, k=1))
+    for i, j in zip(ii.tolist(), jj.tolist(), strict=True):
+        uf.union(i, j)
+    roots = np.array([uf.find(i) for i in range(len(sim))])
+    _, inverse, counts = np.unique(roots, return_inverse=True, return_counts=True)
+    w = 1.0 / np.sqrt(counts[inverse])
+    return (w / w.mean()).astype(np.float32)
 
 
 def class_weights(labels: np.ndarray) -> dict[int, float]:
@@ -196,6 +216,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     model, base = build_classifier(args.size, weights=args.weights, dropout=args.dropout)
     _, (top, embed) = split_network(model, base)
     weights = class_weights(y_tr)
+    dup_w = None
+    if args.dedup_similarity < 1.0:
+        dup_w = duplicate_weights(xe_tr, args.dedup_similarity)
+        print(
+            f"duplicate weights: min {dup_w.min():.3f}, max {dup_w.max():.3f} "
+            f"(clusters at similarity >= {args.dedup_similarity})",
+            flush=True,
+        )
     history: list[dict[str, Any]] = []
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -207,7 +235,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     head.compile(keras.optimizers.Adam(args.lr_head), "binary_crossentropy", metrics=["accuracy"])
     fit_phase(
         head,
-        ViewSampler(xe_tr, y_tr, args.batch_size, args.seed, weights),
+        ViewSampler(xe_tr, y_tr, args.batch_size, args.seed, weights, dup_w),
         (xe_va[:, 0].astype(np.float32), y_va),
         args.head_epochs,
         args.patience,
@@ -228,7 +256,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     save_best()
     fit_phase(
         top,
-        ViewSampler(xf_tr, y_tr, args.batch_size, args.seed + 1, weights),
+        ViewSampler(xf_tr, y_tr, args.batch_size, args.seed + 1, weights, dup_w),
         (xf_va[:, 0].astype(np.float32), y_va),
         args.epochs,
         args.patience,
@@ -278,6 +306,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 },
                 "views_per_image": int(xf_tr.shape[1]),
                 "class_weights": weights,
+                "duplicate_weighting_similarity": args.dedup_similarity,
                 "seed": args.seed,
                 "target_sensitivity": args.target_sensitivity,
                 "epochs_run": len(history),
@@ -349,6 +378,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr-fine", type=float, default=1e-4)
     parser.add_argument("--dropout", type=float, default=0.2)
     parser.add_argument("--target-sensitivity", type=float, default=0.92)
+    parser.add_argument(
+        "--dedup-similarity",
+        type=float,
+        default=1.0,
+        help="down-weight clusters of near-identical training images (cosine >= this; 1 = off)",
+    )
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--limit", type=int, default=0, help="at most N images per split")
     parser.add_argument("--name", default="fracture-triage-mobilenetv2")
