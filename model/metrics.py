@@ -8,16 +8,32 @@ import numpy as np
 
 
 def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, target: float) -> float:
-    """The highest threshold whose sensitivity (``p >= threshold`` on positives) is at least
-    ``target``: the most specific operating point that still meets the triage target."""
+    """The triage operating point on validation data: sensitivity at least ``target``, and
+    among those thresholds the highest specificity; among equally specific thresholds the most
+    sensitive one, placed midway to the next lower score for a margin.
+
+    (Taking simply the highest threshold that reaches ``target`` would give away positives
+    even where validation shows a threshold that loses none at the same specificity.)
+    """
     y = np.asarray(y).astype(bool)
-    pos = np.sort(np.asarray(p, dtype=np.float64)[y])[::-1]
-    if len(pos) == 0:
+    p = np.asarray(p, dtype=np.float64)
+    if not y.any():
         return 0.5
-    # need ceil(target * n_pos) positives at or above the threshold
-    k = int(np.ceil(target * len(pos) - 1e-9))
-    k = min(max(k, 1), len(pos))
-    return float(pos[k - 1])
+    cands = np.unique(p)[::-1]  # descending
+    best: tuple[float, float] | None = None  # (specificity, -threshold)
+    chosen = float(cands[-1])
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    for t in cands:
+        pred = p >= t
+        sens = (pred & y).sum() / n_pos
+        if sens + 1e-12 < target:
+            continue
+        spec = (~pred & ~y).sum() / n_neg if n_neg else 1.0
+        key = (float(spec), -float(t))
+        if best is None or key > best:
+            best, chosen = key, float(t)
+    lower = p[p < chosen]
+    return float((chosen + lower.max()) / 2) if len(lower) else chosen
 
 
 def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, Any]:

@@ -82,9 +82,15 @@ def test_threshold_meets_sensitivity_with_best_specificity() -> None:
     y = np.array([1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0])
     p = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.1, 0.2, 0.32, 0.05, 0.01])
     t = threshold_for_sensitivity(y, p, 0.9)
-    assert t == 0.3  # 9 of 10 positives at or above 0.3; 0.32 is the only negative above
+    # 9 of 10 positives at or above 0.3 (0.32 is the only negative above); midway to 0.2
+    assert t == 0.25
     m = binary_metrics(y, p, t)
     assert m["sensitivity"] == 0.9 and m["specificity"] == 0.75
     assert m["confusion_matrix"]["matrix"] == [[3, 1], [1, 9]]
     # positive-negative pairs ranked right: 9 + 8 + 10 + 10 of 40
     assert m["auroc"] == 0.925
+    # separable scores: no positive is given away to reach "at least 0.9"
+    y2 = np.array([1] * 10 + [0] * 10)
+    p2 = np.r_[np.linspace(0.6, 0.99, 10), np.linspace(0.01, 0.4, 10)]
+    t2 = threshold_for_sensitivity(y2, p2, 0.9)
+    assert 0.4 < t2 < 0.6 and binary_metrics(y2, p2, t2)["sensitivity"] == 1.0
