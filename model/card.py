@@ -201,8 +201,10 @@ def markdown(card: ModelCard) -> str:
         "degrees / flip + zoom 80-100 %, shift, contrast and brightness).",
         "- Phase 1: MobileNetV2 frozen, head trained on pooled features. Phase 2: blocks "
         "14-16 and Conv_1 fine-tuned (batch norm frozen) on cached block-13 activations.",
-        f"- Class weights {tr['class_weights']}; seed {tr['seed']}; epochs run "
-        f"{tr['epochs_run']} (early stopping on validation loss).",
+        f"- Class weights {tr['class_weights']}; near-duplicate clusters (embedding cosine >= "
+        f"{tr.get('duplicate_weighting_similarity')}) down-weighted by 1/sqrt(size); seed "
+        f"{tr['seed']}; epochs run {tr['epochs_run']} (early stopping on validation loss, best "
+        "epoch restored).",
         f"- Time on this 2-core CPU: feature cache {tr['seconds_feature_cache']} s "
         f"(shared by both runs), training {tr['seconds_training']} s.",
         f"- Saved network vs cached training path (val files): max |dp| = "
