@@ -204,7 +204,9 @@ def test_settings_survive_the_hand_over_to_child_processes(tmp_path: Path) -> No
         sr_destination_host="127.0.0.1",
         sr_destination_port=104,
         sr_destination_ae_title="ORTHANC",
-        model_dir=None,
+        # Never None in `up` (it refuses to start without a model); an unset variable would
+        # give the child the shipped model instead.
+        model_dir=tmp_path / "model",
     )
     env = settings_environment(settings)
     code = (
