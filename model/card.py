@@ -210,6 +210,8 @@ def markdown(card: ModelCard) -> str:
         f"- Saved network vs cached training path (val files): max |dp| = "
         f"{tr.get('cache_parity_max_abs_diff')}",
     ]
+    if "model_selection" in x:
+        lines += ["", "## Model selection", "", x["model_selection"]]
     if "input_size_probe" in x:
         lines += [
             "",
@@ -246,7 +248,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--audit", type=Path, required=True)
     p.add_argument("--size-probe", type=Path, default=None)
     p.add_argument("--throughput", type=Path, default=None)
+    p.add_argument("--selection-note", default=None, help="how this run was chosen (val only)")
     a = p.parse_args(argv)
+    if a.selection_note:
+        c = read_card(a.artifact)
+        write_card(
+            a.artifact,
+            ModelCard(**{**c.__dict__, "extra": {**c.extra, "model_selection": a.selection_note}}),
+        )
     card = finish(
         a.artifact,
         a.honest_eval,
