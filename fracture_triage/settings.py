@@ -7,9 +7,10 @@ then the defaults below. Nothing here opens a connection or reads a file.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: The model the repository ships; ``None`` until one is trained and committed.
 SHIPPED_MODEL_ROOT = Path(__file__).resolve().parent.parent / "model" / "artifacts"
@@ -39,8 +40,9 @@ class Settings(BaseSettings):
     dicom_port: int = 11112
     #: 128 KiB: pynetdicom's 16 KiB default halves throughput on large radiographs.
     max_pdu: int = 131072
-    #: Calling AE titles allowed to associate; empty means any.
-    allowed_calling_aets: list[str] = Field(default_factory=list)
+    #: Calling AE titles allowed to associate; empty means any. In the environment either a
+    #: comma-separated list (``MOD1,PACS``) or a JSON list.
+    allowed_calling_aets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     #: Largest Rows x Columns x Samples accepted, to refuse absurd headers before decoding.
     max_pixels: int = 100_000_000
 
@@ -73,7 +75,12 @@ class Settings(BaseSettings):
     @classmethod
     def _split_aets(cls, value: object) -> object:
         if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [v.strip() for v in text.split(",") if v.strip()]
         return value
 
     @property

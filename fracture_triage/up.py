@@ -99,7 +99,7 @@ def settings_environment(settings: Settings) -> dict[str, str]:
         if value is None:
             continue
         key = "FRACTURE_TRIAGE_" + name.upper()
-        # pydantic-settings decodes list-valued fields from JSON.
+        # List-valued fields travel as JSON lists, which Settings reads back.
         env[key] = json.dumps(value) if isinstance(value, list | dict) else str(value)
     return env
 
