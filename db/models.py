@@ -26,7 +26,7 @@ class Base(DeclarativeBase):
     pass
 
 
-class InstanceStatus(str, enum.Enum):
+class InstanceStatus(enum.StrEnum):
     """Life of a received instance.
 
     pending: stored and recorded, not yet on the queue (e.g. broker down); the sweeper queues it.

@@ -20,7 +20,9 @@ def default_model_dir() -> Path | None:
     """Newest artifact folder under ``model/artifacts`` (the shipped model), if any."""
     if not SHIPPED_MODEL_ROOT.is_dir():
         return None
-    candidates = sorted(p for p in SHIPPED_MODEL_ROOT.iterdir() if (p / "model_card.json").is_file())
+    candidates = sorted(
+        p for p in SHIPPED_MODEL_ROOT.iterdir() if (p / "model_card.json").is_file()
+    )
     return candidates[-1] if candidates else None
 
 
@@ -102,5 +104,9 @@ class Settings(BaseSettings):
     @property
     def sr_destination(self) -> tuple[str, int, str] | None:
         if self.sr_destination_host and self.sr_destination_port and self.sr_destination_ae_title:
-            return (self.sr_destination_host, self.sr_destination_port, self.sr_destination_ae_title)
+            return (
+                self.sr_destination_host,
+                self.sr_destination_port,
+                self.sr_destination_ae_title,
+            )
         return None

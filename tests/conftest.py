@@ -77,7 +77,10 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_card(
         out,
         ModelCard(
-            name="test-mobilenetv2", version="test-0", uid="2.25.1234567890", threshold=0.5,
+            name="test-mobilenetv2",
+            version="test-0",
+            uid="2.25.1234567890",
+            threshold=0.5,
             input_size=96,
         ),
     )
