@@ -169,8 +169,11 @@ def markdown(card: ModelCard) -> str:
         "",
         f"By source on the leakage-free test split: {json.dumps(hon.get('by_source'))}",
         "",
-        f"Validation (threshold chosen here): {json.dumps(m['validation'])}",
-        "",
+        *(
+            [f"Validation (threshold chosen here): {json.dumps(m['validation'])}", ""]
+            if m.get("validation")
+            else []
+        ),
         "| | original split | leakage-free split |",
         "|---|---|---|",
         "| ROC | ![](roc_original.png) | ![](roc_leakage_free.png) |",
@@ -226,6 +229,7 @@ def markdown(card: ModelCard) -> str:
             "",
             f"```\n{json.dumps(x['classify_throughput'], indent=1)}\n```",
         ]
+    lines += ["", "## Reproduce", "", "```sh", *REPRODUCE, "```"]
     lines += [
         "",
         "## Limitations",
@@ -237,6 +241,21 @@ def markdown(card: ModelCard) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+#: The commands that produced the shipped artifact (repository root, ../shared beside it).
+REPRODUCE = [
+    "python -m model.features --views 4 --out CACHE            # frozen-base feature cache",
+    "python -m model.split --cache CACHE --hash-cache CACHE/hashes.npz   # model/splits/split_v1.*",
+    "python -m model.train --cache CACHE --out RUN --dedup-similarity 0.90   # shipped recipe",
+    "python -m model.train --split-mode original --cache CACHE --out ORIG --epochs 12",
+    "python -m model.threshold --model ORIG --cache CACHE --split-mode original",
+    "python -m model.manifests --out-dir EVAL     # original_test.csv, leakage_free_test.csv",
+    "fracture-triage evaluate --model RUN --manifest EVAL/leakage_free_test.csv --out OUT_HONEST",
+    "fracture-triage evaluate --model ORIG --manifest EVAL/original_test.csv --out OUT_ORIGINAL",
+    "python -m model.size_probe --cache CACHE --size 320 --n-train 1000",
+    "python -m model.benchmark -n 64",
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
