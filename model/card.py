@@ -202,8 +202,9 @@ def markdown(card: ModelCard) -> str:
         f"- Images: {tr['images']} (fractured {tr['fractured']}); {tr['views_per_image']} "
         "cached views per image (view 0 = inference input; others = random rotation by 90 "
         "degrees / flip + zoom 80-100 %, shift, contrast and brightness).",
-        "- Phase 1: MobileNetV2 frozen, head trained on pooled features. Phase 2: blocks "
-        "14-16 and Conv_1 fine-tuned (batch norm frozen) on cached block-13 activations.",
+        "- Phase 1: MobileNetV2 frozen, head trained on pooled features. Phase 2: every "
+        f"MobileNetV2 layer from `{tr.get('finetuned_from_layer')}` up, and the head, "
+        "fine-tuned (batch norm frozen) on the cached activations of the layer below it.",
         f"- Class weights {tr['class_weights']}; near-duplicate clusters (embedding cosine >= "
         f"{tr.get('duplicate_weighting_similarity')}) down-weighted by 1/sqrt(size); seed "
         f"{tr['seed']}; epochs run {tr['epochs_run']} (early stopping on validation loss, best "

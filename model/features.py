@@ -1,9 +1,11 @@
 """Cached activations of the frozen lower MobileNetV2, over augmented views of every image.
 
-Training fine-tunes only the top of MobileNetV2 (blocks 14-16, ``Conv_1`` and the head). The
-layers below never change, so their output is computed once per image and per augmented view
-and stored (float16) instead of being recomputed every epoch: the same fine-tuning, with the
-same augmentation, at a fraction of the cost on a CPU.
+Training fine-tunes only the top of MobileNetV2: every layer after the cut layer
+(``block_13_project_BN`` by default: blocks 14-16 and ``Conv_1``; ``block_5_add``: blocks 6-16)
+and the head. The layers below never change, so their output is computed once per image and
+per augmented view and stored (float16) instead of being recomputed every epoch: the same
+fine-tuning, with the same augmentation, at a fraction of the cost on a CPU. The cache records
+its cut layer; training and threshold selection read it from there.
 
 Views per image (``views`` = 8 by default):
 
@@ -120,6 +122,7 @@ def build_cache(
     batch_images: int = 8,
     seed: int = 0,
     progress: bool = True,
+    cut: str = CUT_LAYER,
 ) -> dict[str, Any]:
     """Write ``features.npy`` (N, views, h, w, c) float16, ``embeddings.npy`` (N, views, 1280)
     float16 and ``keys.json`` (keys, labels, rejected) under ``out_dir``."""
@@ -130,7 +133,7 @@ def build_cache(
     keras.utils.set_random_seed(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, base = build_classifier(size, weights=weights)
-    lower, (_, embed) = split_network(model, base)
+    lower, (_, embed) = split_network(model, base, cut)
     fshape = tuple(int(d) for d in lower.output.shape[1:])
     n = len(records)
     feats = np.lib.format.open_memmap(
@@ -186,7 +189,7 @@ def build_cache(
     meta = {
         "size": size,
         "views": views,
-        "cut_layer": CUT_LAYER,
+        "cut_layer": cut,
         "feature_shape": list(fshape),
         "keys": [r.key for r in records],
         "labels": [r.label for r in records],
@@ -209,6 +212,8 @@ class Cache:
         self.embeddings = np.load(self.dir / "embeddings.npy", mmap_mode="r")
         self.size: int = self.meta["size"]
         self.rejected: dict[str, str] = self.meta["rejected"]
+        # caches written before the cut layer was a parameter were all cut at the default
+        self.cut_layer: str = self.meta.get("cut_layer", CUT_LAYER)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -223,12 +228,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--views", type=int, default=4)
     p.add_argument("--limit", type=int, default=0, help="first N images only (tests)")
+    p.add_argument(
+        "--cut-layer",
+        default=CUT_LAYER,
+        help="last frozen MobileNetV2 layer; everything after it is fine-tuned",
+    )
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     records = read_all(args.bfmr_dir, args.fracatlas_dir)
     if args.limit:
         records = records[: args.limit]
-    meta = build_cache(records, args.out, args.size, args.weights, views=args.views)
+    meta = build_cache(
+        records, args.out, args.size, args.weights, views=args.views, cut=args.cut_layer
+    )
     print(f"cached {len(records)} images in {meta['seconds']}s; rejected {len(meta['rejected'])}")
     return 0
 

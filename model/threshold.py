@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     y = np.array([cache.meta["labels"][i] for i in idx])
     model = keras.models.load_model(args.model / MODEL_FILE, compile=False)
     base = next(layer for layer in model.layers if isinstance(layer, keras.Model))
-    _, (top, _) = split_network(model, base)
+    _, (top, _) = split_network(model, base, cache.cut_layer)
     prob = top.predict(np.asarray(cache.features[idx][:, 0], np.float32), verbose=0).ravel()
     threshold = threshold_for_sensitivity(y, prob, target)
     extra = dict(card.extra)

@@ -6,9 +6,9 @@ inference input):
 
 1. *Frozen base*: all of MobileNetV2 frozen, only the sigmoid head trains (on the cached
    pooled ImageNet embeddings).
-2. *Fine-tuning the top*: blocks 14-16 and ``Conv_1`` unfrozen (batch-norm statistics kept
-   frozen, as usual for fine-tuning), trained at a low learning rate on the cached block-13
-   activations.
+2. *Fine-tuning the top*: every layer after the cache's cut layer unfrozen (batch-norm
+   statistics kept frozen, as usual for fine-tuning), trained at a low learning rate on the
+   cached activations of the cut layer (see :mod:`model.features`).
 
 Every epoch draws one random view per training image (rotation / flip / zoom / shift / contrast
 augmentation); validation uses view 0. Class weights balance the labels, and clusters of
@@ -35,7 +35,7 @@ import numpy as np
 
 from model.artifact import MODEL_FILE, ModelCard, write_card
 from model.data import Record, file_sha256, integrity_problem, read_all
-from model.features import Cache, build_cache, split_network
+from model.features import CUT_LAYER, Cache, build_cache, split_network
 from model.metrics import binary_metrics, threshold_for_sensitivity
 
 HISTORY_FILE = "history.json"
@@ -132,8 +132,13 @@ def fit_phase(
     phase: str,
     history: list[dict[str, Any]],
     on_best: Any = None,
+    reduce_lr_after: int = 0,
 ) -> None:
-    """Epoch loop with early stopping on validation loss; best weights restored at the end."""
+    """Epoch loop with early stopping on validation loss; best weights restored at the end.
+
+    With ``reduce_lr_after`` > 0 the learning rate is cut to 30 % each time validation loss
+    has not improved for that many epochs (Keras' ReduceLROnPlateau rule), before
+    ``patience`` ends the phase."""
     # The phase starts from the previous phase's best: it must beat that, not infinity.
     best = float(model.evaluate(val[0], val[1], batch_size=256, verbose=0)[0])
     best_weights, waited = model.get_weights(), 0
@@ -165,6 +170,10 @@ def fit_phase(
                 on_best()
         else:
             waited += 1
+            if reduce_lr_after and waited % reduce_lr_after == 0 and waited < patience:
+                lr = model.optimizer.learning_rate
+                lr.assign(float(lr.numpy()) * 0.3)
+                print(f"[{phase}] learning rate -> {float(lr.numpy()):.2e}", flush=True)
             if waited >= patience:
                 print(f"[{phase}] early stop: no val_loss improvement for {patience} epochs")
                 break
@@ -187,7 +196,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     else:
         cache_dir = args.cache or (args.out / "cache")
         use = [r for r in records if r.key in wanted]
-        build_cache(use, cache_dir, args.size, args.weights, views=args.views, seed=args.seed)
+        build_cache(
+            use,
+            cache_dir,
+            args.size,
+            args.weights,
+            views=args.views,
+            seed=args.seed,
+            cut=args.cut_layer,
+        )
         cache = Cache(cache_dir)
     if cache.size != args.size:
         raise ValueError(f"cache is for input size {cache.size}, not {args.size}")
@@ -217,7 +234,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from model.network import build_classifier
 
     model, base = build_classifier(args.size, weights=args.weights, dropout=args.dropout)
-    _, (top, embed) = split_network(model, base)
+    _, (top, embed) = split_network(model, base, cache.cut_layer)
     weights = class_weights(y_tr)
     dup_w = None
     if args.dedup_similarity < 1.0:
@@ -246,7 +263,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         history,
     )
 
-    # Phase 2: fine-tune the top blocks on the cached block-13 activations.
+    # Phase 2: fine-tune the layers after the cut on the cached cut-layer activations.
     base.trainable = True
     for layer in top.layers:
         # Batch-norm layers stay in inference mode with their ImageNet statistics.
@@ -266,6 +283,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "fine-tune",
         history,
         on_best=save_best,
+        reduce_lr_after=args.reduce_lr_after,
     )
     model.save(args.out / MODEL_FILE)
     train_seconds = time.time() - t_start
@@ -312,7 +330,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 "epochs_run": len(history),
                 "seconds_training": round(train_seconds, 1),
                 "seconds_feature_cache": cache.meta.get("seconds"),
-                "finetuned_from_layer": "block_14_expand",
+                "lr_fine": args.lr_fine,
+                "reduce_lr_after": args.reduce_lr_after,
+                "finetuned_from_layer": first_layer_after(base, cache.cut_layer),
                 "cache_parity_max_abs_diff": round(parity, 6),
             },
             "metrics": metrics,
@@ -322,6 +342,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     print(json.dumps({"threshold": card.threshold, "metrics": metrics}, indent=1))
     print(f"saved {args.out / MODEL_FILE} ({train_seconds:.0f}s)")
     return {"card": card, "history": history, "metrics": metrics}
+
+
+def first_layer_after(base: Any, cut: str) -> str:
+    """The first fine-tuned MobileNetV2 layer: the one after the cache's cut layer."""
+    names = [layer.name for layer in base.layers]
+    return names[names.index(cut) + 1]
 
 
 def cache_parity(
@@ -370,12 +396,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="artifact directory to write")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--views", type=int, default=4)
+    parser.add_argument(
+        "--cut-layer",
+        default=CUT_LAYER,
+        help="when the cache is built here: last frozen layer (everything after it is tuned)",
+    )
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--head-epochs", type=int, default=15)
     parser.add_argument("--patience", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr-head", type=float, default=1e-3)
     parser.add_argument("--lr-fine", type=float, default=1e-4)
+    parser.add_argument(
+        "--reduce-lr-after",
+        type=int,
+        default=0,
+        help="fine-tuning: cut the learning rate to 30%% after N epochs without improvement",
+    )
     parser.add_argument("--dropout", type=float, default=0.2)
     parser.add_argument("--target-sensitivity", type=float, default=0.92)
     parser.add_argument(

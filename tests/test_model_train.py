@@ -32,6 +32,7 @@ def test_training_smoke_run(tmp_path: Path) -> None:
             "--out", str(tmp_path / "artifact"),
             "--size", "96",
             "--views", "2",
+            "--cut-layer", "block_5_add",
             "--limit", "12",
             "--head-epochs", "5",
             "--epochs", "2",
@@ -53,6 +54,10 @@ def test_training_smoke_run(tmp_path: Path) -> None:
     assert card.input_size == 96 and card.version == "smoke"
     assert card.uid.startswith("2.25.") and 0.0 <= card.threshold <= 1.0
     assert card.extra["training"]["split_file_sha256"]
+    # the shipped recipe's depth: everything from block 6 up is fine-tuned
+    assert card.extra["training"]["finetuned_from_layer"] == "block_6_expand"
+    # the saved whole network answers as the cached-activation path that was trained
+    assert card.extra["training"]["cache_parity_max_abs_diff"] < 0.01
     assert json.loads((out / "history.json").read_text()) == history
 
     clf = Classifier.load(out)
