@@ -137,11 +137,14 @@ def fit_phase(
     """Epoch loop with early stopping on validation loss; best weights restored at the end.
 
     With ``reduce_lr_after`` > 0 the learning rate is cut to 30 % each time validation loss
-    has not improved for that many epochs (Keras' ReduceLROnPlateau rule), before
-    ``patience`` ends the phase."""
+    has not improved on this phase's own best epoch for that many epochs (Keras'
+    ReduceLROnPlateau rule), before ``patience`` ends the phase."""
     # The phase starts from the previous phase's best: it must beat that, not infinity.
     best = float(model.evaluate(val[0], val[1], batch_size=256, verbose=0)[0])
     best_weights, waited = model.get_weights(), 0
+    # the plateau is judged against this phase's epochs only: the first fine-tuning epochs
+    # may still be worse than the previous phase while they improve quickly
+    phase_best, stalled = float("inf"), 0
     print(f"[{phase}] start val_loss {best:.4f}", flush=True)
     for epoch in range(epochs):
         t0 = time.time()
@@ -158,6 +161,14 @@ def fit_phase(
         }
         history.append(row)
         improved = val_loss < best - 1e-4
+        if val_loss < phase_best - 1e-4:
+            phase_best, stalled = val_loss, 0
+        else:
+            stalled += 1
+            if reduce_lr_after and stalled % reduce_lr_after == 0:
+                lr = model.optimizer.learning_rate
+                lr.assign(float(lr.numpy()) * 0.3)
+                print(f"[{phase}] learning rate -> {float(lr.numpy()):.2e}", flush=True)
         print(
             f"[{phase}] epoch {epoch + 1}/{epochs} loss {row['loss']:.4f} acc {row['accuracy']:.3f}"
             f" val_loss {val_loss:.4f} val_acc {val_acc:.3f} ({row['seconds']}s)"
@@ -170,10 +181,6 @@ def fit_phase(
                 on_best()
         else:
             waited += 1
-            if reduce_lr_after and waited % reduce_lr_after == 0 and waited < patience:
-                lr = model.optimizer.learning_rate
-                lr.assign(float(lr.numpy()) * 0.3)
-                print(f"[{phase}] learning rate -> {float(lr.numpy()):.2e}", flush=True)
             if waited >= patience:
                 print(f"[{phase}] early stop: no val_loss improvement for {patience} epochs")
                 break
