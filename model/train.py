@@ -272,9 +272,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     # Phase 2: fine-tune the layers after the cut on the cached cut-layer activations.
     base.trainable = True
-    for layer in top.layers:
-        # Batch-norm layers stay in inference mode with their ImageNet statistics.
-        layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+    first_tuned = args.finetune_from or first_layer_after(base, cache.cut_layer)
+    names = [layer.name for layer in top.layers]
+    if first_tuned not in names:
+        raise ValueError(
+            f"--finetune-from {first_tuned!r} is not above the cache's cut {cache.cut_layer!r}"
+        )
+    start = names.index(first_tuned)
+    for i, layer in enumerate(top.layers):
+        # Batch-norm layers stay in inference mode with their ImageNet statistics; layers
+        # between the cache's cut and ``first_tuned`` stay frozen too.
+        layer.trainable = i >= start and not isinstance(layer, keras.layers.BatchNormalization)
     top.compile(keras.optimizers.Adam(args.lr_fine), "binary_crossentropy", metrics=["accuracy"])
 
     def save_best() -> None:
@@ -339,7 +347,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 "seconds_feature_cache": cache.meta.get("seconds"),
                 "lr_fine": args.lr_fine,
                 "reduce_lr_after": args.reduce_lr_after,
-                "finetuned_from_layer": first_layer_after(base, cache.cut_layer),
+                "finetuned_from_layer": first_tuned,
+                "cache_cut_layer": cache.cut_layer,
                 "cache_parity_max_abs_diff": round(parity, 6),
             },
             "metrics": metrics,
@@ -414,6 +423,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr-head", type=float, default=1e-3)
     parser.add_argument("--lr-fine", type=float, default=1e-4)
+    parser.add_argument(
+        "--finetune-from",
+        default=None,
+        help="first fine-tuned layer (default: the one after the cache's cut layer)",
+    )
     parser.add_argument(
         "--reduce-lr-after",
         type=int,
