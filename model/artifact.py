@@ -2,7 +2,7 @@
 
 The card holds what every consumer needs: name, version, a UID that changes with every
 retraining (it becomes the Device UID in the SR's Contributing Equipment), the operating
-threshold and the input size.
+threshold, the input size and the test-time augmentation the threshold was chosen with.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ from typing import Any
 
 MODEL_FILE = "best_model.keras"
 CARD_FILE = "model_card.json"
+#: ``none``: one forward pass; ``d4``: the mean probability over the image's 8 rotations by
+#: 90 degrees and mirror images (the dihedral group D4, the same transforms training used).
+TEST_TIME_AUGMENTATIONS = ("none", "d4")
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,7 @@ class ModelCard:
     threshold: float
     input_size: int
     manufacturer: str = "fracture-triage project"
+    test_time_augmentation: str = "none"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -33,6 +37,11 @@ class ModelCard:
             raise ValueError(f"input_size must be at least 32, got {self.input_size}")
         if not self.uid or not all(part.isdigit() for part in self.uid.split(".")):
             raise ValueError(f"uid must be a DICOM UID, got {self.uid!r}")
+        if self.test_time_augmentation not in TEST_TIME_AUGMENTATIONS:
+            raise ValueError(
+                f"test_time_augmentation must be one of {TEST_TIME_AUGMENTATIONS}, "
+                f"got {self.test_time_augmentation!r}"
+            )
 
 
 def read_card(model_dir: Path) -> ModelCard:
@@ -44,9 +53,12 @@ def read_card(model_dir: Path) -> ModelCard:
     missing = {"name", "version", "uid", "threshold", "input_size"} - known.keys()
     if missing:
         raise ValueError(f"{path} lacks {sorted(missing)}")
-    extra = {k: v for k, v in data.items() if k not in known and k != "manufacturer"}
+    optional = ("manufacturer", "test_time_augmentation")
+    extra = {k: v for k, v in data.items() if k not in known and k not in optional}
     return ModelCard(
-        manufacturer=data.get("manufacturer", "fracture-triage project"), extra=extra, **known
+        **known,
+        **{k: data[k] for k in optional if k in data},
+        extra=extra,
     )
 
 

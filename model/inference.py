@@ -39,7 +39,22 @@ class Classifier:
             size = self.input_size
             spec = tf.TensorSpec((None, size, size, 3), tf.float32)
             model = self._model
-            self._forward = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+            if self.card.test_time_augmentation == "d4":
+
+                def forward(x: Any) -> Any:
+                    # the 8 rotations / mirror images of every image in one batch, then the
+                    # mean probability per image
+                    mirrored = tf.reverse(x, [2])
+                    views = [tf.image.rot90(v, k) for v in (x, mirrored) for k in range(4)]
+                    p = model(tf.concat(views, 0), training=False)
+                    return tf.reduce_mean(tf.reshape(p, (8, -1)), axis=0)
+
+            else:
+
+                def forward(x: Any) -> Any:
+                    return model(x, training=False)
+
+            self._forward = tf.function(forward, input_signature=[spec])
         return self._forward
 
     @classmethod

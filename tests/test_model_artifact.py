@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from fracture_triage.settings import Settings
 from model.artifact import MODEL_FILE, read_card
@@ -31,3 +32,43 @@ def test_shipped_model_is_the_default_and_classifies() -> None:
     images = sorted(require(SHARED / "datasets/fracatlas-train/images").glob("*.jpg"))[:4]
     probs = [clf.classify_file(p).probability for p in images]
     assert all(0.0 <= p <= 1.0 for p in probs)
+
+
+def test_d4_test_time_augmentation_gives_one_answer_for_every_orientation(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """With ``test_time_augmentation = d4`` in the card, a radiograph scanned rotated or
+    mirrored gets the same probability, the mean of the 8 single-pass answers."""
+    import dataclasses
+    import shutil
+
+    import numpy as np
+
+    from model.artifact import write_card
+    from model.features import dihedral_view
+    from model.preprocess import load_network_input
+
+    d4_dir = tmp_path / "d4"
+    shutil.copytree(tiny_model_dir, d4_dir)
+    write_card(d4_dir, dataclasses.replace(read_card(d4_dir), test_time_augmentation="d4"))
+    single, d4 = Classifier.load(tiny_model_dir), Classifier.load(d4_dir)
+    assert read_card(d4_dir).test_time_augmentation == "d4"
+
+    path = sorted(require(SHARED / "datasets/fracatlas-train/images").glob("*.jpg"))[0]
+    image = load_network_input(path, 96)
+    views = np.stack([dihedral_view(image, k) for k in range(8)])
+    one_pass = single.predict_batch(views)
+    # the single pass does depend on orientation, so the test can tell the two apart
+    assert one_pass.max() - one_pass.min() > 1e-4
+    averaged = d4.predict_batch(views)
+    np.testing.assert_allclose(averaged, np.full(8, one_pass.mean()), atol=1e-5)
+    assert abs(d4.classify_file(path).probability - one_pass.mean()) < 1e-5
+
+
+def test_card_rejects_unknown_test_time_augmentation(tiny_model_dir: Path) -> None:
+    import dataclasses
+
+    import pytest
+
+    with pytest.raises(ValueError, match="test_time_augmentation"):
+        dataclasses.replace(read_card(tiny_model_dir), test_time_augmentation="tencrop")
