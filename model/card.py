@@ -142,6 +142,13 @@ def markdown(card: ModelCard) -> str:
         f"- Operating threshold: **{card.threshold:.4f}** (chosen on validation data for "
         f"sensitivity >= {tr['target_sensitivity']})",
         f"- Architecture: {x['architecture']}",
+        f"- Test-time augmentation: {card.test_time_augmentation}"
+        + (
+            " (each image's probability is the mean over its 8 rotations by 90 degrees and "
+            "mirror images; the threshold was chosen with it)"
+            if card.test_time_augmentation == "d4"
+            else ""
+        ),
         "- Intended use: triage aid that flags radiographs for a radiologist's attention. "
         "Not a diagnosis; a negative result does not rule out a fracture.",
         "",
@@ -246,16 +253,22 @@ def markdown(card: ModelCard) -> str:
 
 #: The commands that produced the shipped artifact (repository root, ../shared beside it).
 REPRODUCE = [
-    "python -m model.features --views 4 --out CACHE            # frozen-base feature cache",
+    "python -m model.features --views 4 --out CACHE   # frozen lower network, cut after block 13",
     "python -m model.split --cache CACHE --hash-cache CACHE/hashes.npz   # model/splits/split_v1.*",
-    "python -m model.train --cache CACHE --out RUN --dedup-similarity 0.90   # shipped recipe",
+    "python -m model.train --cache CACHE --out RUN --dedup-similarity 0.90   # shipped weights",
+    "python -m model.threshold --model RUN --tta d4   # D4 averaging; threshold on val files",
     "python -m model.train --split-mode original --cache CACHE --out ORIG --epochs 12",
-    "python -m model.threshold --model ORIG --cache CACHE --split-mode original",
+    "python -m model.threshold --model ORIG --split-mode original --tta d4",
     "python -m model.manifests --out-dir EVAL     # original_test.csv, leakage_free_test.csv",
     "fracture-triage evaluate --model RUN --manifest EVAL/leakage_free_test.csv --out OUT_HONEST",
     "fracture-triage evaluate --model ORIG --manifest EVAL/original_test.csv --out OUT_ORIGINAL",
     "python -m model.size_probe --cache CACHE --size 320 --n-train 1000",
     "python -m model.benchmark -n 64",
+    "# fine-tuning depth and views (compared on validation, not shipped):",
+    "python -m model.features --views 8 --cut-layer block_5_add --out CACHE8",
+    "python -m model.train --cache CACHE8 --out DEEP --reduce-lr-after 2 --patience 5",
+    "python -m model.train --cache CACHE8 --finetune-from block_14_expand --out VIEWS8 "
+    "--reduce-lr-after 2 --patience 5",
 ]
 
 
