@@ -303,24 +303,25 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return int(result) if isinstance(result, int) else 0
 
 
-def cmd_sweeper(args: argparse.Namespace, settings: Settings) -> int:
+def _run_until_signal(settings: Settings, run: Callable[[Settings, threading.Event], None]) -> int:
+    """Migrate, then ``run(settings, stop)`` until SIGINT/SIGTERM sets ``stop``."""
     _migrate(settings)
-    from worker.sweeper import run_sweeper
-
     stop = threading.Event()
     _stop_on_signals(stop)
-    run_sweeper(settings, stop)
+    run(settings, stop)
     return 0
+
+
+def cmd_sweeper(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.sweeper import run_sweeper
+
+    return _run_until_signal(settings, run_sweeper)
 
 
 def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
-    _migrate(settings)
     from api.server import run_api
 
-    stop = threading.Event()
-    _stop_on_signals(stop)
-    run_api(settings, stop)
-    return 0
+    return _run_until_signal(settings, run_api)
 
 
 def cmd_echo(args: argparse.Namespace, settings: Settings) -> int:

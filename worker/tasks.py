@@ -15,11 +15,11 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from celery import Celery, Task
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from model.inference import Classifier
     from worker.queue import CeleryEnqueuer
 
+M = TypeVar("M", bound=BaseModel)
 log = logging.getLogger(__name__)
 
 #: Attempts (deliveries that started work) before an instance is given up as failed. Only a
@@ -148,6 +149,17 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:2000] if text else type(exc).__name__
 
 
+def _parse(message_type: type[M], payload: Any, kind: str) -> M | None:
+    """The queue message as ``message_type``, or ``None`` (logged) when it does not fit:
+    a wrong schema version or shape comes from a newer/older producer, and retrying cannot
+    help."""
+    try:
+        return message_type.model_validate(payload)
+    except ValidationError as exc:
+        log.error("refused %s message: %s", kind, exc.errors(include_input=False))
+        return None
+
+
 def classify(state: WorkerState, payload: Any) -> str:
     """Classify one instance; return what happened (for logs and tests).
 
@@ -156,11 +168,8 @@ def classify(state: WorkerState, payload: Any) -> str:
     ``exists`` (a result for this model version exists), ``done`` (result stored).
     Transient database errors propagate (the task retries them).
     """
-    try:
-        msg = ClassifyInstance.model_validate(payload)
-    except ValidationError as exc:
-        # Wrong schema version or shape: a newer/older producer. Retrying cannot help.
-        log.error("refused classify message: %s", exc.errors(include_input=False))
+    msg = _parse(ClassifyInstance, payload, "classify")
+    if msg is None:
         return "invalid"
 
     card = state.card()
@@ -245,10 +254,8 @@ def report(state: WorkerState, payload: Any) -> str:
     transaction, so a crash before that leaves the study unreported (the sweeper queues it
     again) and a duplicate message finds the revision reported and stops.
     """
-    try:
-        msg = ReportStudy.model_validate(payload)
-    except ValidationError as exc:
-        log.error("refused report message: %s", exc.errors(include_input=False))
+    msg = _parse(ReportStudy, payload, "report")
+    if msg is None:
         return "invalid"
     sessions = state.sessions()
     with sessions() as session:
@@ -280,10 +287,8 @@ def report(state: WorkerState, payload: Any) -> str:
 
 def send(state: WorkerState, payload: Any) -> str:
     """Send one recorded SR to the configured destination (C-STORE, with retries)."""
-    try:
-        msg = SendReport.model_validate(payload)
-    except ValidationError as exc:
-        log.error("refused send message: %s", exc.errors(include_input=False))
+    msg = _parse(SendReport, payload, "send")
+    if msg is None:
         return "invalid"
     from worker.sr_send import SendError, send_sr_document
 
