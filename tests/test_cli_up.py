@@ -436,7 +436,12 @@ def test_roles_stop_when_the_supervisor_is_killed(node: dict[str, object]) -> No
     assert isinstance(proc, subprocess.Popen)
     _wait_for_banner(node)
     marker = str(node["marker"]).split("=", 1)[1]
-    # supervisor, redis, scp, sweeper, api, worker (+ its pool)
+    # supervisor, redis, scp, sweeper, api, worker (+ its pool). The banner comes when the
+    # roles are started; the worker forks its pool child a moment later (seconds on a
+    # loaded CI machine), so wait for it rather than count once.
+    deadline = time.monotonic() + 60
+    while len(_processes_with(marker)) < 6 and time.monotonic() < deadline:
+        time.sleep(0.25)
     assert len(_processes_with(marker)) >= 6
     proc.kill()
     proc.wait(timeout=30)
