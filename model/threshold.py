@@ -16,6 +16,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,27 +28,25 @@ from model.preprocess import PreprocessError, load_network_input
 from model.train import select
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    repo = Path(__file__).resolve().parent.parent
-    shared = repo.parent / "shared" / "datasets"
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--bfmr-dir", type=Path, default=shared / "bone-fracture-multi-region")
-    p.add_argument("--fracatlas-dir", type=Path, default=shared / "fracatlas-train")
-    p.add_argument("--split", type=Path, default=repo / "model/splits/split_v1.csv")
-    p.add_argument("--split-mode", choices=("leakage-free", "original"), default="leakage-free")
-    p.add_argument(
-        "--tta", choices=TEST_TIME_AUGMENTATIONS, default=None, help="set the card's TTA first"
-    )
-    args = p.parse_args(argv)
-    card = read_card(args.model)
-    if args.tta is not None:
-        card = dataclasses.replace(card, test_time_augmentation=args.tta)
-        write_card(args.model, card)
+def rechoose(
+    model_dir: Path,
+    bfmr_dir: Path,
+    fracatlas_dir: Path,
+    split: Path,
+    split_mode: str = "leakage-free",
+    tta: str | None = None,
+) -> dict[str, Any]:
+    """Re-choose ``model_dir``'s threshold on its validation files (setting the card's
+    test-time augmentation to ``tta`` first, when given); rewrites the card and returns
+    ``{"old", "new", "test_time_augmentation", "val"}``."""
+    card = read_card(model_dir)
+    if tta is not None:
+        card = dataclasses.replace(card, test_time_augmentation=tta)
+        write_card(model_dir, card)
     target = card.extra["training"]["target_sensitivity"]
-    records = read_all(args.bfmr_dir, args.fracatlas_dir)
-    val = set(select(records, args.split_mode, args.split)["val"])
-    clf = Classifier.load(args.model)
+    records = read_all(bfmr_dir, fracatlas_dir)
+    val = set(select(records, split_mode, split)["val"])
+    clf = Classifier.load(model_dir)
     labels, images = [], []
     for rec in records:
         if rec.key not in val or integrity_problem(rec.path):
@@ -66,19 +65,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra["metrics"] = {**extra.get("metrics", {}), "val": binary_metrics(y, prob, threshold)}
     extra["metrics"].pop("test_cached", None)
     write_card(
-        args.model,
+        model_dir,
         dataclasses.replace(card, threshold=round(float(threshold), 6), extra=extra),
     )
-    print(
-        json.dumps(
-            {
-                "old": card.threshold,
-                "new": round(float(threshold), 6),
-                "test_time_augmentation": card.test_time_augmentation,
-                "val": extra["metrics"]["val"],
-            }
-        )
+    return {
+        "old": card.threshold,
+        "new": round(float(threshold), 6),
+        "test_time_augmentation": card.test_time_augmentation,
+        "val": extra["metrics"]["val"],
+    }
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The data set, split and split-mode options (shared with :mod:`model.ensemble`)."""
+    repo = Path(__file__).resolve().parent.parent
+    shared = repo.parent / "shared" / "datasets"
+    p.add_argument("--bfmr-dir", type=Path, default=shared / "bone-fracture-multi-region")
+    p.add_argument("--fracatlas-dir", type=Path, default=shared / "fracatlas-train")
+    p.add_argument("--split", type=Path, default=repo / "model/splits/split_v1.csv")
+    p.add_argument("--split-mode", choices=("leakage-free", "original"), default="leakage-free")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", type=Path, required=True)
+    add_data_arguments(p)
+    p.add_argument(
+        "--tta", choices=TEST_TIME_AUGMENTATIONS, default=None, help="set the card's TTA first"
     )
+    args = p.parse_args(argv)
+    result = rechoose(
+        args.model, args.bfmr_dir, args.fracatlas_dir, args.split, args.split_mode, args.tta
+    )
+    print(json.dumps(result))
     return 0
 
 
