@@ -281,6 +281,7 @@ REPRODUCE = [
     "python -m model.ensemble --member LOW_1235 --member LOW_1236 --member LOW_1237 "
     "--out ENS3 --version 1.2.0 --tta d4",
     "fracture-triage evaluate --model ENS5 --manifest EVAL/leakage_free_test.csv --out OUT_ENS5",
+    "python -m model.compare OUT_HONEST/evaluation.json OUT_ENS5/evaluation.json   # paired CI",
 ]
 
 
