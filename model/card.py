@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from model.artifact import ModelCard, read_card, write_card
+from model.data import SOURCE_DIRECTORIES, source_of_path
 from model.metrics import binary_metrics
 from model.plots import history_plot
 
@@ -34,8 +35,8 @@ def _metrics(report: dict[str, Any]) -> dict[str, Any]:
     }
     preds = report.get("predictions", [])
     by_source: dict[str, Any] = {}
-    for source, marker in (("fracatlas", "fracatlas-train"), ("bfmr", "bone-fracture")):
-        rows = [r for r in preds if marker in r["file"]]
+    for source, _ in SOURCE_DIRECTORIES:
+        rows = [r for r in preds if source_of_path(r["file"]) == source]
         if rows:
             y = np.array([r["label"] for r in rows])
             p = np.array([r["probability"] for r in rows])

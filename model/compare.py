@@ -4,7 +4,9 @@ bootstrap confidence interval.
 ``python -m model.compare REPORT_A REPORT_B [--resamples 2000] [--seed 0]`` where each report is
 an ``evaluation.json`` written by ``fracture-triage evaluate`` on the same manifest. Prints one
 JSON object: both AUROCs, ``b - a``, and its 95 % interval from resampling the files (with
-replacement, the same files for both models, so their shared difficulty cancels out).
+replacement, the same files for both models, so their shared difficulty cancels out), and the
+same per shared data set (``by_source``) where the files come from them: the two sets come from
+different hospitals, and a change can help one and not the other.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
+
+from model.data import SOURCE_DIRECTORIES, source_of_path
 
 
 def paired_auroc_difference(
@@ -58,6 +62,22 @@ def _predictions(report: Path) -> dict[str, tuple[int, float]]:
     return {r["file"]: (int(r["label"]), float(r["probability"])) for r in rows}
 
 
+def _compare(
+    files: list[str],
+    a: dict[str, tuple[int, float]],
+    b: dict[str, tuple[int, float]],
+    resamples: int,
+    seed: int,
+) -> dict[str, Any]:
+    return paired_auroc_difference(
+        np.array([a[f][0] for f in files]),
+        np.array([a[f][1] for f in files]),
+        np.array([b[f][1] for f in files]),
+        resamples,
+        seed,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("report_a", type=Path)
@@ -73,14 +93,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(a[f][0] != b[f][0] for f in files):
         print("error: the two reports label the same file differently", file=sys.stderr)
         return 2
-    labels = np.array([a[f][0] for f in files])
-    result = paired_auroc_difference(
-        labels,
-        np.array([a[f][1] for f in files]),
-        np.array([b[f][1] for f in files]),
-        args.resamples,
-        args.seed,
-    )
+    result = _compare(files, a, b, args.resamples, args.seed)
+    by_source = {}
+    for source, _ in SOURCE_DIRECTORIES:
+        subset = [f for f in files if source_of_path(f) == source]
+        # a source with one class only has no AUROC; it is left out rather than guessed
+        if len({a[f][0] for f in subset}) == 2:
+            by_source[source] = _compare(subset, a, b, args.resamples, args.seed)
+    if by_source:
+        result["by_source"] = by_source
     print(json.dumps(result))
     return 0
 

@@ -24,6 +24,21 @@ LABELS = ("not fractured", "fractured")
 BFMR = "bfmr"
 FRACATLAS = "fracatlas"
 _FRACATLAS_ID = re.compile(r"(IMG\d{7})", re.IGNORECASE)
+#: the directory name by which a file path shows which shared data set it lies in
+SOURCE_DIRECTORIES = ((FRACATLAS, "fracatlas-train"), (BFMR, "bone-fracture"))
+
+
+def source_of_path(path: str | Path) -> str | None:
+    """``fracatlas`` or ``bfmr`` for a file under that shared data set's directory, else None.
+
+    Evaluation reports name files by path only; this lets their figures be broken down by
+    source, the two data sets coming from different hospitals and devices.
+    """
+    text = str(path)
+    for source, directory in SOURCE_DIRECTORIES:
+        if directory in text:
+            return source
+    return None
 
 
 @dataclass(frozen=True)

@@ -53,3 +53,25 @@ def test_reports_on_different_files_are_refused(
     b = report(tmp_path / "b.json", [f"other/{f}" for f in files], y, p)
     assert main([str(a), str(b)]) == 2
     assert "not on the same files" in capsys.readouterr().err
+
+
+def test_the_difference_is_broken_down_by_shared_data_set(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # b is better than a on the FracAtlas files only; the breakdown must say so
+    y, weak = scores(1.5)
+    _, strong = scores(0.3, seed=1)
+    half = len(y) // 2
+    files = [f"d/fracatlas-train/images/IMG{i:07d}.jpg" for i in range(half)] + [
+        f"d/bone-fracture-multi-region/images/{i}.jpg" for i in range(half, len(y))
+    ]
+    better_on_fracatlas = np.concatenate([strong[:half], weak[half:]])
+    a = report(tmp_path / "a.json", files, y, weak)
+    b = report(tmp_path / "b.json", files, y, better_on_fracatlas)
+    assert main([str(a), str(b), "--resamples", "300"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    fracatlas, bfmr = result["by_source"]["fracatlas"], result["by_source"]["bfmr"]
+    assert fracatlas["n"] == bfmr["n"] == half
+    assert fracatlas["ci95"][0] > 0
+    assert bfmr["difference"] == 0 and bfmr["ci95"] == [0.0, 0.0]
+    assert 0 < result["difference"] < fracatlas["difference"]
