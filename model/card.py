@@ -283,6 +283,14 @@ REPRODUCE = [
     "--out ENS3 --version 1.2.0 --tta d4",
     "fracture-triage evaluate --model ENS5 --manifest EVAL/leakage_free_test.csv --out OUT_ENS5",
     "python -m model.compare OUT_HONEST/evaluation.json OUT_ENS5/evaluation.json   # paired CI",
+    "# input 320 against 224 with recipe LOW_S (compared on validation, then tested; not shipped):",
+    "python -m model.features --size 320 --views 4 --out CACHE320",
+    "python -m model.train --cache CACHE320 --size 320 --out S320_S --dedup-similarity 0.90 "
+    "--seed S --lr-fine 3e-5 --reduce-lr-after 2 --patience 5   # S in 1235, 1236",
+    "fracture-triage evaluate --model S320_S --manifest EVAL/leakage_free_val.csv --out V320_S",
+    "fracture-triage evaluate --model LOW_S --manifest EVAL/leakage_free_val.csv --out V224_S",
+    "python -m model.compare V224_S/evaluation.json V320_S/evaluation.json   # also by source",
+    "python -m model.threshold --model S320_1235 --tta d4   # the candidate; then test as above",
 ]
 
 
