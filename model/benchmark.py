@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from model.evaluate import predict_files
+from model.training.evaluate import predict_files
 from model.inference import Classifier
 from model.preprocess import PreprocessError, load_network_input
 

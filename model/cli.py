@@ -48,7 +48,7 @@ def iter_inputs(paths: Sequence[Path]) -> Iterator[Path]:
 
 def classify(args: argparse.Namespace, settings: Any = None) -> int:
     """``settings``: the entry point's ``Settings`` (its ``model_dir`` is the default model)."""
-    from model.evaluate import predict_files
+    from model.training.evaluate import predict_files
     from model.inference import Classifier
 
     model_dir = args.model

@@ -19,7 +19,7 @@ def test_shipped_model_is_the_default_and_classifies() -> None:
     assert card.uid.startswith("2.25.") and 0 < card.threshold < 1 and card.input_size >= 224
     training = card.extra["training"]
     split = REPO / "model" / "splits" / training["split_file"]
-    from model.data import file_sha256
+    from model.training.data import file_sha256
 
     assert file_sha256(split) == training["split_file_sha256"]
     metrics = card.extra["metrics"]
@@ -45,7 +45,7 @@ def test_d4_test_time_augmentation_gives_one_answer_for_every_orientation(
     import numpy as np
 
     from model.artifact import write_card
-    from model.features import dihedral_view
+    from model.training.features import dihedral_view
     from model.preprocess import load_network_input
 
     d4_dir = tmp_path / "d4"

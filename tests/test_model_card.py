@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from model.artifact import ModelCard, read_card, write_card
-from model.card import finish
-from model.metrics import binary_metrics
+from model.training.card import finish
+from model.training.metrics import binary_metrics
 
 
 def evaluation(out: Path, marker: str, seed: int) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.compare import main, paired_auroc_difference
+from model.experiments.compare import main, paired_auroc_difference
 
 
 def scores(noise: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

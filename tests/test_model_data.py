@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.data import (
+from model.training.data import (
     Rejected,
     check_image,
     integrity_problem,
@@ -16,7 +16,7 @@ from model.data import (
     read_fracatlas,
     read_labelled_csv,
 )
-from model.metrics import binary_metrics, threshold_for_sensitivity
+from model.training.metrics import binary_metrics, threshold_for_sensitivity
 from tests.conftest import SHARED, require
 
 BFMR = SHARED / "datasets" / "bone-fracture-multi-region"

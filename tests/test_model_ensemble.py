@@ -114,8 +114,8 @@ def twin(model: Any) -> Any:
 
 
 def test_members_from_different_frozen_bases_are_refused() -> None:
-    from model.ensemble import build_ensemble
-    from model.network import build_classifier
+    from model.experiments.ensemble import build_ensemble
+    from model.training.network import build_classifier
 
     first, _ = build_classifier(64, weights=None)
     second, _ = build_classifier(64, weights=None)  # another random base: not one cache
@@ -132,8 +132,8 @@ def test_ensemble_file_is_one_network_answering_the_mean(tmp_path: Path) -> None
     is the mean of the members' probabilities after saving and loading."""
     import keras
 
-    from model.ensemble import build_ensemble
-    from model.network import build_classifier
+    from model.experiments.ensemble import build_ensemble
+    from model.training.network import build_classifier
 
     first, _ = build_classifier(64, weights=None)
     second = twin(first)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from model.artifact import MODEL_FILE, ModelCard, read_card, write_card
-from model.evaluate import REPORT_FILE, evaluate
+from model.training.evaluate import REPORT_FILE, evaluate
 from model.inference import Classifier
 from tests.conftest import REPO, SHARED, require
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from model.data import check_image, read_all
+from model.training.data import check_image, read_all
 from model.preprocess import image_to_uint8
-from model.split import (
+from model.training.split import (
     assign_splits,
     dihedral_distance_to_all,
     dihedral_hashes,
@@ -103,7 +103,7 @@ def test_dihedral_phash_finds_rotated_flipped_and_rescaled_copies() -> None:
 
 
 def test_whole_groups_go_to_one_split() -> None:
-    from model.data import Record
+    from model.training.data import Record
 
     n = 60
     records = [

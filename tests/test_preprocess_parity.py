@@ -179,7 +179,7 @@ def classifier(tmp_path_factory: pytest.TempPathFactory) -> Classifier:
     import keras
 
     from model.artifact import MODEL_FILE, ModelCard, write_card
-    from model.network import build_classifier
+    from model.training.network import build_classifier
 
     keras.utils.set_random_seed(0)
     out = tmp_path_factory.mktemp("parity-model")

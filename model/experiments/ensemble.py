@@ -1,14 +1,14 @@
 """Combine classifiers trained with different seeds into one network: a seed ensemble.
 
-``python -m model.ensemble --member RUN --member RUN ... --out DIR [--tta d4]``
+``python -m model.experiments.ensemble --member RUN --member RUN ... --out DIR [--tta d4]``
 
-Every member must come from the same feature cache (:mod:`model.features`): the layers up to
+Every member must come from the same feature cache (:mod:`model.training.features`): the layers up to
 the cache's cut are frozen ImageNet layers, identical in every member, so the combined network
 runs them once and then each member's fine-tuned top; its output is the mean of the members'
 probabilities. The result is an ordinary artifact (one ``best_model.keras`` taking 0..255 RGB
 images, one probability out), so the worker, ``classify`` and ``evaluate`` use it unchanged.
 Its threshold is chosen on validation files through the shipped inference path, by the same
-rule as training (:func:`model.threshold.rechoose`).
+rule as training (:func:`model.training.threshold.rechoose`).
 
 Averaging independently trained networks lowers the variance of the prediction: fine-tuning
 on a few thousand radiographs lands in quite different minima from one seed to the next.
@@ -27,14 +27,14 @@ from typing import Any
 import numpy as np
 
 from model.artifact import MODEL_FILE, TEST_TIME_AUGMENTATIONS, ModelCard, read_card, write_card
-from model.train import HISTORY_FILE
+from model.training.train import HISTORY_FILE
 
 #: training settings every member must share for their average to be one model
 SHARED_TRAINING = ("split_mode", "split_file_sha256", "cache_cut_layer", "target_sensitivity")
 
 
 def base_network(model: Any) -> Any:
-    """The MobileNetV2 sub-network inside a network from :func:`model.network.build_classifier`."""
+    """The MobileNetV2 sub-network inside a network from :func:`model.training.network.build_classifier`."""
     import keras
 
     nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
@@ -56,7 +56,7 @@ def build_ensemble(models: Sequence[Any], cut: str) -> Any:
         raise ValueError("each member must be its own network object (load it again)")
     import keras
 
-    from model.features import split_network
+    from model.training.features import split_network
 
     lowers, tops = [], []
     for i, model in enumerate(models):
@@ -84,15 +84,15 @@ def build_ensemble(models: Sequence[Any], cut: str) -> Any:
 
 def _training(card: ModelCard) -> dict[str, Any]:
     """The card's training record; cards older than the ``cache_cut_layer`` field were all
-    trained on caches cut at :data:`model.features.CUT_LAYER`."""
-    from model.features import CUT_LAYER
+    trained on caches cut at :data:`model.training.features.CUT_LAYER`."""
+    from model.training.features import CUT_LAYER
 
     return {"cache_cut_layer": CUT_LAYER, **card.extra["training"]}
 
 
 def combine(members: Sequence[Path], out: Path, version: str) -> ModelCard:
     """Write the ensemble artifact of ``members`` (artifact directories) to ``out``; the
-    threshold is still the members' mean until :func:`model.threshold.rechoose` runs."""
+    threshold is still the members' mean until :func:`model.training.threshold.rechoose` runs."""
     import keras
 
     cards = [read_card(m) for m in members]
@@ -155,7 +155,7 @@ def combine(members: Sequence[Path], out: Path, version: str) -> ModelCard:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from model.threshold import add_data_arguments, rechoose
+    from model.training.threshold import add_data_arguments, rechoose
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--member", type=Path, action="append", required=True, help="artifact dir")

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.data import LABELS, Record, file_sha256, integrity_problem, read_all
+from model.training.data import LABELS, Record, file_sha256, integrity_problem, read_all
 from model.preprocess import PreprocessError, image_to_uint8
 
 SPLITS = ("train", "val", "test")
@@ -320,11 +320,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     shared = repo.parent / "shared" / "datasets"
     parser.add_argument("--bfmr-dir", type=Path, default=shared / "bone-fracture-multi-region")
     parser.add_argument("--fracatlas-dir", type=Path, default=shared / "fracatlas-train")
-    parser.add_argument("--cache", type=Path, required=True, help="from model.features")
+    parser.add_argument("--cache", type=Path, required=True, help="from model.training.features")
     parser.add_argument("--out", type=Path, default=repo / "model" / "splits" / "split_v1.csv")
     parser.add_argument("--threshold", type=int, default=DEFAULT_THRESHOLD, help="pHash bits")
     parser.add_argument("--min-similarity", type=float, default=DEFAULT_SIMILARITY)
@@ -334,7 +334,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.features import Cache
+    from model.training.features import Cache
 
     t0 = time.time()
     records = read_all(args.bfmr_dir, args.fracatlas_dir)

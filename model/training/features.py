@@ -15,7 +15,7 @@ Views per image (``views`` = 8 by default):
   change (seeded per image).
 
 The pooled ImageNet embedding (frozen top, global average pool) of every view is stored too;
-:mod:`model.split` uses it to find near-duplicates under rotation and flips.
+:mod:`model.training.split` uses it to find near-duplicates under rotation and flips.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from model.data import Record, read_all
+from model.training.data import Record, read_all
 from model.preprocess import PreprocessError, image_to_uint8, to_network_input
 
 CUT_LAYER = "block_13_project_BN"
@@ -128,7 +128,7 @@ def build_cache(
     float16 and ``keys.json`` (keys, labels, rejected) under ``out_dir``."""
     import keras
 
-    from model.network import build_classifier
+    from model.training.network import build_classifier
 
     keras.utils.set_random_seed(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -217,7 +217,7 @@ class Cache:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     shared = repo.parent / "shared"
     p = argparse.ArgumentParser(description="Cache frozen MobileNetV2 activations")
     p.add_argument("--bfmr-dir", type=Path, default=shared / "datasets/bone-fracture-multi-region")

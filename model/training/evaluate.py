@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from model.data import read_labelled_csv
+from model.training.data import read_labelled_csv
 from model.inference import Classifier
-from model.metrics import binary_metrics
+from model.training.metrics import binary_metrics
 from model.preprocess import PreprocessError, load_network_input
 
 REPORT_FILE = "evaluation.json"
@@ -76,7 +76,7 @@ def _flush(
 def evaluate(
     model_dir: Path, manifest: Path, out_dir: Path | None = None, title: str | None = None
 ) -> dict[str, Any]:
-    from model.plots import confusion_plot, history_plot, roc_plot
+    from model.training.plots import confusion_plot, history_plot, roc_plot
 
     t0 = time.time()
     classifier = Classifier.load(model_dir)

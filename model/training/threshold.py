@@ -1,10 +1,10 @@
 """Re-choose an artifact's operating threshold on its validation data, through the shipped
 inference path.
 
-``python -m model.threshold --model DIR [--split-mode ...] [--tta none|d4]``: every validation
+``python -m model.training.threshold --model DIR [--split-mode ...] [--tta none|d4]``: every validation
 file goes through :class:`model.inference.Classifier` exactly as the worker runs it (shared
 preprocessing, the saved network, and the test-time augmentation written into the card with
-``--tta``), and the same rule as training (:func:`model.metrics.threshold_for_sensitivity`)
+``--tta``), and the same rule as training (:func:`model.training.metrics.threshold_for_sensitivity`)
 picks the threshold. Only validation data is used.
 """
 
@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 
 from model.artifact import TEST_TIME_AUGMENTATIONS, read_card, write_card
-from model.data import integrity_problem, read_all
+from model.training.data import integrity_problem, read_all
 from model.inference import Classifier
-from model.metrics import binary_metrics, threshold_for_sensitivity
+from model.training.metrics import binary_metrics, threshold_for_sensitivity
 from model.preprocess import PreprocessError, load_network_input
-from model.train import select
+from model.training.train import select
 
 
 def rechoose(
@@ -77,8 +77,8 @@ def rechoose(
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
-    """The data set, split and split-mode options (shared with :mod:`model.ensemble`)."""
-    repo = Path(__file__).resolve().parent.parent
+    """The data set, split and split-mode options (shared with :mod:`model.experiments.ensemble`)."""
+    repo = Path(__file__).resolve().parents[2]
     shared = repo.parent / "shared" / "datasets"
     p.add_argument("--bfmr-dir", type=Path, default=shared / "bone-fracture-multi-region")
     p.add_argument("--fracatlas-dir", type=Path, default=shared / "fracatlas-train")

@@ -1,14 +1,14 @@
 """Train the MobileNetV2 fracture classifier and write a model artifact.
 
 Transfer learning in two phases, on cached activations of the frozen lower network
-(:mod:`model.features`: every image under several augmented views, view 0 = the exact
+(:mod:`model.training.features`: every image under several augmented views, view 0 = the exact
 inference input):
 
 1. *Frozen base*: all of MobileNetV2 frozen, only the sigmoid head trains (on the cached
    pooled ImageNet embeddings).
 2. *Fine-tuning the top*: every layer after the cache's cut layer unfrozen (batch-norm
    statistics kept frozen, as usual for fine-tuning), trained at a low learning rate on the
-   cached activations of the cut layer (see :mod:`model.features`).
+   cached activations of the cut layer (see :mod:`model.training.features`).
 
 Every epoch draws one random view per training image (rotation / flip / zoom / shift / contrast
 augmentation); validation uses view 0. Class weights balance the labels, and clusters of
@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 
 from model.artifact import MODEL_FILE, ModelCard, write_card
-from model.data import Record, file_sha256, integrity_problem, read_all
-from model.features import CUT_LAYER, Cache, build_cache, split_network
-from model.metrics import binary_metrics, threshold_for_sensitivity
+from model.training.data import Record, file_sha256, integrity_problem, read_all
+from model.training.features import CUT_LAYER, Cache, build_cache, split_network
+from model.training.metrics import binary_metrics, threshold_for_sensitivity
 
 HISTORY_FILE = "history.json"
 
@@ -53,7 +53,7 @@ def select(records: Sequence[Record], mode: str, split_csv: Path | None) -> dict
         return out
     if split_csv is None:
         raise ValueError("--split is required for the leakage-free split")
-    from model.split import read_split_csv
+    from model.training.split import read_split_csv
 
     table = read_split_csv(split_csv)
     return {
@@ -104,7 +104,7 @@ def duplicate_weights(embeddings: np.ndarray, min_similarity: float) -> np.ndarr
     """Per-image weights ``1 / sqrt(cluster size)`` (mean 1) over clusters of near-identical
     training images (embedding cosine >= ``min_similarity`` over the cached views): a
     radiograph copied 20 times in the data set should not count 20 times as much."""
-    from model.split import UnionFind, embedding_similarity
+    from model.training.split import UnionFind, embedding_similarity
 
     sim = embedding_similarity(embeddings)
     uf = UnionFind(len(sim))
@@ -140,7 +140,7 @@ def fit_phase(
     has not improved on this phase's own best epoch for that many epochs (Keras'
     ReduceLROnPlateau rule), before ``patience`` ends the phase."""
     # The phase starts from the previous phase's best: it must beat that, not infinity.
-    best = float(model.evaluate(val[0], val[1], batch_size=256, verbose=0)[0])
+    best = float(model.training.evaluate(val[0], val[1], batch_size=256, verbose=0)[0])
     best_weights, waited = model.get_weights(), 0
     # the plateau is judged against this phase's epochs only: the first fine-tuning epochs
     # may still be worse than the previous phase while they improve quickly
@@ -149,7 +149,7 @@ def fit_phase(
     for epoch in range(epochs):
         t0 = time.time()
         h = model.fit(sampler.epoch(), epochs=1, verbose=0)
-        val_loss, val_acc = model.evaluate(val[0], val[1], batch_size=256, verbose=0)
+        val_loss, val_acc = model.training.evaluate(val[0], val[1], batch_size=256, verbose=0)
         row = {
             "phase": phase,
             "epoch": epoch + 1,
@@ -238,7 +238,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         f"{xf_tr.shape[1]} views; input {args.size}",
         flush=True,
     )
-    from model.network import build_classifier
+    from model.training.network import build_classifier
 
     model, base = build_classifier(args.size, weights=args.weights, dropout=args.dropout)
     _, (top, embed) = split_network(model, base, cache.cut_layer)
@@ -393,7 +393,7 @@ def cache_parity(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     shared = repo.parent / "shared"
     parser.add_argument(
         "--bfmr-dir", type=Path, default=shared / "datasets/bone-fracture-multi-region"
@@ -408,7 +408,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--split-mode", choices=("leakage-free", "original"), default="leakage-free"
     )
-    parser.add_argument("--cache", type=Path, default=None, help="feature cache (model.features)")
+    parser.add_argument("--cache", type=Path, default=None, help="feature cache (model.training.features)")
     parser.add_argument("--out", type=Path, required=True, help="artifact directory to write")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--views", type=int, default=4)

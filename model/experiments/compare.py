@@ -1,7 +1,7 @@
 """Compare two models' evaluation reports on the same files: the AUROC difference with a paired
 bootstrap confidence interval.
 
-``python -m model.compare REPORT_A REPORT_B [--resamples 2000] [--seed 0]`` where each report is
+``python -m model.experiments.compare REPORT_A REPORT_B [--resamples 2000] [--seed 0]`` where each report is
 an ``evaluation.json`` written by ``fracture-triage evaluate`` on the same manifest. Prints one
 JSON object: both AUROCs, ``b - a``, and its 95 % interval from resampling the files (with
 replacement, the same files for both models, so their shared difficulty cancels out), and the
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from model.data import SOURCE_DIRECTORIES, source_of_path
+from model.training.data import SOURCE_DIRECTORIES, source_of_path
 
 
 def paired_auroc_difference(

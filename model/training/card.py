@@ -1,11 +1,11 @@
 """Finish a model artifact: both figures side by side in ``model_card.json`` and ``model_card.md``.
 
-``python -m model.card --artifact DIR --honest-eval DIR --original-eval DIR
+``python -m model.training.card --artifact DIR --honest-eval DIR --original-eval DIR
 --original-artifact DIR --audit AUDIT.json [--size-probe JSON] [--throughput JSON]``
 
 The two figures are always reported together: (1) notebook-comparable, a model trained on the
 bone fracture set's original train split and tested on its original (leaky) test split;
-(2) honest, the shipped model on the leakage-free test split (:mod:`model.split`).
+(2) honest, the shipped model on the leakage-free test split (:mod:`model.training.split`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from model.artifact import ModelCard, read_card, write_card
-from model.data import SOURCE_DIRECTORIES, source_of_path
-from model.metrics import binary_metrics
-from model.plots import history_plot
+from model.training.data import SOURCE_DIRECTORIES, source_of_path
+from model.training.metrics import binary_metrics
+from model.training.plots import history_plot
 
 ROWS = ("n", "accuracy", "auroc", "sensitivity", "specificity", "precision", "f1")
 
@@ -86,7 +86,7 @@ def finish(
     extra["metrics"] = {
         "leakage_free_test": _metrics(honest),
         "original_test_notebook_comparable": _metrics(original),
-        # "val" as training / model.threshold write it; "validation" when finishing again
+        # "val" as training / model.training.threshold write it; "validation" when finishing again
         "validation": previous.get("val") or previous.get("validation"),
         "notebook_reported_original_test_accuracy": 0.96,
     }
@@ -257,40 +257,40 @@ def markdown(card: ModelCard) -> str:
 
 #: The commands that produced the shipped artifact (repository root, ../shared beside it).
 REPRODUCE = [
-    "python -m model.features --views 4 --out CACHE   # frozen lower network, cut after block 13",
-    "python -m model.split --cache CACHE --hash-cache CACHE/hashes.npz   # model/splits/split_v1.*",
-    "python -m model.train --cache CACHE --out RUN --dedup-similarity 0.90   # shipped weights",
-    "python -m model.threshold --model RUN --tta d4   # D4 averaging; threshold on val files",
-    "python -m model.train --split-mode original --cache CACHE --out ORIG --epochs 12",
-    "python -m model.threshold --model ORIG --split-mode original --tta d4",
-    "python -m model.manifests --out-dir EVAL     # original_test.csv, leakage_free_test.csv",
+    "python -m model.training.features --views 4 --out CACHE   # frozen lower network, cut after block 13",
+    "python -m model.training.split --cache CACHE --hash-cache CACHE/hashes.npz   # model/splits/split_v1.*",
+    "python -m model.training.train --cache CACHE --out RUN --dedup-similarity 0.90   # shipped weights",
+    "python -m model.training.threshold --model RUN --tta d4   # D4 averaging; threshold on val files",
+    "python -m model.training.train --split-mode original --cache CACHE --out ORIG --epochs 12",
+    "python -m model.training.threshold --model ORIG --split-mode original --tta d4",
+    "python -m model.training.manifests --out-dir EVAL     # original_test.csv, leakage_free_test.csv",
     "fracture-triage evaluate --model RUN --manifest EVAL/leakage_free_test.csv --out OUT_HONEST",
     "fracture-triage evaluate --model ORIG --manifest EVAL/original_test.csv --out OUT_ORIGINAL",
-    "python -m model.size_probe --cache CACHE --size 320 --n-train 1000",
+    "python -m model.experiments.size_probe --cache CACHE --size 320 --n-train 1000",
     "python -m model.benchmark -n 64",
     "# fine-tuning depth and views (compared on validation, not shipped):",
-    "python -m model.features --views 8 --cut-layer block_5_add --out CACHE8",
-    "python -m model.train --cache CACHE8 --out DEEP --reduce-lr-after 2 --patience 5",
-    "python -m model.train --cache CACHE8 --finetune-from block_14_expand --out VIEWS8 "
+    "python -m model.training.features --views 8 --cut-layer block_5_add --out CACHE8",
+    "python -m model.training.train --cache CACHE8 --out DEEP --reduce-lr-after 2 --patience 5",
+    "python -m model.training.train --cache CACHE8 --finetune-from block_14_expand --out VIEWS8 "
     "--reduce-lr-after 2 --patience 5",
     "# seed ensembles (compared on validation, then tested; not shipped), S in 1235..1238:",
-    "python -m model.train --cache CACHE --out SEED_S --dedup-similarity 0.90 --seed S",
-    "python -m model.ensemble --member RUN --member SEED_1235 ... --member SEED_1238 "
+    "python -m model.training.train --cache CACHE --out SEED_S --dedup-similarity 0.90 --seed S",
+    "python -m model.experiments.ensemble --member RUN --member SEED_1235 ... --member SEED_1238 "
     "--out ENS5 --version 1.2.0 --tta d4",
-    "python -m model.train --cache CACHE --out LOW_S --dedup-similarity 0.90 --seed S "
+    "python -m model.training.train --cache CACHE --out LOW_S --dedup-similarity 0.90 --seed S "
     "--lr-fine 3e-5 --reduce-lr-after 2 --patience 5   # S in 1235..1237",
-    "python -m model.ensemble --member LOW_1235 --member LOW_1236 --member LOW_1237 "
+    "python -m model.experiments.ensemble --member LOW_1235 --member LOW_1236 --member LOW_1237 "
     "--out ENS3 --version 1.2.0 --tta d4",
     "fracture-triage evaluate --model ENS5 --manifest EVAL/leakage_free_test.csv --out OUT_ENS5",
-    "python -m model.compare OUT_HONEST/evaluation.json OUT_ENS5/evaluation.json   # paired CI",
+    "python -m model.experiments.compare OUT_HONEST/evaluation.json OUT_ENS5/evaluation.json   # paired CI",
     "# input 320 against 224 with recipe LOW_S (compared on validation, then tested; not shipped):",
-    "python -m model.features --size 320 --views 4 --out CACHE320",
-    "python -m model.train --cache CACHE320 --size 320 --out S320_S --dedup-similarity 0.90 "
+    "python -m model.training.features --size 320 --views 4 --out CACHE320",
+    "python -m model.training.train --cache CACHE320 --size 320 --out S320_S --dedup-similarity 0.90 "
     "--seed S --lr-fine 3e-5 --reduce-lr-after 2 --patience 5   # S in 1235, 1236",
     "fracture-triage evaluate --model S320_S --manifest EVAL/leakage_free_val.csv --out V320_S",
     "fracture-triage evaluate --model LOW_S --manifest EVAL/leakage_free_val.csv --out V224_S",
-    "python -m model.compare V224_S/evaluation.json V320_S/evaluation.json   # also by source",
-    "python -m model.threshold --model S320_1235 --tta d4   # the candidate; then test as above",
+    "python -m model.experiments.compare V224_S/evaluation.json V320_S/evaluation.json   # also by source",
+    "python -m model.training.threshold --model S320_1235 --tta d4   # the candidate; then test as above",
 ]
 
 

@@ -5,7 +5,7 @@ Fractures are small, so more pixels might help; MobileNetV2's ImageNet weights w
 the same training images at each size and compares AUROC on the validation split (never the
 test split), with a paired bootstrap interval for the difference.
 
-``python -m model.size_probe --cache CACHE_224 --split model/splits/split_v1.csv --size 320``
+``python -m model.experiments.size_probe --cache CACHE_224 --split model/splits/split_v1.csv --size 320``
 """
 
 from __future__ import annotations
@@ -20,18 +20,18 @@ from pathlib import Path
 
 import numpy as np
 
-from model.data import read_all
-from model.features import Cache
+from model.training.data import read_all
+from model.training.features import Cache
 from model.preprocess import image_to_uint8, to_network_input
-from model.split import read_split_csv
+from model.training.split import read_split_csv
 
 
 def pooled_features(paths: Sequence[Path], size: int, weights: str) -> np.ndarray:
     import keras
     import tensorflow as tf
 
-    from model.features import split_network
-    from model.network import build_classifier
+    from model.training.features import split_network
+    from model.training.network import build_classifier
 
     model, base = build_classifier(size, weights=weights)
     lower, (_, embed) = split_network(model, base)
@@ -67,7 +67,7 @@ def probe(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray) -> np.ndarray:
 def main(argv: Sequence[str] | None = None) -> int:
     from sklearn.metrics import roc_auc_score
 
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     shared = repo.parent / "shared"
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bfmr-dir", type=Path, default=shared / "datasets/bone-fracture-multi-region")

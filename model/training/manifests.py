@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from model.data import LABELS, Record, check_image, read_all
-from model.split import read_split_csv
+from model.training.data import LABELS, Record, check_image, read_all
+from model.training.split import read_split_csv
 
 
 def write_manifest(path: Path, records: Sequence[Record]) -> int:
@@ -30,7 +30,7 @@ def write_manifest(path: Path, records: Sequence[Record]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     shared = repo.parent / "shared" / "datasets"
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bfmr-dir", type=Path, default=shared / "bone-fracture-multi-region")
