@@ -12,19 +12,6 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-#: The model the repository ships; ``None`` until one is trained and committed.
-SHIPPED_MODEL_ROOT = Path(__file__).resolve().parent.parent / "model" / "artifacts"
-
-
-def default_model_dir() -> Path | None:
-    """Newest artifact folder under ``model/artifacts`` (the shipped model), if any."""
-    if not SHIPPED_MODEL_ROOT.is_dir():
-        return None
-    candidates = sorted(
-        p for p in SHIPPED_MODEL_ROOT.iterdir() if (p / "model_card.json").is_file()
-    )
-    return candidates[-1] if candidates else None
-
 
 class Settings(BaseSettings):
     """Everything a role (SCP, worker, sweeper, CLI) needs to know about its surroundings."""
@@ -49,7 +36,8 @@ class Settings(BaseSettings):
     max_pixels: int = 100_000_000
 
     # Model
-    model_dir: Path | None = Field(default_factory=default_model_dir)
+    #: model folder; ``None``: the model the package ships (``model.artifact.resolve_model_dir``)
+    model_dir: Path | None = None
 
     # Study reporting
     #: A study is reported once no instance has arrived for this many seconds.

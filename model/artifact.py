@@ -1,22 +1,50 @@
-"""A trained model on disk: ``<dir>/best_model.keras`` plus ``<dir>/model_card.json``.
+"""A trained model on disk: a folder with ``model_card.json``, the inference export
+``model.tflite`` (all the node loads) and ``best_model.keras`` (training's output, kept for
+training and as the reference the export is checked against).
 
 The card holds what every consumer needs: name, version, a UID that changes with every
 retraining (it becomes the Device UID in the SR's Contributing Equipment), the operating
-threshold, the input size and the test-time augmentation the threshold was chosen with.
+threshold, the input size and the test-time augmentation the threshold was chosen with, and
+the export's own record (:class:`ExportInfo`), so that a card and an export that do not belong
+together are refused at load instead of giving silently wrong probabilities.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 MODEL_FILE = "best_model.keras"
 CARD_FILE = "model_card.json"
+EXPORT_FILE = "model.tflite"
 #: ``none``: one forward pass; ``d4``: the mean probability over the image's 8 rotations by
 #: 90 degrees and mirror images (the dihedral group D4, the same transforms training used).
 TEST_TIME_AUGMENTATIONS = ("none", "d4")
+_REQUIRED = ("name", "version", "uid", "threshold", "input_size")
+_OPTIONAL = ("manufacturer", "test_time_augmentation")
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """What ``model.training.export`` wrote: the file, its digest and the graph it holds.
+
+    ``input_size`` and ``test_time_augmentation`` describe the exported graph itself (its
+    input tensor, and whether the 8 D4 views are built inside it); the loader checks them
+    against the card's own fields and the digest against the file.
+    """
+
+    file: str
+    sha256: str
+    input_size: int
+    test_time_augmentation: str
+    format: str = "litert"
+    #: largest |export - Keras| probability over the files it was checked on (None: unchecked)
+    max_abs_difference: float | None = None
+    checked_files: int = 0
 
 
 @dataclass(frozen=True)
@@ -28,6 +56,7 @@ class ModelCard:
     input_size: int
     manufacturer: str = "fracture-triage project"
     test_time_augmentation: str = "none"
+    export: ExportInfo | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -45,19 +74,30 @@ class ModelCard:
 
 
 def read_card(model_dir: Path) -> ModelCard:
+    """The card of ``model_dir``; a missing file or field is a ``FileNotFoundError`` or
+    ``ValueError`` naming the file."""
     path = Path(model_dir) / CARD_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {CARD_FILE} in model directory {model_dir}")
-    data = json.loads(path.read_text())
-    known = {k: data[k] for k in ("name", "version", "uid", "threshold", "input_size") if k in data}
-    missing = {"name", "version", "uid", "threshold", "input_size"} - known.keys()
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    known = {k: data[k] for k in _REQUIRED if k in data}
+    missing = set(_REQUIRED) - known.keys()
     if missing:
         raise ValueError(f"{path} lacks {sorted(missing)}")
-    optional = ("manufacturer", "test_time_augmentation")
-    extra = {k: v for k, v in data.items() if k not in known and k not in optional}
+    export = None
+    if data.get("export") is not None:
+        try:
+            export = ExportInfo(**data["export"])
+        except TypeError as exc:
+            raise ValueError(f"{path}: malformed 'export' section: {exc}") from exc
+    extra = {k: v for k, v in data.items() if k not in (*_REQUIRED, *_OPTIONAL, "export")}
     return ModelCard(
         **known,
-        **{k: data[k] for k in optional if k in data},
+        **{k: data[k] for k in _OPTIONAL if k in data},
+        export=export,
         extra=extra,
     )
 
@@ -66,6 +106,46 @@ def write_card(model_dir: Path, card: ModelCard) -> Path:
     path = Path(model_dir) / CARD_FILE
     data = asdict(card)
     extra = data.pop("extra")
+    if data["export"] is None:
+        data.pop("export")
     data.update(extra)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def shipped_model_dir() -> Path | None:
+    """The newest artifact the package ships (``model/artifacts/<version>/``), found as
+    package data so that a wheel or a non-editable install carries it too; ``None`` if the
+    package ships none."""
+    root = resources.files("model") / "artifacts"
+    if not root.is_dir():
+        return None
+    dirs = [Path(str(p)) for p in root.iterdir() if p.is_dir() and (p / CARD_FILE).is_file()]
+    return max(dirs, key=lambda p: _version_key(p.name), default=None)
+
+
+def _version_key(name: str) -> tuple[int, ...]:
+    return tuple(int(part) if part.isdigit() else -1 for part in name.split("."))
+
+
+def resolve_model_dir(configured: Path | None) -> Path:
+    """The model folder a role uses: the configured one, else the shipped one.
+
+    Raises ``FileNotFoundError`` with a message that says what to set when there is neither.
+    """
+    if configured is not None:
+        return Path(configured)
+    shipped = shipped_model_dir()
+    if shipped is None:
+        raise FileNotFoundError(
+            "no model: the package ships none; set FRACTURE_TRIAGE_MODEL_DIR or pass --model DIR"
+        )
+    return shipped

@@ -1,37 +1,70 @@
-"""The model's subcommands of ``fracture-triage``: ``train``, ``evaluate``, ``classify``.
+"""The model's subcommands of ``fracture-triage``: ``classify``, ``train``, ``evaluate``.
 
-``fracture_triage.cli`` calls :func:`add_commands`; ``python -m model.cli`` runs them alone.
-Each subcommand stores its handler in ``func`` (``args.func(args)`` returns the exit code).
+``fracture_triage.cli`` calls :func:`add_commands`. ``classify`` needs only the node's runtime
+(the LiteRT export); ``train`` and ``evaluate`` need the ``[train]`` extra and, without it,
+exit 2 saying which extra to install. Every handler takes ``(args, settings)`` and returns the
+exit status, like the node's own commands.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+#: What each development command imports beyond the node's runtime (the ``[train]`` extra).
+EXTRA_MODULES = {
+    "train": ("tensorflow", "sklearn", "matplotlib"),
+    "evaluate": ("sklearn", "matplotlib"),
+}
+INSTALL_HINT = "pip install 'fracture-triage[train]'"
+
 
 def add_commands(subparsers: Any) -> None:
-    """Register ``train``, ``evaluate`` and ``classify`` on an argparse subparsers object."""
-    from model import evaluate, train
-
-    p = subparsers.add_parser("train", help="train the fracture classifier, write an artifact")
-    train.add_arguments(p)
-    p.set_defaults(func=lambda a: train.main_args(a))
-
-    p = subparsers.add_parser("evaluate", help="evaluate a model on a labelled CSV manifest")
-    evaluate.add_arguments(p)
-    p.set_defaults(func=evaluate.run)
+    """Register ``classify``, ``train`` and ``evaluate`` on an argparse subparsers object."""
+    from model.training import evaluate, train
 
     p = subparsers.add_parser("classify", help="classify DICOM or picture files and folders")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     p.add_argument("--model", type=Path, default=None, help="artifact dir (default: shipped)")
     p.add_argument("--json", action="store_true", help="one JSON object per input")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.set_defaults(func=classify)
+    p.set_defaults(handler=classify)
+
+    p = subparsers.add_parser(
+        "train", help="train the fracture classifier, write an artifact (needs [train])"
+    )
+    train.add_arguments(p)
+    p.set_defaults(handler=_needs_extra("train", lambda a, s: train.main_args(a)))
+
+    p = subparsers.add_parser(
+        "evaluate", help="evaluate a model on a labelled CSV manifest (needs [train])"
+    )
+    evaluate.add_arguments(p)
+    p.set_defaults(handler=_needs_extra("evaluate", evaluate.run))
+
+
+def missing_extra(command: str) -> list[str]:
+    """The modules of the ``[train]`` extra that ``command`` needs and this install lacks."""
+    return [m for m in EXTRA_MODULES.get(command, ()) if importlib.util.find_spec(m) is None]
+
+
+def _needs_extra(command: str, handler: Any) -> Any:
+    def run(args: argparse.Namespace, settings: Any) -> int:
+        missing = missing_extra(command)
+        if missing:
+            print(
+                f"error: '{command}' needs the [train] extra ({', '.join(missing)} not "
+                f"installed): {INSTALL_HINT}",
+                file=sys.stderr,
+            )
+            return 2
+        return int(handler(args, settings))
+
+    return run
 
 
 def iter_inputs(paths: Sequence[Path]) -> Iterator[Path]:
@@ -46,20 +79,17 @@ def iter_inputs(paths: Sequence[Path]) -> Iterator[Path]:
             yield path
 
 
-def classify(args: argparse.Namespace, settings: Any = None) -> int:
+def classify(args: argparse.Namespace, settings: Any) -> int:
     """``settings``: the entry point's ``Settings`` (its ``model_dir`` is the default model)."""
-    from model.training.evaluate import predict_files
-    from model.inference import Classifier
+    from model.artifact import resolve_model_dir
+    from model.inference import Classifier, ExportError, predict_files
 
-    model_dir = args.model
-    if model_dir is None:
-        from fracture_triage.settings import Settings
-
-        model_dir = (settings or Settings()).model_dir
-    if model_dir is None:
-        print("error: no model; pass --model DIR", file=sys.stderr)
+    try:
+        model_dir = resolve_model_dir(args.model or getattr(settings, "model_dir", None))
+        classifier = Classifier.load(model_dir)
+    except (ExportError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    classifier = Classifier.load(Path(model_dir))
     files = list(iter_inputs(args.paths))
     failed = 0
     for path in args.paths:
@@ -67,7 +97,7 @@ def classify(args: argparse.Namespace, settings: Any = None) -> int:
             files.remove(path)
             failed += 1
             _report(args.json, path, f"no such file or directory: {path}")
-    for path, result in predict_files(classifier, files, batch_size=args.batch_size):
+    for path, result in predict_files(classifier, files):
         if isinstance(result, str):
             failed += 1
             _report(args.json, path, result)
@@ -93,14 +123,3 @@ def _report(as_json: bool, path: Path, error: str) -> None:
     else:
         print(f"{path}: ERROR {error}")
     print(f"error: {path}: {error}", file=sys.stderr)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fracture-triage", description="fracture classifier")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,16 +1,37 @@
-"""Inference: load a model artifact once and classify preprocessed images or files."""
+"""Inference: load a model artifact's LiteRT export once and classify images or files.
+
+This is the one classification path: the worker, ``fracture-triage classify``, evaluation,
+the threshold choice and ``model.benchmark`` all call :class:`Classifier`. It needs LiteRT
+(``ai-edge-litert``) and numpy, never TensorFlow: the export is made from the Keras network at
+ship time by ``model.training.export``, with the card's test-time augmentation built into the
+graph (for ``d4``, the 8 rotations / mirror images of the image run as one batch of 8 and
+the graph returns their mean probability).
+"""
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from model.artifact import MODEL_FILE, ModelCard, read_card
-from model.preprocess import load_network_input
+from model.artifact import ModelCard, file_sha256, read_card
+
+
+class ExportError(RuntimeError):
+    """The artifact's export cannot be used: missing, corrupt, or not the card's network.
+
+    The message names the file; the instance being classified is not at fault.
+    """
+
+
+class ImageError(ValueError):
+    """The input file cannot be read, decoded or turned into the network's input."""
 
 
 @dataclass(frozen=True)
@@ -24,49 +45,62 @@ class Prediction:
 class Classifier:
     """A loaded fracture classifier. Build with :meth:`load`; reuse for every image."""
 
-    def __init__(self, keras_model: Any, card: ModelCard) -> None:
-        self._model = keras_model
+    def __init__(self, interpreter: Any, card: ModelCard) -> None:
+        self._interpreter = interpreter
+        self._input = interpreter.get_input_details()[0]["index"]
+        self._output = interpreter.get_output_details()[0]["index"]
+        # one interpreter holds one set of tensors: calls from several threads take turns
+        self._lock = threading.Lock()
         self.card = card
-        self._forward: Any = None
-
-    def _compiled(self) -> Any:
-        """The forward pass as one traced graph (built on first use, in the process that uses
-        it): calling a Keras model eagerly dispatches ~150 layers one by one, several times
-        slower per image on a CPU."""
-        if self._forward is None:
-            import tensorflow as tf
-
-            size = self.input_size
-            spec = tf.TensorSpec((None, size, size, 3), tf.float32)
-            model = self._model
-            if self.card.test_time_augmentation == "d4":
-
-                def forward(x: Any) -> Any:
-                    # the 8 rotations / mirror images of every image in one batch, then the
-                    # mean probability per image
-                    mirrored = tf.reverse(x, [2])
-                    views = [tf.image.rot90(v, k) for v in (x, mirrored) for k in range(4)]
-                    p = model(tf.concat(views, 0), training=False)
-                    return tf.reduce_mean(tf.reshape(p, (8, -1)), axis=0)
-
-            else:
-
-                def forward(x: Any) -> Any:
-                    return model(x, training=False)
-
-            self._forward = tf.function(forward, input_signature=[spec])
-        return self._forward
 
     @classmethod
-    def load(cls, model_dir: Path) -> Classifier:
+    def load(cls, model_dir: Path, num_threads: int | None = None) -> Classifier:
+        """Load ``model_dir``'s export after checking it against the card.
+
+        ``num_threads``: LiteRT's CPU threads for one inference (``None``: its default).
+        Raises :class:`ExportError` naming the file when the card has no export record, the
+        file is missing or its digest differs (corrupt or replaced), LiteRT cannot load it, or
+        its input size or test-time augmentation is not the card's.
+        """
         model_dir = Path(model_dir)
         card = read_card(model_dir)
-        model_file = model_dir / MODEL_FILE
-        if not model_file.is_file():
-            raise FileNotFoundError(f"no {MODEL_FILE} in model directory {model_dir}")
-        import keras
+        info = card.export
+        if info is None:
+            raise ExportError(
+                f"{model_dir / 'model_card.json'} records no inference export; make one with "
+                f"python -m model.training.export --model {model_dir}"
+            )
+        path = model_dir / info.file
+        if not path.is_file():
+            raise ExportError(f"no export file {path} (the card names {info.file})")
+        if file_sha256(path) != info.sha256:
+            raise ExportError(
+                f"{path} does not match the sha256 its card records: corrupt or replaced"
+            )
+        if info.input_size != card.input_size:
+            raise ExportError(
+                f"{path} takes {info.input_size} px images but the card says {card.input_size}"
+            )
+        if info.test_time_augmentation != card.test_time_augmentation:
+            raise ExportError(
+                f"{path} was exported with test-time augmentation "
+                f"{info.test_time_augmentation!r} but the card says "
+                f"{card.test_time_augmentation!r}; export again"
+            )
+        from ai_edge_litert.interpreter import Interpreter
 
-        return cls(keras.models.load_model(model_file, compile=False), card)
+        try:
+            interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
+            interpreter.allocate_tensors()
+        except (RuntimeError, ValueError) as exc:
+            raise ExportError(f"LiteRT cannot load {path}: {exc}") from exc
+        shape = tuple(interpreter.get_input_details()[0]["shape"])
+        if shape != (1, card.input_size, card.input_size, 3):
+            raise ExportError(
+                f"{path} has input shape {shape}, expected (1, {card.input_size}, "
+                f"{card.input_size}, 3) for the card's input size"
+            )
+        return cls(interpreter, card)
 
     @property
     def threshold(self) -> float:
@@ -76,21 +110,45 @@ class Classifier:
     def input_size(self) -> int:
         return self.card.input_size
 
+    def predict(self, image: np.ndarray) -> float:
+        """Fracture probability of one ``(size, size, 3)`` image with values 0..255 (with the
+        card's test-time augmentation, which runs inside the export)."""
+        if image.shape != (self.input_size, self.input_size, 3):
+            raise ValueError(
+                f"expected a ({self.input_size}, {self.input_size}, 3) image, got {image.shape}"
+            )
+        batch = np.ascontiguousarray(image[np.newaxis], dtype=np.float32)
+        with self._lock:
+            self._interpreter.set_tensor(self._input, batch)
+            self._interpreter.invoke()
+            return float(self._interpreter.get_tensor(self._output).reshape(-1)[0])
+
     def predict_batch(self, images: np.ndarray) -> np.ndarray:
         """Fracture probabilities for ``(N, size, size, 3)`` images with values 0..255."""
-        if images.ndim != 4 or images.shape[1:] != (self.input_size, self.input_size, 3):
-            raise ValueError(
-                f"expected (N, {self.input_size}, {self.input_size}, 3) images, got {images.shape}"
-            )
-        out = self._compiled()(images.astype(np.float32))
-        return np.asarray(out, dtype=np.float64).reshape(-1)
+        if images.ndim != 4:
+            raise ValueError(f"expected (N, size, size, 3) images, got {images.shape}")
+        return np.array([self.predict(image) for image in images], dtype=np.float64)
+
+    def prepare(self, path: Path, max_pixels: int | None = None) -> np.ndarray:
+        """The network input of one DICOM or picture file; :class:`ImageError` with the reason
+        when the file cannot be read or decoded."""
+        from model.preprocess import PreprocessError, load_network_input
+
+        try:
+            return load_network_input(Path(path), self.input_size, max_pixels=max_pixels)
+        except PreprocessError as exc:
+            raise ImageError(str(exc)) from exc
+        except OSError as exc:
+            raise ImageError(f"unreadable file {Path(path).name}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - decoders raise anything (KeyError, ...)
+            raise ImageError(f"{type(exc).__name__}: {exc}") from exc
 
     def classify_file(self, path: Path, max_pixels: int | None = None) -> Prediction:
-        """Preprocess one DICOM or picture file and classify it."""
+        """Preprocess one DICOM or picture file and classify it (the worker's path)."""
         t0 = time.perf_counter()
-        image = load_network_input(Path(path), self.input_size, max_pixels=max_pixels)
+        image = self.prepare(path, max_pixels=max_pixels)
         t1 = time.perf_counter()
-        probability = float(self.predict_batch(image[np.newaxis])[0])
+        probability = self.predict(image)
         t2 = time.perf_counter()
         return Prediction(
             probability=probability,
@@ -98,3 +156,23 @@ class Classifier:
             preprocess_ms=(t1 - t0) * 1000,
             inference_ms=(t2 - t1) * 1000,
         )
+
+
+def predict_files(
+    classifier: Classifier, paths: Sequence[Path], workers: int = 2
+) -> Iterator[tuple[Path, float | str]]:
+    """Probabilities in input order; a failing file yields its error message instead.
+
+    Decoding runs in a small thread pool (Pillow's and pydicom's decoders release the GIL)
+    while the network classifies the file before.
+    """
+
+    def load(path: Path) -> np.ndarray | str:
+        try:
+            return classifier.prepare(path)
+        except ImageError as exc:
+            return str(exc)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for path, item in zip(paths, pool.map(load, paths), strict=True):
+            yield path, (item if isinstance(item, str) else classifier.predict(item))

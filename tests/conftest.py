@@ -84,4 +84,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             input_size=96,
         ),
     )
+    from model.training.export import export
+
+    export(out)  # the node loads the LiteRT export, as it does the shipped model's
     return out

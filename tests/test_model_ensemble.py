@@ -6,14 +6,16 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from model.artifact import MODEL_FILE, read_card
+from model.artifact import MODEL_FILE, read_card, write_card
 from model.inference import Classifier
+from model.training.export import export
 from tests.conftest import REPO, SHARED, require
 
 WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet_1.0_224_no_top.h5"
@@ -38,7 +40,7 @@ def small_split(path: Path, per_label: int = 6) -> Path:
 
 
 def train_member(tmp: Path, split: Path, seed: int) -> Path:
-    from model import train
+    from model.training import train
 
     parser = argparse.ArgumentParser()
     train.add_arguments(parser)
@@ -67,7 +69,7 @@ def train_member(tmp: Path, split: Path, seed: int) -> Path:
 
 @pytest.mark.timeout(300)
 def test_ensemble_answers_the_mean_of_its_members(tmp_path: Path) -> None:
-    from model import ensemble
+    from model.experiments import ensemble
 
     split = small_split(tmp_path / "split.csv")
     members = [train_member(tmp_path, split, seed) for seed in (1, 2)]
@@ -94,10 +96,13 @@ def test_ensemble_answers_the_mean_of_its_members(tmp_path: Path) -> None:
     images = sorted((FRACATLAS / "images").glob("*.jpg"))[:3]
     combined = Classifier.load(out)
     singles = []
-    for member in members:
-        clf = Classifier.load(member)
+    for i, member in enumerate(members):
         # the members' own cards carry no TTA: compare like with like
-        clf.card = dataclasses.replace(clf.card, test_time_augmentation="d4")
+        d4 = tmp_path / f"member_d4_{i}"
+        shutil.copytree(member, d4)
+        write_card(d4, dataclasses.replace(read_card(d4), test_time_augmentation="d4"))
+        export(d4)
+        clf = Classifier.load(d4)
         singles.append([clf.classify_file(p).probability for p in images])
     got = [combined.classify_file(p).probability for p in images]
     assert not np.allclose(singles[0], singles[1], atol=1e-4), "the seeds trained alike"

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from model.artifact import MODEL_FILE, ModelCard, read_card, write_card
-from model.training.evaluate import REPORT_FILE, evaluate
 from model.inference import Classifier
+from model.training.export import export
+from model.training.evaluate import REPORT_FILE, evaluate
 from tests.conftest import REPO, SHARED, require
 
 IMAGES = SHARED / "datasets" / "fracatlas-train" / "images"
@@ -35,6 +36,7 @@ def brightness_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out_dir = tmp_path_factory.mktemp("brightness")
     model.save(out_dir / MODEL_FILE)
     write_card(out_dir, ModelCard("brightness", "test", "2.25.42", 0.5, 64))
+    export(out_dir)
     return out_dir
 
 
@@ -101,7 +103,7 @@ def test_classify_json_files_and_folders(brightness_model_dir: Path, tmp_path: P
         shutil.copy(f, folder / f.name)
     (folder / "zz_broken.jpg").write_bytes(b"not an image at all")
     proc = subprocess.run(
-        [sys.executable, "-m", "model.cli", "classify", "--json",
+        [sys.executable, "-m", "fracture_triage.cli", "classify", "--json",
          "--model", str(brightness_model_dir),
          str(files[0]), str(folder), str(tmp_path / "missing.dcm")],
         cwd=REPO, capture_output=True, text=True, timeout=120,

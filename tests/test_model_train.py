@@ -19,7 +19,7 @@ SPLIT = REPO / "model" / "splits" / "split_v1.csv"
 
 @pytest.mark.timeout(300)
 def test_training_smoke_run(tmp_path: Path) -> None:
-    from model import train
+    from model.training import train
 
     parser = argparse.ArgumentParser()
     train.add_arguments(parser)

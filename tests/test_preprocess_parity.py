@@ -193,6 +193,9 @@ def classifier(tmp_path_factory: pytest.TempPathFactory) -> Classifier:
         input_size=96,
     )
     write_card(out, card)
+    from model.training.export import export
+
+    export(out)
     return Classifier.load(out)
 
 

@@ -13,11 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import numpy as np
 from celery import Celery, Task
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import exc as sa_exc
@@ -107,11 +105,9 @@ class WorkerState:
             return self._sessions
 
     def model_dir(self) -> Path:
-        if self.settings.model_dir is None:
-            raise RuntimeError(
-                "no model configured (settings.model_dir / FRACTURE_TRIAGE_MODEL_DIR)"
-            )
-        return Path(self.settings.model_dir)
+        from model.artifact import resolve_model_dir
+
+        return resolve_model_dir(self.settings.model_dir)
 
     def card(self) -> ModelCard:
         """The model card (name, version, UID): cheap, read without loading TensorFlow."""
@@ -207,32 +203,27 @@ def classify(state: WorkerState, payload: Any) -> str:
     # not the instance's fault: the error propagates and the instance stays queued.
     classifier = state.classifier()
 
-    from model.preprocess import load_network_input
+    from model.inference import ImageError
 
-    t0 = time.perf_counter()
     try:
-        image = load_network_input(
-            path, classifier.input_size, max_pixels=state.settings.max_pixels
-        )
-    except Exception as exc:  # decoders raise anything: ValueError, RuntimeError, KeyError ...
-        reason = f"cannot decode or preprocess: {_reason(exc)}"
+        # the one classification path, shared with `classify` and model.benchmark
+        prediction = classifier.classify_file(path, max_pixels=state.settings.max_pixels)
+    except ImageError as exc:
+        reason = f"cannot decode or preprocess: {exc}"
         with sessions() as session:
             repository.mark_failed(session, msg.instance_id, reason)
         log.warning("instance %s failed: %s", msg.sop_instance_uid, reason)
         return "failed"
-    t1 = time.perf_counter()
-    probability = float(classifier.predict_batch(image[np.newaxis])[0])
-    t2 = time.perf_counter()
 
     c = repository.Classification(
-        probability=probability,
+        probability=prediction.probability,
         threshold=classifier.threshold,
-        fracture=probability >= classifier.threshold,
+        fracture=prediction.fracture,
         model_name=classifier.card.name,
         model_version=classifier.card.version,
         model_uid=classifier.card.uid,
-        preprocess_ms=(t1 - t0) * 1000,
-        inference_ms=(t2 - t1) * 1000,
+        preprocess_ms=prediction.preprocess_ms,
+        inference_ms=prediction.inference_ms,
     )
     with sessions() as session:
         repository.save_result(session, msg.instance_id, c)

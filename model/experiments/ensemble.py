@@ -151,7 +151,9 @@ def combine(members: Sequence[Path], out: Path, version: str) -> ModelCard:
         },
     )
     write_card(out, card)
-    return card
+    from model.training.export import export
+
+    return export(out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,66 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from model.inference import Classifier, predict_files
 from model.training.data import read_labelled_csv
-from model.inference import Classifier
 from model.training.metrics import binary_metrics
-from model.preprocess import PreprocessError, load_network_input
 
 REPORT_FILE = "evaluation.json"
-
-
-def _load(path: Path, size: int) -> np.ndarray | str:
-    try:
-        return load_network_input(path, size)
-    except PreprocessError as exc:
-        return str(exc)
-    except OSError as exc:
-        return f"unreadable file {path.name}: {exc}"
-
-
-def predict_files(
-    classifier: Classifier, paths: Sequence[Path], batch_size: int = 16, workers: int = 2
-) -> Iterator[tuple[Path, float | str]]:
-    """Probabilities in input order; a failing file yields its error message instead.
-
-    Decoding runs in a small thread pool (Pillow and pydicom's decoders release the GIL) while
-    the network classifies the previous batch.
-    """
-    size = classifier.input_size
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        loaded = pool.map(lambda p: _load(p, size), paths)
-        batch: list[tuple[Path, np.ndarray]] = []
-        pending: list[tuple[Path, float | str]] = []
-        for path, item in zip(paths, loaded, strict=True):
-            if isinstance(item, str):
-                pending.append((path, item))
-            else:
-                batch.append((path, item))
-                pending.append((path, "pending"))
-            if len(batch) >= batch_size:
-                yield from _flush(classifier, batch, pending)
-        yield from _flush(classifier, batch, pending)
-
-
-def _flush(
-    classifier: Classifier,
-    batch: list[tuple[Path, np.ndarray]],
-    pending: list[tuple[Path, float | str]],
-) -> Iterator[tuple[Path, float | str]]:
-    probs = iter(
-        classifier.predict_batch(np.stack([x for _, x in batch])).tolist() if batch else []
-    )
-    for path, state in pending:
-        yield path, (next(probs) if state == "pending" else state)
-    batch.clear()
-    pending.clear()
 
 
 def evaluate(
@@ -142,10 +92,9 @@ def run(args: argparse.Namespace, settings: Any = None) -> int:
     model_dir = args.model
     if model_dir is None:
         from fracture_triage.settings import Settings
+        from model.artifact import resolve_model_dir
 
-        model_dir = (settings or Settings()).model_dir
-        if model_dir is None:
-            raise SystemExit("no model: pass --model DIR")
+        model_dir = resolve_model_dir((settings or Settings()).model_dir)
     report = evaluate(model_dir, args.manifest, args.out, args.title)
     keys = ("n", "accuracy", "auroc", "sensitivity", "specificity", "precision", "f1")
     print(json.dumps({k: report[k] for k in keys}))

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from model.artifact import TEST_TIME_AUGMENTATIONS, read_card, write_card
+from model.inference import Classifier, ImageError
 from model.training.data import integrity_problem, read_all
-from model.inference import Classifier
+from model.training.export import export
 from model.training.metrics import binary_metrics, threshold_for_sensitivity
-from model.preprocess import PreprocessError, load_network_input
 from model.training.train import select
 
 
@@ -43,23 +43,23 @@ def rechoose(
     if tta is not None:
         card = dataclasses.replace(card, test_time_augmentation=tta)
         write_card(model_dir, card)
+    # the threshold is chosen through the export the node will load, so it is (re)made here,
+    # with the augmentation the card now names
+    card = export(model_dir)
     target = card.extra["training"]["target_sensitivity"]
     records = read_all(bfmr_dir, fracatlas_dir)
     val = set(select(records, split_mode, split)["val"])
     clf = Classifier.load(model_dir)
-    labels, images = [], []
+    labels, probs = [], []
     for rec in records:
         if rec.key not in val or integrity_problem(rec.path):
             continue
         try:
-            images.append(load_network_input(rec.path, clf.input_size))
-        except PreprocessError:
+            probs.append(clf.predict(clf.prepare(rec.path)))
+        except ImageError:
             continue  # unreadable images never trained or validated either
         labels.append(rec.label)
-    y = np.array(labels)
-    prob = np.concatenate(
-        [clf.predict_batch(np.stack(images[i : i + 32])) for i in range(0, len(images), 32)]
-    )
+    y, prob = np.array(labels), np.array(probs)
     threshold = threshold_for_sensitivity(y, prob, target)
     extra = dict(card.extra)
     extra["metrics"] = {**extra.get("metrics", {}), "val": binary_metrics(y, prob, threshold)}

@@ -140,7 +140,7 @@ def fit_phase(
     has not improved on this phase's own best epoch for that many epochs (Keras'
     ReduceLROnPlateau rule), before ``patience`` ends the phase."""
     # The phase starts from the previous phase's best: it must beat that, not infinity.
-    best = float(model.training.evaluate(val[0], val[1], batch_size=256, verbose=0)[0])
+    best = float(model.evaluate(val[0], val[1], batch_size=256, verbose=0)[0])
     best_weights, waited = model.get_weights(), 0
     # the plateau is judged against this phase's epochs only: the first fine-tuning epochs
     # may still be worse than the previous phase while they improve quickly
@@ -149,7 +149,7 @@ def fit_phase(
     for epoch in range(epochs):
         t0 = time.time()
         h = model.fit(sampler.epoch(), epochs=1, verbose=0)
-        val_loss, val_acc = model.training.evaluate(val[0], val[1], batch_size=256, verbose=0)
+        val_loss, val_acc = model.evaluate(val[0], val[1], batch_size=256, verbose=0)
         row = {
             "phase": phase,
             "epoch": epoch + 1,
@@ -355,6 +355,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         },
     )
     write_card(args.out, card)
+    from model.training.export import export
+
+    card = export(args.out)  # what the node loads: the network as LiteRT
     print(json.dumps({"threshold": card.threshold, "metrics": metrics}, indent=1))
     print(f"saved {args.out / MODEL_FILE} ({train_seconds:.0f}s)")
     return {"card": card, "history": history, "metrics": metrics}
