@@ -17,9 +17,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from model.training.evaluate import predict_files
+from model.imaging import PreprocessError, load_network_input
 from model.inference import Classifier
-from model.preprocess import PreprocessError, load_network_input
+from model.training.evaluate import predict_files
 
 
 def picture_files(bfmr_dir: Path, n: int) -> list[Path]:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from model.artifact import MODEL_FILE, ModelCard, read_card
-from model.preprocess import load_network_input
+from model.imaging import load_network_input
 
 
 @dataclass(frozen=True)

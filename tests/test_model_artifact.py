@@ -45,8 +45,8 @@ def test_d4_test_time_augmentation_gives_one_answer_for_every_orientation(
     import numpy as np
 
     from model.artifact import write_card
+    from model.imaging import load_network_input
     from model.training.features import dihedral_view
-    from model.preprocess import load_network_input
 
     d4_dir = tmp_path / "d4"
     shutil.copytree(tiny_model_dir, d4_dir)

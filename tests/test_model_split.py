@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from model.imaging import image_to_uint8
 from model.training.data import check_image, read_all
-from model.preprocess import image_to_uint8
 from model.training.split import (
     assign_splits,
     dihedral_distance_to_all,

@@ -207,7 +207,7 @@ def classify(state: WorkerState, payload: Any) -> str:
     # not the instance's fault: the error propagates and the instance stays queued.
     classifier = state.classifier()
 
-    from model.preprocess import load_network_input
+    from model.imaging import load_network_input
 
     t0 = time.perf_counter()
     try:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from model.imaging import image_to_uint8, to_network_input
 from model.training.data import read_all
 from model.training.features import Cache
-from model.preprocess import image_to_uint8, to_network_input
 from model.training.split import read_split_csv
 
 

@@ -142,7 +142,7 @@ def markdown(card: ModelCard) -> str:
         f"- UID (Device UID in the SR): `{card.uid}` (new whenever the answers change: "
         "retraining, threshold or test-time augmentation)",
         f"- Input: {card.input_size} x {card.input_size} RGB, 0..255 (rescaled inside the "
-        "network); any DICOM or picture goes through `model.preprocess.load_network_input`.",
+        "network); any DICOM or picture goes through `model.imaging.load_network_input`.",
         f"- Operating threshold: **{card.threshold:.4f}** (chosen on validation data for "
         f"sensitivity >= {tr['target_sensitivity']})",
         f"- Architecture: {x['architecture']}",

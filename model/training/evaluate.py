@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from model.training.data import read_labelled_csv
+from model.imaging import PreprocessError, load_network_input
 from model.inference import Classifier
+from model.training.data import read_labelled_csv
 from model.training.metrics import binary_metrics
-from model.preprocess import PreprocessError, load_network_input
 
 REPORT_FILE = "evaluation.json"
 

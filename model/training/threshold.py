@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from model.artifact import TEST_TIME_AUGMENTATIONS, read_card, write_card
-from model.training.data import integrity_problem, read_all
+from model.imaging import PreprocessError, load_network_input
 from model.inference import Classifier
+from model.training.data import integrity_problem, read_all
 from model.training.metrics import binary_metrics, threshold_for_sensitivity
-from model.preprocess import PreprocessError, load_network_input
 from model.training.train import select
 
 

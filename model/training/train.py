@@ -378,7 +378,7 @@ def cache_parity(
 ) -> float:
     """Largest probability difference between the whole saved network on files read through
     the shared preprocessing and the cached-activation path training used (float16 cache)."""
-    from model.preprocess import load_network_input
+    from model.imaging import load_network_input
 
     # the order of ``p_cached``: validation keys by cache index, as ``arrays`` builds them
     keys = sorted(
