@@ -48,8 +48,8 @@ def iter_inputs(paths: Sequence[Path]) -> Iterator[Path]:
 
 def classify(args: argparse.Namespace, settings: Any = None) -> int:
     """``settings``: the entry point's ``Settings`` (its ``model_dir`` is the default model)."""
-    from model.training.evaluate import predict_files
     from model.inference import Classifier
+    from model.training.evaluate import predict_files
 
     model_dir = args.model
     if model_dir is None:

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from model.artifact import MODEL_FILE, ModelCard, read_card, write_card
-from model.training.evaluate import REPORT_FILE, evaluate
 from model.inference import Classifier
+from model.training.evaluate import REPORT_FILE, evaluate
 from tests.conftest import REPO, SHARED, require
 
 IMAGES = SHARED / "datasets" / "fracatlas-train" / "images"

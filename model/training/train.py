@@ -408,7 +408,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--split-mode", choices=("leakage-free", "original"), default="leakage-free"
     )
-    parser.add_argument("--cache", type=Path, default=None, help="feature cache (model.training.features)")
+    parser.add_argument(
+        "--cache", type=Path, default=None, help="feature cache (model.training.features)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="artifact directory to write")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--views", type=int, default=4)
