@@ -1,8 +1,9 @@
 """Checks a received object passes before it is stored (PS3.4 B.2.3, PS3.3 C.7.6.3).
 
 The checks read the header only: pixel data is never decoded here (the worker does that).
-The Image Pixel Module checks are the worker's own (``model.preprocess``, which imports no
-TensorFlow), so the node and the worker cannot disagree on what a consistent header is.
+The Image Pixel Module checks are the worker's own (``model.imaging``, pure numpy / pydicom,
+which loads no network runtime), so the node and the worker cannot disagree on what a
+consistent header is.
 They refuse what could not be stored safely or classified at all, with a C-STORE failure
 status, and note what can be stored but not classified (colour, multi-frame) so that the
 instance is recorded as failed at once instead of queued.
@@ -20,7 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from dicom_node.contexts import STORAGE_SOP_CLASSES
-from model.preprocess import (
+from model.imaging import (
     PixelGeometry,
     PreprocessError,
     UnreadablePixelDataError,
@@ -94,7 +95,7 @@ def usable_uids(ds: Dataset) -> Uids | None:
 
 
 def _check_pixels(ds: Dataset, transfer_syntax: UID, max_pixels: int) -> PixelGeometry:
-    """Image Pixel Module against Pixel Data: :func:`model.preprocess.check_pixel_geometry`.
+    """Image Pixel Module against Pixel Data: :func:`model.imaging.check_pixel_geometry`.
 
     The one implementation the worker's preprocessing shares, mapped to C-STORE statuses:
     0xA900 for an inconsistent header or Pixel Data, 0xC000 when Pixel Data cannot be read.

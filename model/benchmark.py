@@ -17,8 +17,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from model.imaging import PreprocessError, load_network_input
 from model.inference import Classifier
-from model.preprocess import PreprocessError, load_network_input
 from model.training.evaluate import predict_files
 
 

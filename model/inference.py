@@ -132,7 +132,7 @@ class Classifier:
     def prepare(self, path: Path, max_pixels: int | None = None) -> np.ndarray:
         """The network input of one DICOM or picture file; :class:`ImageError` with the reason
         when the file cannot be read or decoded."""
-        from model.preprocess import PreprocessError, load_network_input
+        from model.imaging import PreprocessError, load_network_input
 
         try:
             return load_network_input(Path(path), self.input_size, max_pixels=max_pixels)

@@ -70,7 +70,7 @@ def test_d4_export_gives_one_answer_for_every_orientation(
 ) -> None:
     """With ``test_time_augmentation = d4`` exported, a radiograph scanned rotated or mirrored
     gets the same probability, the mean of the 8 single-pass answers."""
-    from model.preprocess import load_network_input
+    from model.imaging import load_network_input
     from model.training.export import export
     from model.training.features import dihedral_view
 
@@ -157,4 +157,3 @@ def test_classifying_loads_no_tensorflow(tiny_model_dir: Path) -> None:
     probability, heavy = out.split(" ", 1)
     assert 0.0 <= float(probability) <= 1.0
     assert heavy.strip() == "[]"
-

@@ -13,8 +13,8 @@ import pytest
 
 from model.artifact import MODEL_FILE, ModelCard, read_card, write_card
 from model.inference import Classifier
-from model.training.export import export
 from model.training.evaluate import REPORT_FILE, evaluate
+from model.training.export import export
 from tests.conftest import REPO, SHARED, require
 
 IMAGES = SHARED / "datasets" / "fracatlas-train" / "images"

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from model.preprocess import image_to_uint8
+from model.imaging import image_to_uint8
 from model.training.data import check_image, read_all
 from model.training.split import (
     assign_splits,

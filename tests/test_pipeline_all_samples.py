@@ -7,7 +7,7 @@ SOP class in the file's own transfer syntax (Implicit VR Little Endian for the b
 without File Meta, PS3.10 7.1). Then:
 
 - each SOP Instance UID whose first successfully sent file decodes (the shared
-  ``model.preprocess.load_gray_uint8`` raises no ``PreprocessError``) ends ``done`` with one
+  ``model.imaging.load_gray_uint8`` raises no ``PreprocessError``) ends ``done`` with one
   probability, and is referenced by its study's latest SR;
 - each ``BAD_`` file is refused (at negotiation, or it cannot even be sent), answered with a
   failure status, or recorded ``failed`` with a reason: never classified;
@@ -43,7 +43,7 @@ from sqlalchemy import func, select
 
 from db.models import Instance, Result, SRDocument, Study
 from db.session import make_engine, make_session_factory
-from model.preprocess import PreprocessError, load_gray_uint8
+from model.imaging import PreprocessError, load_gray_uint8
 from tests.servers import OrthancServer, orthanc_server
 from tests.test_cli_up import (  # noqa: F401 - ``node`` is a fixture, used by name
     _referenced_sops,

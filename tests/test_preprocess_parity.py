@@ -30,13 +30,13 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from model.inference import Classifier
-from model.preprocess import (
+from model.imaging import (
     image_to_uint8,
     load_gray_uint8,
     load_network_input,
     to_network_input,
 )
+from model.inference import Classifier
 from tests.conftest import SHARED, require
 
 # Real pictures of the training data: grayscale PNG, RGB JPEG, grayscale JPEG, FracAtlas.

@@ -18,7 +18,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from model.preprocess import (
+from model.imaging import (
     PreprocessError,
     check_pixel_data,
     dataset_to_uint8,
@@ -256,7 +256,7 @@ def test_contradicting_presentation_lut_shape_follows_photometric_interpretation
     """MONOCHROME2 + INVERSE is non-conformant for DX (C.8.11.6): no second inversion, a warning."""
     ds = read_dataset(sample("DX_thorax_MONO1_8b_odd169x211_EVRLE.dcm"))
     twin = _inverted_copy(ds, "MONOCHROME2", "INVERSE")
-    with caplog.at_level(logging.WARNING, logger="model.preprocess"):
+    with caplog.at_level(logging.WARNING, logger="model.imaging"):
         rendered = dataset_to_uint8(twin)
     assert np.abs(rendered.astype(np.int16) - dataset_to_uint8(ds)).max() <= 1
     assert "contradicts MONOCHROME2" in caplog.text
@@ -276,7 +276,7 @@ def test_window_in_offset_value_space_is_recovered(caplog: pytest.LogCaptureFixt
     ds = read_dataset(sample(name))
     naive = apply_voi_lut(ds.pixel_array, ds)
     assert naive.min() == naive.max(), "pydicom changed: the trap is gone"
-    with caplog.at_level(logging.WARNING, logger="model.preprocess"):
+    with caplog.at_level(logging.WARNING, logger="model.imaging"):
         image = dataset_to_uint8(ds)
     assert "shifted by -32768" in caplog.text
     assert np.mean((image > 0) & (image < 255)) > 0.3
@@ -410,7 +410,7 @@ def test_signed_pixels_render_like_unsigned() -> None:
 def test_unusable_window_falls_back_to_full_range(caplog: pytest.LogCaptureFixture) -> None:
     ds = read_dataset(sample(CHEST_440))
     ds.WindowWidth = 0
-    with caplog.at_level(logging.WARNING, logger="model.preprocess"):
+    with caplog.at_level(logging.WARNING, logger="model.imaging"):
         image = dataset_to_uint8(ds)
     assert "ignoring invalid Window" in caplog.text
     del ds.WindowCenter, ds.WindowWidth

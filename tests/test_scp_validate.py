@@ -27,7 +27,7 @@ from dicom_node.validate import (
     check_dataset,
     is_valid_uid,
 )
-from model.preprocess import encapsulated_fragment_bytes
+from model.imaging import encapsulated_fragment_bytes
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 

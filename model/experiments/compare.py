@@ -1,12 +1,12 @@
 """Compare two models' evaluation reports on the same files: the AUROC difference with a paired
 bootstrap confidence interval.
 
-``python -m model.experiments.compare REPORT_A REPORT_B [--resamples 2000] [--seed 0]`` where each report is
-an ``evaluation.json`` written by ``fracture-triage evaluate`` on the same manifest. Prints one
-JSON object: both AUROCs, ``b - a``, and its 95 % interval from resampling the files (with
-replacement, the same files for both models, so their shared difficulty cancels out), and the
-same per shared data set (``by_source``) where the files come from them: the two sets come from
-different hospitals, and a change can help one and not the other.
+``python -m model.experiments.compare REPORT_A REPORT_B [--resamples 2000] [--seed 0]`` where
+each report is an ``evaluation.json`` written by ``fracture-triage evaluate`` on the same
+manifest. Prints one JSON object: both AUROCs, ``b - a``, and its 95 % interval from resampling
+the files (with replacement, the same files for both models, so their shared difficulty cancels
+out), and the same per shared data set (``by_source``) where the files come from them: the two
+sets come from different hospitals, and a change can help one and not the other.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 ``python -m model.experiments.ensemble --member RUN --member RUN ... --out DIR [--tta d4]``
 
-Every member must come from the same feature cache (:mod:`model.training.features`): the layers up to
-the cache's cut are frozen ImageNet layers, identical in every member, so the combined network
+Every member must come from the same feature cache (:mod:`model.training.features`): the layers
+up to the cache's cut are frozen ImageNet layers, identical in every member, so the combined network
 runs them once and then each member's fine-tuned top; its output is the mean of the members'
 probabilities. The result is an ordinary artifact (one ``best_model.keras`` taking 0..255 RGB
 images, one probability out), so the worker, ``classify`` and ``evaluate`` use it unchanged.
@@ -34,7 +34,8 @@ SHARED_TRAINING = ("split_mode", "split_file_sha256", "cache_cut_layer", "target
 
 
 def base_network(model: Any) -> Any:
-    """The MobileNetV2 sub-network inside a network from :func:`model.training.network.build_classifier`."""
+    """The MobileNetV2 sub-network inside a network from
+    :func:`model.training.network.build_classifier`."""
     import keras
 
     nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]

@@ -5,7 +5,8 @@ Fractures are small, so more pixels might help; MobileNetV2's ImageNet weights w
 the same training images at each size and compares AUROC on the validation split (never the
 test split), with a paired bootstrap interval for the difference.
 
-``python -m model.experiments.size_probe --cache CACHE_224 --split model/splits/split_v1.csv --size 320``
+``python -m model.experiments.size_probe --cache CACHE_224 --split model/splits/split_v1.csv \
+--size 320``
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.preprocess import image_to_uint8, to_network_input
+from model.imaging import image_to_uint8, to_network_input
 from model.training.data import read_all
 from model.training.features import Cache
 from model.training.split import read_split_csv

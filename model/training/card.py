@@ -142,7 +142,7 @@ def markdown(card: ModelCard) -> str:
         f"- UID (Device UID in the SR): `{card.uid}` (new whenever the answers change: "
         "retraining, threshold or test-time augmentation)",
         f"- Input: {card.input_size} x {card.input_size} RGB, 0..255 (rescaled inside the "
-        "network); any DICOM or picture goes through `model.preprocess.load_network_input`.",
+        "network); any DICOM or picture goes through `model.imaging.load_network_input`.",
         f"- Operating threshold: **{card.threshold:.4f}** (chosen on validation data for "
         f"sensitivity >= {tr['target_sensitivity']})",
         f"- Architecture: {x['architecture']}",
@@ -257,13 +257,18 @@ def markdown(card: ModelCard) -> str:
 
 #: The commands that produced the shipped artifact (repository root, ../shared beside it).
 REPRODUCE = [
-    "python -m model.training.features --views 4 --out CACHE   # frozen lower network, cut after block 13",
-    "python -m model.training.split --cache CACHE --hash-cache CACHE/hashes.npz   # model/splits/split_v1.*",
-    "python -m model.training.train --cache CACHE --out RUN --dedup-similarity 0.90   # shipped weights",
-    "python -m model.training.threshold --model RUN --tta d4   # D4 averaging; threshold on val files",
+    "python -m model.training.features --views 4 --out CACHE"
+    "   # frozen lower network, cut after block 13",
+    "python -m model.training.split --cache CACHE --hash-cache CACHE/hashes.npz"
+    "   # model/splits/split_v1.*",
+    "python -m model.training.train --cache CACHE --out RUN --dedup-similarity 0.90"
+    "   # shipped weights",
+    "python -m model.training.threshold --model RUN --tta d4"
+    "   # D4 averaging; threshold on val files",
     "python -m model.training.train --split-mode original --cache CACHE --out ORIG --epochs 12",
     "python -m model.training.threshold --model ORIG --split-mode original --tta d4",
-    "python -m model.training.manifests --out-dir EVAL     # original_test.csv, leakage_free_test.csv",
+    "python -m model.training.manifests --out-dir EVAL"
+    "     # original_test.csv, leakage_free_test.csv",
     "fracture-triage evaluate --model RUN --manifest EVAL/leakage_free_test.csv --out OUT_HONEST",
     "fracture-triage evaluate --model ORIG --manifest EVAL/original_test.csv --out OUT_ORIGINAL",
     "python -m model.experiments.size_probe --cache CACHE --size 320 --n-train 1000",
@@ -282,15 +287,19 @@ REPRODUCE = [
     "python -m model.experiments.ensemble --member LOW_1235 --member LOW_1236 --member LOW_1237 "
     "--out ENS3 --version 1.2.0 --tta d4",
     "fracture-triage evaluate --model ENS5 --manifest EVAL/leakage_free_test.csv --out OUT_ENS5",
-    "python -m model.experiments.compare OUT_HONEST/evaluation.json OUT_ENS5/evaluation.json   # paired CI",
+    "python -m model.experiments.compare OUT_HONEST/evaluation.json OUT_ENS5/evaluation.json"
+    "   # paired CI",
     "# input 320 against 224 with recipe LOW_S (compared on validation, then tested; not shipped):",
     "python -m model.training.features --size 320 --views 4 --out CACHE320",
-    "python -m model.training.train --cache CACHE320 --size 320 --out S320_S --dedup-similarity 0.90 "
-    "--seed S --lr-fine 3e-5 --reduce-lr-after 2 --patience 5   # S in 1235, 1236",
+    "python -m model.training.train --cache CACHE320 --size 320 --out S320_S "
+    "--dedup-similarity 0.90 --seed S --lr-fine 3e-5 --reduce-lr-after 2 --patience 5"
+    "   # S in 1235, 1236",
     "fracture-triage evaluate --model S320_S --manifest EVAL/leakage_free_val.csv --out V320_S",
     "fracture-triage evaluate --model LOW_S --manifest EVAL/leakage_free_val.csv --out V224_S",
-    "python -m model.experiments.compare V224_S/evaluation.json V320_S/evaluation.json   # also by source",
-    "python -m model.training.threshold --model S320_1235 --tta d4   # the candidate; then test as above",
+    "python -m model.experiments.compare V224_S/evaluation.json V320_S/evaluation.json"
+    "   # also by source",
+    "python -m model.training.threshold --model S320_1235 --tta d4"
+    "   # the candidate; then test as above",
 ]
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from model.preprocess import PreprocessError, image_to_uint8, to_network_input
+from model.imaging import PreprocessError, image_to_uint8, to_network_input
 
 LABELS = ("not fractured", "fractured")
 BFMR = "bfmr"

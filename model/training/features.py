@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from model.preprocess import PreprocessError, image_to_uint8, to_network_input
+from model.imaging import PreprocessError, image_to_uint8, to_network_input
 from model.training.data import Record, read_all
 
 CUT_LAYER = "block_13_project_BN"

@@ -1,7 +1,7 @@
 """The MobileNetV2 fracture classifier network.
 
 The network takes RGB images with values 0..255 (the output of
-:func:`model.preprocess.to_network_input`) and rescales them itself, so the saved file
+:func:`model.imaging.to_network_input`) and rescales them itself, so the saved file
 carries its own input normalisation and no caller can get it wrong.
 """
 

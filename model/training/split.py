@@ -3,7 +3,7 @@
 Method (defensible, and checked by the audit it writes):
 
 * Every distinct image (bone fracture set by sha256, FracAtlas by image id) is decoded with the
-  shared preprocessing (:func:`model.preprocess.image_to_uint8`); unreadable or truncated files
+  shared preprocessing (:func:`model.imaging.image_to_uint8`); unreadable or truncated files
   are excluded and listed.
 * A 64-bit perceptual hash (DCT pHash, :func:`imagehash.phash`) is taken of each image under all
   8 rotations by 90 degrees and flips (the dihedral group D4). pHash works on a 32x32 downscale,
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.preprocess import PreprocessError, image_to_uint8
+from model.imaging import PreprocessError, image_to_uint8
 from model.training.data import LABELS, Record, file_sha256, integrity_problem, read_all
 
 SPLITS = ("train", "val", "test")

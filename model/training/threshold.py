@@ -1,11 +1,12 @@
 """Re-choose an artifact's operating threshold on its validation data, through the shipped
 inference path.
 
-``python -m model.training.threshold --model DIR [--split-mode ...] [--tta none|d4]``: every validation
-file goes through :class:`model.inference.Classifier` exactly as the worker runs it (shared
-preprocessing, the saved network, and the test-time augmentation written into the card with
-``--tta``), and the same rule as training (:func:`model.training.metrics.threshold_for_sensitivity`)
-picks the threshold. Only validation data is used.
+``python -m model.training.threshold --model DIR [--split-mode ...] [--tta none|d4]``: every
+validation file goes through :class:`model.inference.Classifier` exactly as the worker runs it
+(shared preprocessing, the saved network, and the test-time augmentation written into the card
+with ``--tta``), and the same rule as training
+(:func:`model.training.metrics.threshold_for_sensitivity`) picks the threshold.
+Only validation data is used.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def rechoose(
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
-    """The data set, split and split-mode options (shared with :mod:`model.experiments.ensemble`)."""
+    """The data set, split and split-mode options (shared with model.experiments.ensemble)."""
     repo = Path(__file__).resolve().parents[2]
     shared = repo.parent / "shared" / "datasets"
     p.add_argument("--bfmr-dir", type=Path, default=shared / "bone-fracture-multi-region")

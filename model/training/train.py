@@ -381,7 +381,7 @@ def cache_parity(
 ) -> float:
     """Largest probability difference between the whole saved network on files read through
     the shared preprocessing and the cached-activation path training used (float16 cache)."""
-    from model.preprocess import load_network_input
+    from model.imaging import load_network_input
 
     # the order of ``p_cached``: validation keys by cache index, as ``arrays`` builds them
     keys = sorted(
@@ -411,7 +411,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--split-mode", choices=("leakage-free", "original"), default="leakage-free"
     )
-    parser.add_argument("--cache", type=Path, default=None, help="feature cache (model.training.features)")
+    parser.add_argument(
+        "--cache", type=Path, default=None, help="feature cache (model.training.features)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="artifact directory to write")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--views", type=int, default=4)
