@@ -15,8 +15,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-WORKDIR /app
-# Dependencies first (pyproject only changes rarely), then the code.
+WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY fracture_triage ./fracture_triage
 COPY dicom_node ./dicom_node
@@ -24,13 +23,15 @@ COPY worker ./worker
 COPY model ./model
 COPY db ./db
 COPY api ./api
-# Editable, so the shipped model under /app/model/artifacts is found beside the code.
-RUN pip install -e .
+# A plain install: the shipped model (card + LiteRT export) is package data, and the node
+# needs no TensorFlow (training is the [train] extra, not part of this image).
+RUN pip install . && cd / && rm -rf /src
 
 RUN useradd --system --uid 10001 --user-group --home-dir /data triage \
     && mkdir -p /data \
     && chown triage:triage /data
 USER triage
+WORKDIR /data
 
 # In a container the SCP listens on every interface; the port is published by compose.
 ENV FRACTURE_TRIAGE_DATA_DIR=/data \

@@ -1,25 +1,37 @@
-"""CPU throughput of classification: ``python -m model.benchmark [--model DIR]``.
+"""CPU figures of the one classification path: ``python -m model.benchmark [--model DIR]``.
 
-Prints images per second for preprocessing alone, for one file at a time
-(:meth:`Classifier.classify_file`, the worker's path) and for the batched pipeline that
-``fracture-triage classify`` uses, on real pictures from the bone fracture set and on the
-decodable DICOM samples (radiographs of up to ~4,000 x 4,000 pixels).
+Printed side by side in one run (nothing asserted):
+
+- **inference**: the LiteRT export against the Keras network it was made from (the same
+  graph: the card's test-time augmentation, for ``d4`` one batch of 8 views per image), on
+  the same preprocessed images: milliseconds per image, the speed-up, and the largest
+  probability difference (the card holds the figure over every validation file). The Keras
+  half needs the ``[train]`` extra and is left out without it;
+- **worker path** (:meth:`Classifier.classify_file`: read, decode, render, resize, infer) on
+  real pictures from the bone fracture set and on the decodable DICOM samples (radiographs
+  up to ~4,000 x 4,000 pixels), split into preprocessing and inference time, so that it says
+  where the time goes; and ``fracture-triage classify``'s pipeline (:func:`predict_files`,
+  decoding in threads while the network runs);
+- **load**: seconds to load the export.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from model.imaging import PreprocessError, load_network_input
-from model.inference import Classifier
-from model.training.evaluate import predict_files
+import numpy as np
+
+from model.artifact import resolve_model_dir
+from model.inference import Classifier, ImageError, predict_files
 
 
 def picture_files(bfmr_dir: Path, n: int) -> list[Path]:
@@ -31,42 +43,78 @@ def picture_files(bfmr_dir: Path, n: int) -> list[Path]:
     return list(seen.values())[:: max(1, len(seen) // n)][:n]
 
 
-def dicom_files(samples_dir: Path) -> list[Path]:
+def dicom_files(classifier: Classifier, samples_dir: Path) -> list[Path]:
+    """The samples the worker can classify (the ``BAD_`` ones and undecodable ones left out)."""
     out = []
     for path in sorted(samples_dir.glob("*.dcm")):
         if path.name.startswith("BAD_"):
             continue
         try:
-            load_network_input(path, 64)
-        except (PreprocessError, OSError, ValueError):
+            classifier.prepare(path)
+        except ImageError:
             continue
         out.append(path)
     return out
 
 
-def measure(classifier: Classifier, files: list[Path], label: str) -> dict[str, float]:
-    size = classifier.input_size
+def worker_path(classifier: Classifier, files: list[Path], label: str) -> dict[str, float]:
+    classifier.classify_file(files[0])  # warm-up
+    pre, inf = [], []
     t0 = time.perf_counter()
     for f in files:
-        load_network_input(f, size)
-    pre = len(files) / (time.perf_counter() - t0)
-    classifier.classify_file(files[0])  # warm-up (graph tracing)
-    t0 = time.perf_counter()
-    for f in files:
-        classifier.classify_file(f)
+        p = classifier.classify_file(f)
+        pre.append(p.preprocess_ms)
+        inf.append(p.inference_ms)
     single = len(files) / (time.perf_counter() - t0)
     t0 = time.perf_counter()
-    results = list(predict_files(classifier, files, batch_size=16))
-    batched = len(files) / (time.perf_counter() - t0)
-    errors = sum(1 for _, r in results if isinstance(r, str))
+    results = list(predict_files(classifier, files))
+    pipelined = len(files) / (time.perf_counter() - t0)
     row = {
         "files": len(files),
-        "errors": errors,
-        "preprocess_img_per_s": round(pre, 2),
+        "errors": sum(1 for _, r in results if isinstance(r, str)),
         "classify_file_img_per_s": round(single, 2),
-        "classify_batched_img_per_s": round(batched, 2),
+        "preprocess_ms_mean": round(float(np.mean(pre)), 1),
+        "inference_ms_mean": round(float(np.mean(inf)), 1),
+        "preprocess_share": round(sum(pre) / (sum(pre) + sum(inf)), 3),
+        "classify_pipelined_img_per_s": round(pipelined, 2),
     }
-    print(f"{label}: {json.dumps(row)}", flush=True)
+    print(f"worker path, {label}: {json.dumps(row)}", flush=True)
+    return row
+
+
+def export_vs_keras(model_dir: Path, classifier: Classifier, files: list[Path]) -> dict[str, Any]:
+    """Milliseconds per image of the export and of Keras on the same inputs, and their
+    largest difference; Keras' figures only where TensorFlow is installed."""
+    images = [classifier.prepare(f) for f in files]
+    classifier.predict(images[0])  # warm-up
+    t0 = time.perf_counter()
+    export_p = [classifier.predict(x) for x in images]
+    export_ms = (time.perf_counter() - t0) * 1000 / len(images)
+    row: dict[str, Any] = {
+        "images": len(images),
+        "views_per_image": 8 if classifier.card.test_time_augmentation == "d4" else 1,
+        "export_ms_per_image": round(export_ms, 2),
+    }
+    if importlib.util.find_spec("tensorflow") is None:
+        row["keras"] = "not measured: TensorFlow is not installed (the [train] extra)"
+    else:
+        from model.training.export import keras_forward
+
+        forward = keras_forward(model_dir, classifier.card)
+        batch = [x[np.newaxis].astype(np.float32) for x in images]
+        forward(batch[0])  # warm-up: traces the graph
+        t0 = time.perf_counter()
+        keras_p = [float(np.asarray(forward(x))[0]) for x in batch]
+        keras_ms = (time.perf_counter() - t0) * 1000 / len(images)
+        row["keras_ms_per_image"] = round(keras_ms, 2)
+        row["speedup_export_over_keras"] = round(keras_ms / export_ms, 2)
+        row["max_abs_probability_difference"] = float(
+            np.max(np.abs(np.array(export_p) - np.array(keras_p)))
+        )
+    if classifier.card.export is not None:
+        row["card_max_abs_difference"] = classifier.card.export.max_abs_difference
+        row["card_checked_files"] = classifier.card.export.checked_files
+    print(f"inference, export vs Keras: {json.dumps(row)}", flush=True)
     return row
 
 
@@ -74,39 +122,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     repo = Path(__file__).resolve().parent.parent
     shared = repo.parent / "shared"
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", type=Path, default=None)
+    p.add_argument("--model", type=Path, default=None, help="artifact dir (default: shipped)")
     p.add_argument("--bfmr-dir", type=Path, default=shared / "datasets/bone-fracture-multi-region")
     p.add_argument("--dicom-dir", type=Path, default=shared / "dicom-samples")
     p.add_argument("-n", type=int, default=64, help="pictures to classify")
-    p.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
+    p.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     args = p.parse_args(argv)
-    model_dir = args.model
-    if model_dir is None:
-        from fracture_triage.settings import Settings
-
-        model_dir = Settings().model_dir
+    model_dir = resolve_model_dir(args.model)
+    t0 = time.perf_counter()
     classifier = Classifier.load(model_dir)
+    load_s = time.perf_counter() - t0
+    load_average = os.getloadavg()[0]
     print(
-        f"model {classifier.card.name} {classifier.card.version} input {classifier.input_size}; "
-        f"CPU cores {os.cpu_count()}; load average {os.getloadavg()[0]:.1f}",
+        f"model {classifier.card.name} {classifier.card.version} input {classifier.input_size} "
+        f"TTA {classifier.card.test_time_augmentation}; CPU cores {os.cpu_count()}; "
+        f"load average {load_average:.1f}; export loaded in {load_s:.2f} s",
         flush=True,
     )
-    result: dict[str, object] = {
+    pictures = picture_files(args.bfmr_dir, args.n)
+    result: dict[str, Any] = {
         "cpu_cores": os.cpu_count(),
-        "load_average_at_start": round(os.getloadavg()[0], 2),
+        "load_average_at_start": round(load_average, 2),
         "test_time_augmentation": classifier.card.test_time_augmentation,
-        # the 1-minute load average includes the model load just done; above the core count
-        # other jobs were competing for the CPU and the figures are low
-        "note": "load average above the core count: other jobs shared the CPU",
+        "export_load_s": round(load_s, 3),
     }
-    if os.getloadavg()[0] <= (os.cpu_count() or 1):
-        result.pop("note")
-    result["pictures"] = measure(
-        classifier, picture_files(args.bfmr_dir, args.n), "pictures (PNG/JPEG)"
-    )
-    dicoms = dicom_files(args.dicom_dir)
+    if load_average > (os.cpu_count() or 1):
+        result["note"] = "load average above the core count: other jobs shared the CPU"
+    result["inference"] = export_vs_keras(model_dir, classifier, pictures[:16])
+    result["pictures"] = worker_path(classifier, pictures, "pictures (PNG/JPEG)")
+    dicoms = dicom_files(classifier, args.dicom_dir)
     if dicoms:
-        result["dicom_samples"] = measure(classifier, dicoms, "DICOM samples")
+        result["dicom_samples"] = worker_path(classifier, dicoms, "DICOM samples")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -115,3 +115,20 @@ def test_sqlite_database_is_in_wal_mode(tmp_path: Path, journal: str) -> None:
     with engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == journal
     engine.dispose()
+
+
+def test_a_current_database_is_recognised_without_alembic(database_url: str) -> None:
+    """Roles start against a migrated database without importing Alembic (memory and
+    start-up time of every worker process); the recorded head is Alembic's own."""
+    from db.migrations import HEAD_REVISION, is_current
+
+    assert HEAD_REVISION == head_revision()
+    assert not is_current(database_url)
+    upgrade(database_url)
+    assert is_current(database_url)
+    code = (
+        "import sys; from db.migrations import upgrade; "
+        f"upgrade({database_url!r}); print('alembic' in sys.modules)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "False"

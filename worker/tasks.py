@@ -10,6 +10,7 @@ finds the result and stops; two concurrent runs both reach ``save_result``, whic
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
@@ -60,6 +61,31 @@ class TransientError(RuntimeError):
 
 
 RETRYABLE: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, TransientError)
+
+
+def release_freed_memory() -> None:
+    """Return the heap freed after a classification to the operating system.
+
+    Decoding and rendering a full-size radiograph allocates a few large arrays; glibc keeps
+    freed blocks of that size in the process (its mmap threshold grows after each free), so
+    a worker's resident memory ratchets up to its largest image and stays there (measured:
+    the pool child grew from ~170 to ~240 MB over eight DICOM samples). ``malloc_trim(0)``
+    hands them back; elsewhere than glibc it is absent and this does nothing.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 - an AttributeError here means: not glibc
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _load_libc()
 
 
 def retry_countdown(retries: int) -> float:
@@ -209,12 +235,14 @@ def classify(state: WorkerState, payload: Any) -> str:
         # the one classification path, shared with `classify` and model.benchmark
         prediction = classifier.classify_file(path, max_pixels=state.settings.max_pixels)
     except ImageError as exc:
+        release_freed_memory()
         reason = f"cannot decode or preprocess: {exc}"
         with sessions() as session:
             repository.mark_failed(session, msg.instance_id, reason)
         log.warning("instance %s failed: %s", msg.sop_instance_uid, reason)
         return "failed"
 
+    release_freed_memory()
     c = repository.Classification(
         probability=prediction.probability,
         threshold=classifier.threshold,

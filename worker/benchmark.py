@@ -1,0 +1,179 @@
+"""The node's roles as separate processes: start-up to first classification and memory.
+
+``python -m worker.benchmark [--dicom-dir DIR] [-n N]`` starts, on loopback and in a
+temporary data directory, a real redis-server and the roles as the CLI runs them
+(``fracture-triage scp``, ``sweeper``, ``api``), sends N DICOM files with dcmtk's
+``dcmsend`` (stored and queued, nothing classifies them yet), then starts
+``fracture-triage worker`` and prints:
+
+- seconds from the worker's start to its first recorded classification (the first file's
+  result row in the database) and to the last one;
+- each role's resident memory (VmRSS of every process of the role: the Celery worker's main
+  process and its pool child, which holds the model, are listed apart).
+
+The figures print side by side as one JSON object; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of one process (``/proc/PID/status`` VmRSS), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (Celery's prefork pool children of the worker)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _counts(db: Path) -> dict[str, int]:
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
+            rows = conn.execute("SELECT status, count(*) FROM instances GROUP BY status")
+            return {str(s): int(n) for s, n in rows}
+    except sqlite3.Error:
+        return {}
+
+
+def _wait_for(db: Path, done: int, timeout: float) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        counts = _counts(db)
+        if counts.get("done", 0) + counts.get("failed", 0) >= done:
+            return counts
+        time.sleep(0.02)
+    raise SystemExit(f"only {_counts(db)} after {timeout:.0f} s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    repo = Path(__file__).resolve().parent.parent
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dicom-dir", type=Path, default=repo.parent / "shared" / "dicom-samples")
+    p.add_argument("-n", type=int, default=8, help="DICOM files to send (valid ones first)")
+    p.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
+    args = p.parse_args(argv)
+    dcmsend = shutil.which("dcmsend")
+    redis_server = shutil.which("redis-server")
+    if dcmsend is None or redis_server is None:
+        print("error: needs dcmtk's dcmsend and redis-server on PATH", file=sys.stderr)
+        return 2
+    files = sorted(f for f in args.dicom_dir.rglob("*.dcm") if not f.name.startswith("BAD_"))
+    files = files[: args.n]
+    tmp = Path(tempfile.mkdtemp(prefix="ft-bench-"))
+    redis_port, dicom_port, http_port = _free_port(), _free_port(), _free_port()
+    env = {
+        **os.environ,
+        "FRACTURE_TRIAGE_DATA_DIR": str(tmp / "data"),
+        "FRACTURE_TRIAGE_BROKER_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "FRACTURE_TRIAGE_DICOM_PORT": str(dicom_port),
+        "FRACTURE_TRIAGE_HTTP_PORT": str(http_port),
+        "FRACTURE_TRIAGE_STUDY_STABLE_SECONDS": "3600",  # classification only, no reports
+    }
+    cli = [sys.executable, "-m", "fracture_triage.cli"]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        procs["redis"] = subprocess.Popen(
+            [redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", ""],
+            **quiet,  # type: ignore[arg-type]
+        )
+        _wait_port(redis_port, 20)
+        subprocess.run([*cli, "db", "upgrade"], check=True, **quiet)  # type: ignore[arg-type]
+        for role in ("scp", "sweeper", "api"):
+            procs[role] = subprocess.Popen([*cli, role], **quiet)  # type: ignore[arg-type]
+        _wait_port(dicom_port, 60)
+        _wait_port(http_port, 60)
+        sent = subprocess.run(
+            [dcmsend, "-nh", "+f", "-nuc", "-aec", "FXTRIAGE", "127.0.0.1", str(dicom_port), *map(str, files)],
+            check=False,
+            capture_output=True,
+            env={**env, "TCP_NODELAY": "1"},
+        )
+        db = tmp / "data" / "triage.db"
+        stored = sum(_counts(db).values())
+        if not stored:
+            print(sent.stdout.decode(errors="replace")[-2000:], file=sys.stderr)
+            raise SystemExit("the SCP stored nothing")
+        t0 = time.monotonic()
+        worker_log = open(tmp / "worker.log", "wb")  # noqa: SIM115 - closed with the process
+        procs["worker"] = subprocess.Popen(
+            [*cli, "worker", "--concurrency", "1"], stdout=worker_log, stderr=worker_log, env=env
+        )
+        _wait_for(db, 1, 120)
+        first = time.monotonic() - t0
+        counts = _wait_for(db, stored, 600)
+        last = time.monotonic() - t0
+        worker_pid = procs["worker"].pid
+        rss = {role: rss_mb(proc.pid) for role, proc in procs.items() if role != "worker"}
+        rss["worker_main"] = rss_mb(worker_pid)
+        for i, child in enumerate(children(worker_pid)):
+            rss[f"worker_pool_child_{i}"] = rss_mb(child)
+        result = {
+            "files_sent": len(files),
+            "stored": stored,
+            "statuses": counts,
+            "worker_start_to_first_classification_s": round(first, 2),
+            "worker_start_to_last_classification_s": round(last, 2),
+            "rss_mb": rss,
+            "cpu_cores": os.cpu_count(),
+        }
+        print(json.dumps(result, indent=1))
+        if os.environ.get("BENCH_SHOW_LOG"):
+            print((tmp / "worker.log").read_text()[-3000:])
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
