@@ -213,29 +213,21 @@ class UpOptions:
 def run_up(settings: Settings, options: UpOptions) -> int:
     """Start everything, print where it listens, run until SIGINT/SIGTERM; return an exit code."""
     from db.migrations import upgrade
-    from model.artifact import MODEL_FILE, read_card
+    from model.artifact import ExportError, checked_export, read_card, resolve_model_dir
 
     data_dir = settings.data_dir.resolve()
     settings = settings.model_copy(
         update={"data_dir": data_dir, "database_url": settings.resolved_database_url}
     )
-    if settings.model_dir is None:
-        print(
-            "error: no model: set --model-dir or FRACTURE_TRIAGE_MODEL_DIR "
-            "(no shipped model under model/artifacts)",
-            file=sys.stderr,
-        )
-        return 2
-    # Absolute, so every child finds it whatever its working directory.
-    model_dir = settings.model_dir.resolve()
-    settings = settings.model_copy(update={"model_dir": model_dir})
     try:
+        # Absolute, so every child finds it whatever its working directory.
+        model_dir = resolve_model_dir(settings.model_dir).resolve()
         card = read_card(model_dir)
-        if not (model_dir / MODEL_FILE).is_file():
-            raise FileNotFoundError(f"no {MODEL_FILE} in model directory {model_dir}")
-    except (OSError, ValueError) as exc:
-        print(f"error: model {settings.model_dir}: {exc}", file=sys.stderr)
+        checked_export(model_dir, card)
+    except (OSError, ValueError, ExportError) as exc:
+        print(f"error: model: {exc}", file=sys.stderr)
         return 2
+    settings = settings.model_copy(update={"model_dir": model_dir})
     if not port_is_free(settings.bind_address, settings.dicom_port):
         print(
             f"error: {settings.bind_address}:{settings.dicom_port} is in use (--dicom-port)",

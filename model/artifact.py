@@ -113,6 +113,44 @@ def write_card(model_dir: Path, card: ModelCard) -> Path:
     return path
 
 
+class ExportError(RuntimeError):
+    """The artifact's export cannot be used: missing, corrupt, or not the card's network.
+
+    The message names the file; an instance being classified is not at fault.
+    """
+
+
+def checked_export(model_dir: Path, card: ModelCard) -> Path:
+    """The export file of ``model_dir`` after checking it against ``card`` (no runtime
+    needed: what ``up`` checks before starting the roles, and the loader before loading).
+
+    Raises :class:`ExportError` naming the file when the card has no export record, the file
+    is missing or its digest differs (corrupt or replaced), or the export's input size or
+    test-time augmentation is not the card's.
+    """
+    info = card.export
+    if info is None:
+        raise ExportError(
+            f"{Path(model_dir) / CARD_FILE} records no inference export; make one with "
+            f"python -m model.training.export --model {model_dir}"
+        )
+    path = Path(model_dir) / info.file
+    if not path.is_file():
+        raise ExportError(f"no export file {path} (the card names {info.file})")
+    if file_sha256(path) != info.sha256:
+        raise ExportError(f"{path} does not match the sha256 its card records: corrupt or replaced")
+    if info.input_size != card.input_size:
+        raise ExportError(
+            f"{path} takes {info.input_size} px images but the card says {card.input_size}"
+        )
+    if info.test_time_augmentation != card.test_time_augmentation:
+        raise ExportError(
+            f"{path} was exported with test-time augmentation {info.test_time_augmentation!r} "
+            f"but the card says {card.test_time_augmentation!r}; export again"
+        )
+    return path
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

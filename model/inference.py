@@ -20,14 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from model.artifact import ModelCard, file_sha256, read_card
+from model.artifact import ExportError, ModelCard, checked_export, read_card
 
-
-class ExportError(RuntimeError):
-    """The artifact's export cannot be used: missing, corrupt, or not the card's network.
-
-    The message names the file; the instance being classified is not at fault.
-    """
+__all__ = ["Classifier", "ExportError", "ImageError", "Prediction", "predict_files"]
 
 
 class ImageError(ValueError):
@@ -64,29 +59,7 @@ class Classifier:
         """
         model_dir = Path(model_dir)
         card = read_card(model_dir)
-        info = card.export
-        if info is None:
-            raise ExportError(
-                f"{model_dir / 'model_card.json'} records no inference export; make one with "
-                f"python -m model.training.export --model {model_dir}"
-            )
-        path = model_dir / info.file
-        if not path.is_file():
-            raise ExportError(f"no export file {path} (the card names {info.file})")
-        if file_sha256(path) != info.sha256:
-            raise ExportError(
-                f"{path} does not match the sha256 its card records: corrupt or replaced"
-            )
-        if info.input_size != card.input_size:
-            raise ExportError(
-                f"{path} takes {info.input_size} px images but the card says {card.input_size}"
-            )
-        if info.test_time_augmentation != card.test_time_augmentation:
-            raise ExportError(
-                f"{path} was exported with test-time augmentation "
-                f"{info.test_time_augmentation!r} but the card says "
-                f"{card.test_time_augmentation!r}; export again"
-            )
+        path = checked_export(model_dir, card)
         from ai_edge_litert.interpreter import Interpreter
 
         try:

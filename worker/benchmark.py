@@ -125,7 +125,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         _wait_port(dicom_port, 60)
         _wait_port(http_port, 60)
         sent = subprocess.run(
-            [dcmsend, "-nh", "+f", "-nuc", "-aec", "FXTRIAGE", "127.0.0.1", str(dicom_port), *map(str, files)],
+            [
+                dcmsend,
+                "-nh",
+                "+f",
+                "-nuc",
+                "-aec",
+                "FXTRIAGE",
+                "127.0.0.1",
+                str(dicom_port),
+                *map(str, files),
+            ],
             check=False,
             capture_output=True,
             env={**env, "TCP_NODELAY": "1"},
