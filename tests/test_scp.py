@@ -52,10 +52,9 @@ from dicom_node.contexts import (
     STORAGE_SOP_CLASSES,
 )
 from dicom_node.scp import StorageSCP, run_scp
-from fracture_triage.messages import ClassifyInstance
+from fracture_triage.messages import QUEUE, ClassifyInstance
 from fracture_triage.settings import Settings
 from tests.servers import RedisServer, free_port, wait_for_port
-from worker.celery_app import QUEUE
 from worker.queue import CeleryEnqueuer
 
 pytestmark = pytest.mark.timeout(180)
