@@ -229,6 +229,22 @@ def node_settings(
     )
 
 
+@contextmanager
+def redis_node(
+    tmp_path: Path, database_url: str, model_dir: Path, **kw: object
+) -> Iterator[tuple[Settings, sessionmaker[Session], CeleryEnqueuer]]:
+    """A real Redis, the node's settings for it, a migrated database and an enqueuer."""
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    settings = node_settings(tmp_path, database_url, redis.url, model_dir, **kw)
+    enqueuer = CeleryEnqueuer(settings)
+    try:
+        yield settings, make_sessions(database_url), enqueuer
+    finally:
+        enqueuer.close()
+        redis.stop()
+
+
 # --- tests --------------------------------------------------------------------------------------
 
 
@@ -474,15 +490,9 @@ def test_a_study_report_that_cannot_be_built_is_failed_once_not_requeued(
     """A study whose Study Instance UID is not a UID by PS3.5 9.1 (recorded before the SCP
     refused such objects): the report task records the failure and its reason on the study
     (shown by the results), and the sweeper does not queue its report again."""
-    redis = RedisServer(tmp_path / "redis")
-    redis.start()
-    settings = node_settings(
-        tmp_path, database_url, redis.url, tiny_model_dir, study_stable_seconds=0.0
-    )
-    sessions = make_sessions(database_url)
-    enqueuer = CeleryEnqueuer(settings)
-    state = WorkerState(settings)
-    try:
+    with redis_node(tmp_path, database_url, tiny_model_dir, study_stable_seconds=0.0) as node:
+        settings, sessions, enqueuer = node
+        state = WorkerState(settings)
         sweeper = Sweeper(settings, sessions, enqueuer, report_resend_after_s=0.0)
         instance = record(sessions, require(dicom_samples / GOOD[0]), "1.2.826.0.01.7")
         _classified(sessions, instance.id)
@@ -501,9 +511,6 @@ def test_a_study_report_that_cannot_be_built_is_failed_once_not_requeued(
         # Sweeps go on (and would resend a lost report at once): this one is not queued again.
         assert [sweeper.sweep_once().reports for _ in range(3)] == [0, 0, 0]
         assert enqueuer.queue_length() == 1  # the one report message, nothing more
-    finally:
-        enqueuer.close()
-        redis.stop()
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

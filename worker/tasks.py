@@ -373,7 +373,7 @@ def register_tasks(app: Celery, settings: Settings) -> WorkerState:
         )
         raise task.retry(exc=exc, countdown=retry_countdown(retries), max_retries=MAX_RETRIES)
 
-    @app.task(name=ClassifyInstance.task, bind=True, acks_late=True, ignore_result=True)
+    @app.task(name=ClassifyInstance.task, bind=True, acks_late=True, ignore_result=True)  # type: ignore[untyped-decorator]
     def classify_instance(self: Task, payload: dict[str, Any]) -> str:
         try:
             return classify(state, payload)
@@ -381,7 +381,7 @@ def register_tasks(app: Celery, settings: Settings) -> WorkerState:
             _retry(self, exc)
             raise  # unreachable: retry raises
 
-    @app.task(name=ReportStudy.task, bind=True, acks_late=True, ignore_result=True)
+    @app.task(name=ReportStudy.task, bind=True, acks_late=True, ignore_result=True)  # type: ignore[untyped-decorator]
     def report_study(self: Task, payload: dict[str, Any]) -> str:
         try:
             return report(state, payload)
@@ -389,7 +389,7 @@ def register_tasks(app: Celery, settings: Settings) -> WorkerState:
             _retry(self, exc)
             raise
 
-    @app.task(name=SendReport.task, bind=True, acks_late=True, ignore_result=True)
+    @app.task(name=SendReport.task, bind=True, acks_late=True, ignore_result=True)  # type: ignore[untyped-decorator]
     def send_report(self: Task, payload: dict[str, Any]) -> str:
         try:
             return send(state, payload)
