@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from db import reports
 from db import repository as repo
 from db.migrations import upgrade
 from db.models import Instance, InstanceStatus, Result, Series, SRDocument, Study
@@ -217,7 +218,7 @@ def test_studies_ready_to_report(sessions: sessionmaker[Session]) -> None:
     # A report that cannot be built settles the revision: not ready again until a new image.
     with sessions() as s:
         study = s.scalars(select(Study)).one()
-        repo.mark_report_failed(s, study.id, study.revision, "no way to build it")
+        reports.mark_report_failed(s, study.id, study.revision, "no way to build it")
         s.commit()
     assert _ready(sessions, 0) == []
     with sessions() as s:

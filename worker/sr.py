@@ -19,7 +19,8 @@ The document follows IHE AI Results (AIR):
   Documents Sequence (PS3.3 C.17.2) and the older row is marked ``superseded_by``.
 
 Entry point: :func:`build_study_report`, within the caller's transaction (the report task
-commits). :func:`build_sr` is the pure DICOM part; the database part is ``db.repository``.
+commits). :func:`build_sr` is the pure DICOM part; the database part is ``db.repository`` and
+``db.reports``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from pydicom.sr.codedict import codes
 from pydicom.valuerep import PersonName, validate_value
 from sqlalchemy.orm import Session
 
-from db import repository
+from db import reports, repository
 from db.models import Instance, InstanceStatus, SendStatus, SRDocument, Study
 from fracture_triage.attributes import STUDY_ATTRIBUTES
 from fracture_triage.files import write_atomic
@@ -457,7 +458,7 @@ def build_study_report(
     task), that row is returned and nothing is written. Otherwise the SR covers every
     instance of the study (a group per image, failed ones included), is written atomically
     to ``settings.sr_dir/<StudyInstanceUID>/<SOPInstanceUID>.dcm`` and recorded
-    (:func:`db.repository.record_report`: ``send_status`` pending when a destination is
+    (:func:`db.reports.record_report`: ``send_status`` pending when a destination is
     configured, else none; the study's earlier current SR is superseded by it and listed in
     its Predecessor Documents Sequence; ``study.reported_revision`` is set). A file whose
     transaction is then not committed is named by no row and never sent.
@@ -469,7 +470,7 @@ def build_study_report(
     if study is None:
         raise ReportError(f"no study with id {study_id}")
     revision = study.revision or 0
-    existing = repository.report_of_revision(session, study_id, revision)
+    existing = reports.report_of_revision(session, study_id, revision)
     if existing is not None:
         return existing
     study_uid = study.study_instance_uid
@@ -484,7 +485,7 @@ def build_study_report(
         (h for h in (_read_header(i.storage_path) for i in instances) if h is not None),
         None,
     )
-    previous = repository.study_reports(session, study_id)
+    previous = reports.study_reports(session, study_id)
     current = [d for d in previous if d.superseded_by_id is None]
     # One SR series per study: later reports join the series of the first one.
     series_uid = previous[0].series_instance_uid if previous else hd.UID()
@@ -509,9 +510,9 @@ def build_study_report(
     target = settings.sr_dir / study_uid / f"{sop_uid}.dcm"
     write_atomic(target, [content])
     try:
-        doc = repository.record_report(
+        doc = reports.record_report(
             session,
-            repository.ProducedReport(
+            reports.ProducedReport(
                 study_id=study_id,
                 study_revision=revision,
                 sop_instance_uid=str(sop_uid),

@@ -17,8 +17,8 @@ and the reported revision in one transaction, so a crash anywhere leaves the stu
 reportable, never reports one revision twice (the task checks the reported revision first)
 and a report that cannot be built is not queued again for that revision.
 
-Each sweep is one unit of work: it commits once, at the end (and after each queued batch
-step, so that what was handed to the broker is marked even if a later step fails).
+Each step of a sweep is one unit of work, committed when it ends: what was handed to the
+broker is marked even if a later step fails (the repository functions never commit).
 """
 
 from __future__ import annotations

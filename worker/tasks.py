@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import repository
+from db import reports, repository
 from db.models import Instance, InstanceStatus, SendStatus, Study
 from db.session import in_transaction
 from fracture_triage.messages import (
@@ -325,7 +325,7 @@ def report(state: WorkerState, payload: Any) -> str:
             session.commit()
         except ReportError as exc:
             session.rollback()
-            repository.mark_report_failed(session, msg.study_id, revision, str(exc))
+            reports.mark_report_failed(session, msg.study_id, revision, str(exc))
             session.commit()
             log.error("report of study %d revision %d failed: %s", msg.study_id, revision, exc)
             return "failed"
