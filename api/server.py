@@ -25,8 +25,10 @@ from urllib.parse import parse_qs, urlsplit
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
+from fracture_triage.attributes import PATIENT_IDENTIFIERS
 from fracture_triage.results import collect_results
 from fracture_triage.settings import Settings
+from fracture_triage.verdict import study_verdict
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 def worklist(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Group result rows by study and order the studies fracture-first."""
     studies: dict[str, dict[str, Any]] = {}
+    scores: dict[str, list[tuple[float | None, bool | None]]] = {}
     for row in rows:
         uid = row["study_instance_uid"]
         entry = studies.setdefault(
@@ -48,23 +51,24 @@ def worklist(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "max_probability": None,
                 "last_received_at": row["received_at"],
                 "sr_path": row["sr_path"],
-                **{k: row[k] for k in row if k.startswith("patient_") or k == "accession_number"},
+                "report_failure": row["report_failure"],
+                **{k: row[k] for k in PATIENT_IDENTIFIERS if k in row},
             },
         )
         entry["instances"] += 1
         entry["last_received_at"] = max(entry["last_received_at"], row["received_at"])
         if row["status"] == "done":
             entry["classified"] += 1
-            p = row["probability"]
-            entry["max_probability"] = (
-                p if entry["max_probability"] is None else max(entry["max_probability"], p)
-            )
-            entry["fracture"] = bool(entry["fracture"]) or bool(row["fracture"])
+            scores.setdefault(uid, []).append((row["probability"], row["fracture"]))
         elif row["status"] == "failed":
             entry["failed"] += 1
         else:
             entry["waiting"] += 1
-    for entry in studies.values():
+    for uid, entry in studies.items():
+        verdict = study_verdict(scores.get(uid, []))
+        entry["max_probability"] = verdict.probability
+        # No classified image: no verdict either way (sorted last).
+        entry["fracture"] = verdict.fracture if verdict.assessed else None
         entry["reported"] = entry["sr_path"] is not None
 
     def key(e: dict[str, Any]) -> tuple[int, float]:

@@ -41,6 +41,19 @@ class InstanceStatus(enum.StrEnum):
     failed = "failed"
 
 
+class SendStatus(enum.StrEnum):
+    """Sending of a produced SR to the configured destination (C-STORE, PS3.4 B.2).
+
+    none: no destination configured. pending: to send (or retry). sent: stored there.
+    failed: retries exhausted; ``send_error`` says why.
+    """
+
+    none = "none"
+    pending = "pending"
+    sent = "sent"
+    failed = "failed"
+
+
 class Study(Base):
     __tablename__ = "studies"
 
@@ -60,7 +73,11 @@ class Study(Base):
     last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     #: Bumped whenever an instance is added or finishes; a report covers one revision.
     revision: Mapped[int] = mapped_column(Integer, default=0)
+    #: The last revision the report task settled: its SR was recorded, or it failed.
     reported_revision: Mapped[int | None] = mapped_column(Integer)
+    #: Why the report of ``reported_revision`` could not be built (None when it was). Such a
+    #: study is not queued again until a new image makes a new revision.
+    report_failure: Mapped[str | None] = mapped_column(Text)
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
     reports: Mapped[list[SRDocument]] = relationship(back_populates="study")
@@ -141,8 +158,12 @@ class SRDocument(Base):
     instance_count: Mapped[int] = mapped_column(Integer)
     #: The newer SR that replaces this one when more images arrived later.
     superseded_by_id: Mapped[int | None] = mapped_column(ForeignKey("sr_documents.id"))
-    #: none (no destination) / pending / sent / failed
-    send_status: Mapped[str] = mapped_column(String(16), default="none")
+    # Stored as the value in the VARCHAR(16) of revision 0001 (no CHECK constraint), like
+    # ``instances.status``: the enum changes no schema.
+    send_status: Mapped[SendStatus] = mapped_column(
+        Enum(SendStatus, name="send_status", native_enum=False, length=16),
+        default=SendStatus.none,
+    )
     send_attempts: Mapped[int] = mapped_column(Integer, default=0)
     send_error: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

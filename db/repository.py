@@ -1,4 +1,6 @@
-"""The database operations the roles share. Each takes an open ``Session`` and commits itself.
+"""The database operations the roles share. Each takes an open ``Session`` and never commits:
+the caller (an SCP request, a Celery task, a sweep, a CLI command) is one unit of work and
+commits once (:func:`db.session.in_transaction` does it, retrying a lost insert race).
 
 Every write is idempotent: a SOP Instance is recorded once, and a result is stored once per
 (instance, model version), whatever retries or duplicate deliveries happen.
@@ -11,10 +13,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from db.models import Instance, InstanceStatus, Result, Series, SRDocument, Study
+from db.models import Instance, InstanceStatus, Result, SendStatus, Series, SRDocument, Study
+from fracture_triage.attributes import STUDY_FIELDS
 
 
 def utcnow() -> datetime:
@@ -55,20 +57,6 @@ class ReceivedInstance:
     failure_reason: str | None = None
 
 
-_STUDY_FIELDS = (
-    "patient_id",
-    "patient_name",
-    "patient_birth_date",
-    "patient_sex",
-    "accession_number",
-    "study_id",
-    "study_date",
-    "study_time",
-    "study_description",
-    "referring_physician_name",
-)
-
-
 def _get_or_create_study(session: Session, rec: ReceivedInstance, now: datetime) -> Study:
     study = session.scalars(
         select(Study).where(Study.study_instance_uid == rec.study_instance_uid)
@@ -76,7 +64,7 @@ def _get_or_create_study(session: Session, rec: ReceivedInstance, now: datetime)
     if study is None:
         study = Study(study_instance_uid=rec.study_instance_uid, last_received_at=now, revision=0)
         session.add(study)
-    for name in _STUDY_FIELDS:
+    for name in STUDY_FIELDS:
         value = getattr(rec, name)
         if value and not getattr(study, name):
             setattr(study, name, value)
@@ -144,23 +132,18 @@ def record_received(session: Session, rec: ReceivedInstance) -> tuple[Instance, 
     """Record a stored instance; return it and whether it is new.
 
     A SOP Instance UID seen before is not recorded again (the same object sent twice is
-    stored once and classified once).
+    stored once and classified once). When another association records the same study,
+    series or instance at the same moment, the flush raises ``IntegrityError``: the caller
+    rolls back and runs its unit of work again (:func:`db.session.in_transaction`), which then
+    finds the row.
     """
     existing = find_instance(session, rec.sop_instance_uid)
     if existing is not None:
         return existing, False
-    try:
-        instance = Instance(sop_instance_uid=rec.sop_instance_uid)
-        _take_received(session, instance, rec)
-        session.add(instance)
-        session.commit()
-    except IntegrityError:
-        # Another association recorded the same study, series or instance at the same moment.
-        session.rollback()
-        existing = find_instance(session, rec.sop_instance_uid)
-        if existing is not None:
-            return existing, False
-        return record_received(session, rec)
+    instance = Instance(sop_instance_uid=rec.sop_instance_uid)
+    _take_received(session, instance, rec)
+    session.add(instance)
+    session.flush()
     return instance, True
 
 
@@ -171,7 +154,6 @@ def reopen_refused(session: Session, instance: Instance, rec: ReceivedInstance) 
     its report is rebuilt.
     """
     _take_received(session, instance, rec)
-    session.commit()
     return instance
 
 
@@ -180,7 +162,6 @@ def mark_queued(session: Session, instance_id: int) -> None:
     if instance is not None and instance.status == InstanceStatus.pending:
         instance.status = InstanceStatus.queued
         instance.queued_at = utcnow()
-        session.commit()
 
 
 def mark_failed(session: Session, instance_id: int, reason: str) -> None:
@@ -190,7 +171,6 @@ def mark_failed(session: Session, instance_id: int, reason: str) -> None:
         return
     instance.status = InstanceStatus.failed
     instance.failure_reason = reason[:2000]
-    session.commit()
 
 
 def pending_instances(session: Session, limit: int = 500) -> Sequence[Instance]:
@@ -237,36 +217,43 @@ def find_result(session: Session, instance_id: int, model_version: str) -> Resul
 
 
 def save_result(session: Session, instance_id: int, c: Classification) -> Result:
-    """Store the result of one instance for one model version, once; mark the instance done."""
+    """Store the result of one instance for one model version, once; mark the instance done.
+
+    A redelivered task storing the same result at the same moment makes the flush raise
+    ``IntegrityError`` (uq_result_model): run again, this finds the one result stored.
+    """
     existing = find_result(session, instance_id, c.model_version)
     if existing is None:
-        try:
-            existing = Result(
-                instance_id=instance_id,
-                model_name=c.model_name,
-                model_version=c.model_version,
-                model_uid=c.model_uid,
-                probability=float(c.probability),
-                threshold=float(c.threshold),
-                fracture=bool(c.fracture),
-                preprocess_ms=c.preprocess_ms,
-                inference_ms=c.inference_ms,
-                created_at=utcnow(),
-            )
-            session.add(existing)
-            session.flush()
-        except IntegrityError:
-            # A redelivered task finished first: keep the one result already stored.
-            session.rollback()
-            found = find_result(session, instance_id, c.model_version)
-            assert found is not None
-            existing = found
+        existing = Result(
+            instance_id=instance_id,
+            model_name=c.model_name,
+            model_version=c.model_version,
+            model_uid=c.model_uid,
+            probability=float(c.probability),
+            threshold=float(c.threshold),
+            fracture=bool(c.fracture),
+            preprocess_ms=c.preprocess_ms,
+            inference_ms=c.inference_ms,
+            created_at=utcnow(),
+        )
+        session.add(existing)
+        session.flush()
     instance = session.get(Instance, instance_id)
     if instance is not None and instance.status != InstanceStatus.done:
         instance.status = InstanceStatus.done
         instance.failure_reason = None
-    session.commit()
     return existing
+
+
+def result_to_report(session: Session, instance_id: int, model_version: str) -> Result | None:
+    """The result of ``model_version``, else the newest of any version (a result from another
+    model is still a result: it is reported under that model)."""
+    result = find_result(session, instance_id, model_version)
+    if result is None:
+        result = session.scalars(
+            select(Result).where(Result.instance_id == instance_id).order_by(Result.id.desc())
+        ).first()
+    return result
 
 
 def studies_ready_to_report(session: Session, stable_seconds: float) -> Sequence[Study]:
@@ -312,7 +299,8 @@ def latest_report(session: Session, study_id: int) -> SRDocument | None:
 
 
 def start_attempt(session: Session, instance_id: int) -> int:
-    """Count one classification attempt (committed before the work starts); return the count.
+    """Count one classification attempt; return the count. The caller commits it before the
+    work starts.
 
     A worker killed while classifying leaves the count behind, so a file that kills workers
     (a decoder crash, memory exhaustion) is given up after a few attempts instead of being
@@ -322,7 +310,6 @@ def start_attempt(session: Session, instance_id: int) -> int:
     if instance is None:
         return 0
     instance.attempts = (instance.attempts or 0) + 1
-    session.commit()
     return instance.attempts
 
 
@@ -331,17 +318,16 @@ def mark_requeued(session: Session, instance_id: int) -> None:
     instance = session.get(Instance, instance_id)
     if instance is not None and instance.status == InstanceStatus.queued:
         instance.queued_at = utcnow()
-        session.commit()
 
 
 def sr_documents_to_send(
     session: Session, older_than: timedelta, limit: int = 100
 ) -> Sequence[SRDocument]:
-    """SRs waiting to be sent (``send_status == 'pending'``) created before ``older_than`` ago."""
+    """SRs waiting to be sent (``send_status`` pending) created before ``older_than`` ago."""
     cutoff = utcnow() - older_than
     return session.scalars(
         select(SRDocument)
-        .where(SRDocument.send_status == "pending", SRDocument.created_at < cutoff)
+        .where(SRDocument.send_status == SendStatus.pending, SRDocument.created_at < cutoff)
         .order_by(SRDocument.id)
         .limit(limit)
     ).all()

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import repository
 from db.models import Instance, InstanceStatus, Series, Study
 from db.repository import ReceivedInstance
+from db.session import in_transaction
 from dicom_node import storage
 from dicom_node.validate import (
     CANNOT_UNDERSTAND,
@@ -41,11 +42,12 @@ from dicom_node.validate import (
     CheckedObject,
     Rejection,
     check_dataset,
-    is_valid_uid,
     usable_uids,
 )
+from fracture_triage.attributes import STUDY_ATTRIBUTES
 from fracture_triage.messages import ClassifyInstance
 from fracture_triage.settings import Settings
+from fracture_triage.uids import is_valid_uid
 
 logger = logging.getLogger(__name__)
 
@@ -138,18 +140,10 @@ def handle_aborted(event: Event, ctx: StoreContext) -> None:
 
 # --- received attributes ---------------------------------------------------------------------
 
-#: ReceivedInstance field -> (DICOM keyword, column whose length bounds the value).
-_ATTRIBUTES = {
-    "patient_id": ("PatientID", Study.patient_id),
-    "patient_name": ("PatientName", Study.patient_name),
-    "patient_birth_date": ("PatientBirthDate", Study.patient_birth_date),
-    "patient_sex": ("PatientSex", Study.patient_sex),
-    "accession_number": ("AccessionNumber", Study.accession_number),
-    "study_id": ("StudyID", Study.study_id),
-    "study_date": ("StudyDate", Study.study_date),
-    "study_time": ("StudyTime", Study.study_time),
-    "study_description": ("StudyDescription", Study.study_description),
-    "referring_physician_name": ("ReferringPhysicianName", Study.referring_physician_name),
+#: ReceivedInstance field -> (DICOM keyword, column whose length bounds the value): the
+#: study's patient and study attributes, then the series' and instance's own.
+_ATTRIBUTES: dict[str, tuple[str, Any]] = {
+    **{a.name: (a.keyword, getattr(Study, a.name)) for a in STUDY_ATTRIBUTES},
     "modality": ("Modality", Series.modality),
     "body_part_examined": ("BodyPartExamined", Series.body_part_examined),
     "series_number": ("SeriesNumber", Series.series_number),
@@ -246,8 +240,7 @@ def _record_refusal(
         failure_reason=reason,
     )
     try:
-        with ctx.session_factory() as session:
-            repository.record_received(session, rec)
+        in_transaction(ctx.session_factory, lambda s: repository.record_received(s, rec))
     except Exception as exc:  # noqa: BLE001 - the failure status is answered anyway
         logger.warning(
             "could not record refused instance %s: %s", uids.sop_instance_uid, type(exc).__name__
@@ -343,15 +336,9 @@ def _store(event: Event, ctx: StoreContext, start: float) -> Dataset:
             return _status(OUT_OF_RESOURCES, "cannot write to storage; retry later")
 
         try:
-            with ctx.session_factory() as session:
-                refused = repository.find_instance(session, uids.sop_instance_uid)
-                if refused is not None:  # a corrected resend of an object refused earlier
-                    instance, created = repository.reopen_refused(session, refused, rec), True
-                else:
-                    instance, created = repository.record_received(session, rec)
-                instance_id = instance.id
-                status = instance.status
-                path_recorded = instance.storage_path
+            instance, created = in_transaction(ctx.session_factory, lambda s: _record(s, rec))
+            instance_id = instance.id
+            status = instance.status
         except SQLAlchemyError as exc:
             logger.error("cannot record %s: %s", uids.sop_instance_uid, type(exc).__name__)
             # 0xA700 Refused: Out of Resources - stored but not recorded: not acknowledged,
@@ -364,7 +351,7 @@ def _store(event: Event, ctx: StoreContext, start: float) -> Dataset:
 
     queued = False
     if status == InstanceStatus.pending:
-        queued = _queue(ctx, instance_id, uids.sop_instance_uid, path_recorded)
+        queued = _queue(ctx, instance_id, uids.sop_instance_uid)
     logger.info(
         "stored %s study=%s series=%s from %s ts=%s %s in %.0f ms",
         uids.sop_instance_uid,
@@ -385,9 +372,18 @@ def _store(event: Event, ctx: StoreContext, start: float) -> Dataset:
     return _status(SUCCESS)  # 0x0000 Success
 
 
-def _queue(ctx: StoreContext, instance_id: int, sop_instance_uid: str, path: str) -> bool:
+def _record(session: Session, rec: ReceivedInstance) -> tuple[Instance, bool]:
+    """Record the stored object (one unit of work); whether it is new to the database."""
+    found = repository.find_instance(session, rec.sop_instance_uid)
+    if found is not None and repository.is_refused(found):
+        # A corrected resend of an object refused earlier replaces its record.
+        return repository.reopen_refused(session, found, rec), True
+    return repository.record_received(session, rec)
+
+
+def _queue(ctx: StoreContext, instance_id: int, sop_instance_uid: str) -> bool:
     """Queue the instance; on any failure it stays ``pending`` and the sweeper queues it."""
-    msg = ClassifyInstance(instance_id=instance_id, sop_instance_uid=sop_instance_uid, path=path)
+    msg = ClassifyInstance(instance_id=instance_id, sop_instance_uid=sop_instance_uid)
     try:
         ctx.enqueue(msg)
     except Exception as exc:  # noqa: BLE001 - the broker's errors come in many types
@@ -400,6 +396,7 @@ def _queue(ctx: StoreContext, instance_id: int, sop_instance_uid: str, path: str
     try:
         with ctx.session_factory() as session:
             repository.mark_queued(session, instance_id)
+            session.commit()
     except SQLAlchemyError as exc:
         # The message is on the broker; the record stays pending and the sweeper may send it
         # again, which the idempotent task ignores.

@@ -179,18 +179,17 @@ def run_scp(
 
     ``enqueue`` hands a :class:`~fracture_triage.messages.ClassifyInstance` to the broker and
     raises when it cannot (e.g. ``worker.queue.CeleryEnqueuer``). Without ``session_factory``
-    the database at ``settings.resolved_database_url`` is used (and upgraded to the current
-    schema). ``ready`` is set once the port is bound. From the main thread, SIGINT and SIGTERM
-    stop it; from another thread (``fracture-triage up``), set ``stop``. Returns after a clean
-    shutdown (requests in progress finish first, see :meth:`StorageSCP.shutdown`).
+    the database at ``settings.resolved_database_url`` is used (its schema is the entry
+    point's business: ``fracture_triage.cli`` migrates before any role starts). ``ready``
+    is set once the port is bound. From the main thread, SIGINT and SIGTERM stop it; from
+    another thread (``fracture-triage up``), set ``stop``. Returns after a clean shutdown
+    (requests in progress finish first, see :meth:`StorageSCP.shutdown`).
     """
     engine = None
     if session_factory is None:
-        from db.migrations import upgrade
         from db.session import make_engine, make_session_factory
 
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        upgrade(settings.resolved_database_url)
         engine = make_engine(settings.resolved_database_url)
         session_factory = make_session_factory(engine)
     scp = StorageSCP(settings, session_factory, enqueue, stop=stop)

@@ -5,27 +5,28 @@ Layout under ``Settings.storage_dir``::
     <Study Instance UID>/<Series Instance UID>/<SOP Instance UID>.dcm   accepted objects
     rejected/<sha256 of the content>.dcm                                refused objects
 
-Accepted paths are built from UIDs checked by :func:`dicom_node.validate.is_valid_uid`
+Accepted paths are built from UIDs checked by :func:`fracture_triage.uids.is_valid_uid`
 (digits and dots only), so a peer cannot steer a path. Refused objects are kept for the
 administrator under a content hash: a peer retrying the same bad object writes one file.
-Objects are written through hidden temporary files (``.incoming-*.tmp``) in the same folder;
-those a crash leaves behind are removed when the node starts.
+Objects are written with :func:`fracture_triage.files.write_atomic` (the writer the SRs use
+too), through hidden temporary files (``.incoming-*.tmp``) in the same folder; those a crash
+leaves behind are removed when the node starts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import time
 from pathlib import Path
 
-from dicom_node.validate import Uids, is_valid_uid
+from dicom_node.validate import Uids
+from fracture_triage.files import TEMP_PREFIX, TEMP_SUFFIX, write_atomic
+from fracture_triage.uids import is_valid_uid
+
+__all__ = ["instance_path", "rejected_path", "remove_stale_temporaries", "write_atomic"]
 
 REJECTED_DIR = "rejected"
-
-#: Name of the temporary file :func:`write_atomic` writes before renaming it.
-TEMP_PREFIX, TEMP_SUFFIX = ".incoming-", ".tmp"
 #: A temporary file left untouched this long is a crash's leftover, not a write in progress.
 STALE_TEMPORARY_S = 60.0
 
@@ -41,47 +42,6 @@ def instance_path(storage_dir: Path, uids: Uids) -> Path:
 
 def rejected_path(storage_dir: Path, content: bytes) -> Path:
     return storage_dir / REJECTED_DIR / f"{hashlib.sha256(content).hexdigest()[:40]}.dcm"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, chunks: list[bytes]) -> None:
-    """Write ``chunks`` to ``path`` so that it is complete and durable, or absent.
-
-    A temporary file in the same folder is written and fsynced, renamed over ``path``
-    (atomic on POSIX within one file system), and the folder is fsynced so the rename
-    itself survives a power cut. Newly created parent folders are fsynced too.
-    """
-    created: list[Path] = []
-    parent = path.parent
-    while not parent.exists():
-        created.append(parent)
-        parent = parent.parent
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            for chunk in chunks:
-                fh.write(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    # Each new folder's entry lives in its parent: fsync those too, innermost first.
-    for folder in created:
-        _fsync_dir(folder.parent)
 
 
 def remove_stale_temporaries(storage_dir: Path, older_than_s: float = STALE_TEMPORARY_S) -> int:

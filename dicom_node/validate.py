@@ -14,13 +14,13 @@ peer's Error Comment, and must not carry patient identifiers.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from dicom_node.contexts import STORAGE_SOP_CLASSES
+from fracture_triage.uids import is_valid_uid
 from model.imaging import (
     PixelGeometry,
     PreprocessError,
@@ -36,10 +36,8 @@ OUT_OF_RESOURCES = 0xA700  # Failure: Refused: Out of Resources (transient, peer
 DATASET_MISMATCH = 0xA900  # Failure: Error: Data Set does not match SOP Class
 CANNOT_UNDERSTAND = 0xC000  # Failure: Error: Cannot understand
 
-#: PS3.5 9.1: digits and dots, at most 64 characters. Components with a leading zero are
-#: forbidden by the standard but common in real devices' UIDs; they are accepted because they
-#: are harmless in a path (only digits and dots, no empty component: no "..", no "/").
-_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
+#: How a refused UID is described (the peer's Error Comment is cut to 64 characters).
+_NOT_A_UID = "missing or invalid (PS3.5 9.1)"
 
 
 class Rejection(Exception):
@@ -51,14 +49,10 @@ class Rejection(Exception):
         self.reason = reason
 
 
-def is_valid_uid(value: object) -> bool:
-    """A UID usable as a path component: 1-64 characters, digits and dots, no empty part."""
-    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_RE.fullmatch(value))
-
-
 @dataclass(frozen=True)
 class Uids:
-    """The UIDs of a received object, each checked with :func:`is_valid_uid`."""
+    """The UIDs of a received object, each checked with
+    :func:`fracture_triage.uids.is_valid_uid` (PS3.5 9.1, the rule the SR builder applies)."""
 
     sop_class_uid: str
     sop_instance_uid: str
@@ -138,8 +132,10 @@ def check_dataset(
         raise Rejection(SOP_CLASS_NOT_SUPPORTED, "SOP Class not supported by this node")
 
     sop_instance = _text(ds, "SOPInstanceUID")
+    # A UID the SR could not reference (e.g. a leading-zero component "1.2.03") is refused
+    # here, not accepted and then left out of the report: PS3.5 9.1.
     if not is_valid_uid(sop_instance):
-        raise Rejection(INVALID_SOP_INSTANCE, "SOP Instance UID (0008,0018) is missing or invalid")
+        raise Rejection(INVALID_SOP_INSTANCE, f"SOP Instance UID (0008,0018) {_NOT_A_UID}")
     if sop_instance != affected_sop_instance_uid:
         raise Rejection(
             INVALID_SOP_INSTANCE,
@@ -147,10 +143,10 @@ def check_dataset(
         )
     study = _text(ds, "StudyInstanceUID")
     if not is_valid_uid(study):
-        raise Rejection(DATASET_MISMATCH, "Study Instance UID (0020,000D) is missing or invalid")
+        raise Rejection(DATASET_MISMATCH, f"Study Instance UID (0020,000D) {_NOT_A_UID}")
     series = _text(ds, "SeriesInstanceUID")
     if not is_valid_uid(series):
-        raise Rejection(DATASET_MISMATCH, "Series Instance UID (0020,000E) is missing or invalid")
+        raise Rejection(DATASET_MISMATCH, f"Series Instance UID (0020,000E) {_NOT_A_UID}")
     uids = Uids(sop_class, str(sop_instance), str(study), str(series))
 
     geometry = _check_pixels(ds, transfer_syntax, max_pixels)

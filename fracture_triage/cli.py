@@ -6,6 +6,9 @@ one role each (for scaling out, e.g. with docker compose); ``results`` prints wh
 ``model.cli``. The ``Settings`` object is built once here, from the command line options and
 ``FRACTURE_TRIAGE_*`` variables, and handed to the role; role modules are imported only when
 their command runs, so ``fracture-triage results`` does not pay for TensorFlow.
+
+Every handler has one shape, :data:`Handler`. The database schema is brought up to date
+here, once, before a node role starts (:data:`MIGRATING_COMMANDS`); the roles never migrate.
 """
 
 from __future__ import annotations
@@ -26,6 +29,13 @@ from typing import Any
 from fracture_triage.settings import Settings
 
 log = logging.getLogger("fracture_triage.cli")
+
+#: The shape of every subcommand handler: parsed arguments and settings in, exit status out.
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+#: Commands that run a node role: the schema is migrated before they start (``up``'s
+#: children are told it was done already).
+MIGRATING_COMMANDS = ("up", "scp", "worker", "sweeper", "api")
 
 #: Commands that ``model.cli.add_commands`` registers (imported only when one of them runs,
 #: or for the full ``--help``).
@@ -202,6 +212,25 @@ def _add_model_commands(sub: Any) -> None:
             p.set_defaults(handler=_missing_model_cli)
         return
     add_commands(sub)
+    for name in MODEL_COMMANDS:
+        parser = sub.choices[name]
+        parser.set_defaults(handler=_model_handler(parser.get_default("func")))
+
+
+def _model_handler(func: Callable[..., Any]) -> Handler:
+    """A ``model.cli`` function (``(args)``, or ``(args, settings)`` for ``classify``) as a
+    :data:`Handler`; model.cli is the model's own and keeps its signatures."""
+    positional = [
+        p
+        for p in inspect.signature(func).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+
+    def handler(args: argparse.Namespace, settings: Settings) -> int:
+        result = func(args, settings) if len(positional) >= 2 else func(args)
+        return int(result) if isinstance(result, int) else 0
+
+    return handler
 
 
 def _missing_model_cli(args: argparse.Namespace, settings: Settings) -> int:
@@ -240,15 +269,23 @@ def _setup_logging(level: str, role: str) -> None:
 
 
 def _migrate(settings: Settings) -> None:
-    """Every role migrates at start so a fresh database works (``up`` did it already)."""
+    """Bring the schema up to date (under a lock) so a fresh database works; the one place a
+    node command migrates. ``up`` migrates here and tells its children it did."""
     if os.environ.get("FRACTURE_TRIAGE_SKIP_MIGRATE") == "1":
         return
+    _upgrade(settings)
+    log.info("database schema is up to date")
+
+
+def _upgrade(settings: Settings, revision: str = "head") -> str:
+    """Apply the migrations up to ``revision`` (a SQLite file gets its folder); return the URL."""
     from db.migrations import upgrade
 
-    if settings.resolved_database_url.startswith("sqlite"):
+    url = settings.resolved_database_url
+    if url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade(settings.resolved_database_url)
-    log.info("database schema is up to date")
+    upgrade(url, revision)
+    return url
 
 
 # --------------------------------------------------------------------------- commands
@@ -276,7 +313,6 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 
 def cmd_scp(args: argparse.Namespace, settings: Settings) -> int:
-    _migrate(settings)
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
     from dicom_node.scp import run_scp
     from worker.queue import CeleryEnqueuer
@@ -293,19 +329,15 @@ def cmd_scp(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    _migrate(settings)
     from worker.celery_app import run_worker
 
     # Celery installs its own SIGTERM/SIGINT handlers: warm shutdown, the task in hand finishes.
-    result = _call(
-        run_worker, settings, concurrency=args.concurrency, loglevel=args.log_level, migrate=False
-    )
-    return int(result) if isinstance(result, int) else 0
+    run_worker(settings, concurrency=args.concurrency, loglevel=args.log_level)
+    return 0
 
 
 def _run_until_signal(settings: Settings, run: Callable[[Settings, threading.Event], None]) -> int:
-    """Migrate, then ``run(settings, stop)`` until SIGINT/SIGTERM sets ``stop``."""
-    _migrate(settings)
+    """``run(settings, stop)`` until SIGINT/SIGTERM sets ``stop``."""
     stop = threading.Event()
     _stop_on_signals(stop)
     run(settings, stop)
@@ -381,13 +413,10 @@ def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
-    from db.migrations import current_revision, upgrade
+    from db.migrations import current_revision
     from fracture_triage.up import mask_url
 
-    url = settings.resolved_database_url
-    if url.startswith("sqlite"):
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade(url, args.revision)
+    url = _upgrade(settings, args.revision)
     print(f"{mask_url(url)} is at revision {current_revision(url)}")
     return 0
 
@@ -415,25 +444,6 @@ def cmd_db_check(args: argparse.Namespace, settings: Settings) -> int:
 # --------------------------------------------------------------------------- entry point
 
 
-def _call(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call ``func`` with the keyword arguments it accepts (roles written by other modules)."""
-    params = inspect.signature(func).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        kwargs = {k: v for k, v in kwargs.items() if k in params}
-    return func(*args, **kwargs)
-
-
-def _run_handler(handler: Callable[..., Any], args: argparse.Namespace, settings: Settings) -> int:
-    """Handlers take ``(args, settings)``; a model.cli handler may take ``(args)`` only."""
-    positional = [
-        p
-        for p in inspect.signature(handler).parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-    result = handler(args, settings) if len(positional) >= 2 else handler(args)
-    return int(result) if isinstance(result, int) else 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(with_model_commands=_wants_model_commands(argv))
@@ -445,12 +455,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a bad setting is a usage error, not a crash
         print(f"error: invalid settings: {exc}", file=sys.stderr)
         return 2
-    handler = getattr(args, "handler", None) or getattr(args, "func", None)
+    handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()
         return 2
     try:
-        return _run_handler(handler, args, settings)
+        if args.command in MIGRATING_COMMANDS:
+            _migrate(settings)
+        return handler(args, settings)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -1,44 +1,58 @@
 """The typed contract between the SCP, the sweeper and the workers.
 
-Queue messages carry ids and paths, never pixel data. ``schema_version`` lets a worker refuse
-a message it does not understand instead of misreading it.
+Queue messages carry ids, never pixel data or paths: the worker reads the path and
+everything else from the database, which is the record. ``schema_version`` lets a worker
+refuse a message it does not understand instead of misreading it. The queue and the task
+names live here too, so that sender and worker cannot disagree on them.
+
+Version 2 dropped ``path`` from ``ClassifyInstance`` and ``SendReport`` (no worker read it).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Final, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 2
+
+#: The one queue the node uses (the SCP, the sweeper and the workers agree on it).
+QUEUE: Final = "fracture_triage"
 
 
-class ClassifyInstance(BaseModel):
-    """Classify one stored instance (Celery task ``worker.classify_instance``)."""
+class QueueMessage(BaseModel):
+    """A message of the current schema version, sent to the Celery task :attr:`task`."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    schema_version: Literal[1] = 1  # SCHEMA_VERSION
+    #: The Celery task that consumes this message.
+    task: ClassVar[str]
+
+    # Literal of the number itself (a type cannot name a constant); must equal SCHEMA_VERSION.
+    schema_version: Literal[2] = SCHEMA_VERSION
+
+
+class ClassifyInstance(QueueMessage):
+    """Classify one stored instance."""
+
+    task: ClassVar[str] = "worker.classify_instance"
+
     instance_id: int
     sop_instance_uid: str
-    path: str
 
 
-class ReportStudy(BaseModel):
-    """Build (or rebuild) the Structured Report of one study (``worker.report_study``)."""
+class ReportStudy(QueueMessage):
+    """Build (or rebuild) the Structured Report of one study."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    task: ClassVar[str] = "worker.report_study"
 
-    schema_version: Literal[1] = 1  # SCHEMA_VERSION
     study_id: int
     study_instance_uid: str
 
 
-class SendReport(BaseModel):
-    """Send one produced SR to the configured destination (``worker.send_report``)."""
+class SendReport(QueueMessage):
+    """Send one produced SR to the configured destination."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    task: ClassVar[str] = "worker.send_report"
 
-    schema_version: Literal[1] = 1  # SCHEMA_VERSION
     sr_document_id: int
-    path: str

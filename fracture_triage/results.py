@@ -15,9 +15,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Instance, Result, Series, SRDocument, Study
 from db.repository import as_utc
-
-#: Patient and study attributes that identify a person: only printed with ``--include-patient``.
-PATIENT_FIELDS = ("patient_id", "patient_name", "patient_birth_date", "accession_number")
+from fracture_triage.attributes import PATIENT_IDENTIFIERS
 
 
 def collect_results(
@@ -70,9 +68,11 @@ def collect_results(
             "sr_path": None if sr is None else sr.path,
             "sr_sop_instance_uid": None if sr is None else sr.sop_instance_uid,
             "study_fracture": None if sr is None else bool(sr.fracture),
+            # Why the study's report could not be built (not retried until a new image).
+            "report_failure": study.report_failure,
         }
         if include_patient:
-            for name in PATIENT_FIELDS:
+            for name in PATIENT_IDENTIFIERS:
                 row[name] = getattr(study, name)
         rows.append(row)
     return rows
@@ -115,7 +115,9 @@ def write_table(rows: list[dict[str, Any]], out: TextIO) -> None:
         cells = []
         for _, key, width in columns:
             if key is None:
-                value = row["failure_reason"] if row["failure_reason"] else row["sr_path"]
+                value = row["failure_reason"] or row["sr_path"]
+                if value is None and row["report_failure"]:
+                    value = f"report failed: {row['report_failure']}"
             else:
                 value = row[key]
             cells.append(_cell(value, width))

@@ -1,6 +1,6 @@
 """``fracture-triage up``: the whole node on one machine, one process per role.
 
-The supervisor (this process) migrates the SQLite database once, starts an embedded Redis on
+The supervisor (this process; its entry point migrated the database) starts an embedded Redis on
 a free loopback port, then the SCP, the Celery worker, the sweeper and the query API as child
 processes (``python -m fracture_triage.cli <role>``), each in its own process group so that a
 Ctrl-C in the terminal reaches only the supervisor, which then stops them in order: the SCP
@@ -212,7 +212,6 @@ class UpOptions:
 
 def run_up(settings: Settings, options: UpOptions) -> int:
     """Start everything, print where it listens, run until SIGINT/SIGTERM; return an exit code."""
-    from db.migrations import upgrade
     from model.artifact import ExportError, checked_export, read_card, resolve_model_dir
 
     data_dir = settings.data_dir.resolve()
@@ -242,9 +241,9 @@ def run_up(settings: Settings, options: UpOptions) -> int:
         )
         return 2
 
+    # The schema was migrated by the entry point (fracture_triage.cli) before this ran.
     for folder in (data_dir, settings.storage_dir, settings.sr_dir, data_dir / "redis"):
         folder.mkdir(parents=True, exist_ok=True)
-    upgrade(settings.resolved_database_url)
 
     redis_port = options.redis_port or free_port()
     redis_password = secrets.token_hex(16)
@@ -255,7 +254,7 @@ def run_up(settings: Settings, options: UpOptions) -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRACTURE_TRIAGE_")}
     env.update(settings_environment(settings))
     env["PYTHONUNBUFFERED"] = "1"
-    # Every role was migrated above; they need not race to do it again.
+    # The entry point migrated before calling run_up; the children need not do it again.
     env["FRACTURE_TRIAGE_SKIP_MIGRATE"] = "1"
     redis_binary = find_redis_server()
     role = [sys.executable, "-m", "fracture_triage.cli"]

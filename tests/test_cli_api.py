@@ -48,6 +48,7 @@ def test_api_results_worklist_and_health(database_url: str, tmp_path: Path) -> N
                 inference_ms=1,
             ),
         )
+        s.commit()
     engine.dispose()
 
     port = free_port()

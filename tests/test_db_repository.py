@@ -15,10 +15,11 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from db import reports
 from db import repository as repo
 from db.migrations import upgrade
 from db.models import Instance, InstanceStatus, Result, Series, SRDocument, Study
-from db.session import make_engine, make_session_factory
+from db.session import in_transaction, make_engine, make_session_factory
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 SERIES = "1.2.826.0.1.3680043.8.498.1.1"
@@ -65,6 +66,7 @@ def test_record_received_stores_once(sessions: sessionmaker[Session]) -> None:
     with sessions() as s:
         first, new = repo.record_received(s, received(1))
         assert new and first.status == InstanceStatus.pending
+        s.commit()
     with sessions() as s:
         again, new = repo.record_received(s, received(1))
         assert not new and again.id == first.id
@@ -75,6 +77,7 @@ def test_record_received_stores_once(sessions: sessionmaker[Session]) -> None:
         assert study.patient_name == "Doe^Jane"
     with sessions() as s:
         second, new = repo.record_received(s, received(2))
+        s.commit()
         assert new and second.id != first.id
         assert s.scalar(select(func.count(Study.id))) == 1
         assert s.scalar(select(func.count(Series.id))) == 1
@@ -97,10 +100,10 @@ def test_concurrent_duplicates_are_recorded_once(sessions: sessionmaker[Session]
 
     def deliver() -> None:
         try:
-            with sessions() as s:
-                barrier.wait(timeout=10)
-                inst, new = repo.record_received(s, received(1))
-                outcomes.append((inst.id, new))
+            barrier.wait(timeout=10)
+            # The SCP's unit of work: a lost insert race is rolled back and run again.
+            inst, new = in_transaction(sessions, lambda s: repo.record_received(s, received(1)))
+            outcomes.append((inst.id, new))
         except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
             errors.append(exc)
 
@@ -119,8 +122,10 @@ def test_concurrent_duplicates_are_recorded_once(sessions: sessionmaker[Session]
 def test_save_result_is_idempotent(sessions: sessionmaker[Session]) -> None:
     with sessions() as s:
         inst, _ = repo.record_received(s, received(1))
+        s.commit()
     with sessions() as s:
         first = repo.save_result(s, inst.id, classification(0.8))
+        s.commit()
     with sessions() as s:
         # A redelivered task computes again (maybe a slightly different number): one row stays.
         again = repo.save_result(s, inst.id, classification(0.3))
@@ -131,6 +136,28 @@ def test_save_result_is_idempotent(sessions: sessionmaker[Session]) -> None:
         # A new model version is a new result.
         repo.save_result(s, inst.id, classification(0.1, version="v2"))
         assert s.scalar(select(func.count(Result.id))) == 2
+
+
+def test_repository_functions_leave_the_commit_to_the_caller(
+    sessions: sessionmaker[Session],
+) -> None:
+    """A unit of work that is not committed leaves nothing behind; one commit keeps it all."""
+    with sessions() as s:
+        inst, _ = repo.record_received(s, received(1))
+        repo.mark_queued(s, inst.id)
+        repo.save_result(s, inst.id, classification(0.7))
+        s.rollback()
+    with sessions() as s:
+        assert s.scalar(select(func.count(Instance.id))) == 0
+        assert s.scalar(select(func.count(Study.id))) == 0
+    with sessions() as s:
+        inst, _ = repo.record_received(s, received(1))
+        repo.save_result(s, inst.id, classification(0.7))
+        s.commit()
+    with sessions() as s:
+        row = s.get(Instance, inst.id)
+        assert row is not None and row.status == InstanceStatus.done
+        assert s.scalar(select(func.count(Result.id))) == 1
 
 
 def test_queue_bookkeeping(sessions: sessionmaker[Session]) -> None:
@@ -157,14 +184,17 @@ def test_studies_ready_to_report(sessions: sessionmaker[Session]) -> None:
     with sessions() as s:
         a, _ = repo.record_received(s, received(1))
         b, _ = repo.record_received(s, received(2))
+        s.commit()
     # Unsettled (pending, then queued) instances hold the report back.
     assert _ready(sessions, 0) == []
     with sessions() as s:
         repo.mark_queued(s, a.id)
         repo.save_result(s, b.id, classification(0.9))
+        s.commit()
     assert _ready(sessions, 0) == []
     with sessions() as s:
         repo.mark_failed(s, a.id, "cannot decode")  # failed counts as settled
+        s.commit()
     assert _ready(sessions, 0) == [STUDY]
     # Not yet stable: the newest image arrived less than an hour ago.
     assert _ready(sessions, 3600) == []
@@ -178,9 +208,24 @@ def test_studies_ready_to_report(sessions: sessionmaker[Session]) -> None:
     # Another image later: the study is reported again once it is settled.
     with sessions() as s:
         c, _ = repo.record_received(s, received(3))
+        s.commit()
     assert _ready(sessions, 0) == []
     with sessions() as s:
         repo.save_result(s, c.id, classification(0.2))
+        s.commit()
+    assert _ready(sessions, 0) == [STUDY]
+
+    # A report that cannot be built settles the revision: not ready again until a new image.
+    with sessions() as s:
+        study = s.scalars(select(Study)).one()
+        reports.mark_report_failed(s, study.id, study.revision, "no way to build it")
+        s.commit()
+    assert _ready(sessions, 0) == []
+    with sessions() as s:
+        assert s.scalars(select(Study)).one().report_failure == "no way to build it"
+        d, _ = repo.record_received(s, received(4))
+        repo.mark_failed(s, d.id, "cannot decode")
+        s.commit()
     assert _ready(sessions, 0) == [STUDY]
 
 

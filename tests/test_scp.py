@@ -52,10 +52,10 @@ from dicom_node.contexts import (
     STORAGE_SOP_CLASSES,
 )
 from dicom_node.scp import StorageSCP, run_scp
-from fracture_triage.messages import ClassifyInstance
+from fracture_triage.messages import QUEUE, ClassifyInstance
 from fracture_triage.settings import Settings
+from fracture_triage.uids import is_valid_uid
 from tests.servers import RedisServer, free_port, wait_for_port
-from worker.celery_app import QUEUE
 from worker.queue import CeleryEnqueuer
 
 pytestmark = pytest.mark.timeout(180)
@@ -336,10 +336,12 @@ def test_every_sample_file_from_pynetdicom(
                 first_sender.setdefault(uid, path.name)
             else:  # a failure status always comes with an Error Comment (the reason)
                 assert rsp.get("ErrorComment"), path.name
-        # The command/data-set mismatch resent the way most SCUs send (UIDs from the data set).
+        # The command/data-set mismatch resent the way most SCUs send (UIDs from the data set):
+        # its SOP Instance UID has a leading-zero component ("01"), which the SR could not
+        # reference, so it is refused too (0x0117, PS3.5 9.1) rather than stored half-usable.
         lut = dicom_samples / "CR_MONO1_10b_ModalityLUTSeq_JPEGLosslessSV1.dcm"
-        assert assoc.send_c_store(pydicom.dcmread(lut)).Status == SUCCESS
-        first_sender.setdefault(pydicom.dcmread(lut).SOPInstanceUID, lut.name + " (data set)")
+        rsp = assoc.send_c_store(pydicom.dcmread(lut))
+        assert rsp.Status == 0x0117 and "PS3.5 9.1" in rsp.ErrorComment
         elapsed = time.monotonic() - started
         assert assoc.send_c_echo().Status == SUCCESS  # still serving after every bad file
         assoc.release()
@@ -389,8 +391,7 @@ def test_every_sample_file_from_pynetdicom(
     queued = {u: i for u, i in stored.items() if i.status == InstanceStatus.queued}
     assert sorted(m.sop_instance_uid for m in messages) == sorted(queued)  # each exactly once
     for msg in messages:
-        assert msg.instance_id == queued[msg.sop_instance_uid].id
-        assert msg.path == queued[msg.sop_instance_uid].storage_path
+        assert msg.instance_id == queued[msg.sop_instance_uid].id  # the path is the row's
     assert not list((tmp_path / "data" / "objects").rglob(".incoming-*"))
 
 
@@ -437,12 +438,15 @@ def test_every_sample_file_from_dcmtk_storescu(
     output = run.stdout + run.stderr
     assert "No presentation context for: (RD)" in output  # RT Dose refused at negotiation
 
-    expected_stored = set()
+    expected_stored, expected_refused = set(), set()
     for path in sorted(dicom_samples.glob("*.dcm")):
         if path.name.startswith(("BAD_", "DERIVED_BAD_")):
             continue
-        expected_stored.add(pydicom.dcmread(path, force=True).SOPInstanceUID)
+        uid = pydicom.dcmread(path, force=True).SOPInstanceUID
+        # A leading-zero component ("01") breaks PS3.5 9.1: refused, not stored.
+        (expected_stored if is_valid_uid(uid) else expected_refused).add(uid)
     stored = instances(db)
+    assert expected_refused and not expected_refused & set(stored)
     assert expected_stored <= set(stored)
     for uid in expected_stored:
         assert stored[uid].status == InstanceStatus.queued

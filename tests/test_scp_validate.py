@@ -25,8 +25,8 @@ from dicom_node.validate import (
     Rejection,
     Uids,
     check_dataset,
-    is_valid_uid,
 )
+from fracture_triage.uids import is_valid_uid
 from model.imaging import encapsulated_fragment_bytes
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
@@ -71,9 +71,15 @@ def _check(ds: Dataset, ts: str = ExplicitVRLittleEndian, max_pixels: int = 10**
     ("value", "valid"),
     [
         ("1.2.840.10008.5.1.4.1.1.1", True),
-        ("999.999.01.23.45.6789", True),  # leading zeros: not standard, common, path-safe
-        ("1" * 64, True),
-        ("1" * 65, False),
+        ("0.0", True),
+        ("1.20.300", True),
+        # PS3.5 9.1: no leading zero in a multi-digit component (the SR could not reference
+        # it, so the SCP refuses it too).
+        ("999.999.01.23.45.6789", False),
+        ("1.2.03.4", False),
+        ("1." + "2" * 62, True),  # 64 characters
+        ("1." + "2" * 63, False),
+        ("1" * 64, False),  # one component: PS3.5 9.1 wants a root and a suffix
         ("", False),
         ("1..2", False),
         (".1.2", False),
@@ -111,6 +117,8 @@ def test_a_valid_image_passes() -> None:
         ),
         ({"SOPInstanceUID": "1.2.3.9"}, INVALID_SOP_INSTANCE, "Affected SOP Instance UID"),
         ({"SOPInstanceUID": "1..2"}, INVALID_SOP_INSTANCE, "invalid"),
+        ({"SOPInstanceUID": "1.2.03.4"}, INVALID_SOP_INSTANCE, "PS3.5 9.1"),
+        ({"StudyInstanceUID": "1.2.03.4"}, DATASET_MISMATCH, "Study Instance UID"),
         ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.4"}, DATASET_MISMATCH, "Affected SOP Class"),
         ({"StudyInstanceUID": None}, DATASET_MISMATCH, "Study Instance UID"),
         ({"SeriesInstanceUID": "x"}, DATASET_MISMATCH, "Series Instance UID"),

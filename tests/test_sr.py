@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import repository as repo
 from db.models import Base, SRDocument, Study
 from db.session import make_engine, make_session_factory
+from fracture_triage.files import TEMP_PREFIX
 from fracture_triage.settings import Settings
 from model.artifact import ModelCard
 from tests.conftest import require
@@ -101,6 +102,7 @@ def receive(sf: sessionmaker[Session], path: Path, failure: str | None = None) -
         instance, _ = repo.record_received(session, rec)
         if failure:
             repo.mark_failed(session, instance.id, failure)
+        session.commit()
         return instance.id
 
 
@@ -117,6 +119,15 @@ def classify(sf: sessionmaker[Session], instance_id: int, probability: float) ->
     )
     with sf() as session:
         repo.save_result(session, instance_id, c)
+        session.commit()
+
+
+def report(sf: sessionmaker[Session], settings: Settings, study_id: int) -> SRDocument:
+    """What the report task does: build and record the SR in one unit of work, commit."""
+    with sf() as session:
+        doc = build_study_report(session, settings, study_id, CARD)
+        session.commit()
+        return doc
 
 
 def study_id_of(sf: sessionmaker[Session], instance_id: int) -> int:
@@ -167,7 +178,7 @@ def test_study_sr_is_valid_and_complete(
     classify(session_factory, normal, 0.31)
     study_id = study_id_of(session_factory, flagged)
 
-    doc = build_study_report(session_factory, settings, study_id, CARD)
+    doc = report(session_factory, settings, study_id)
 
     path = Path(doc.path)
     assert path.parent.parent == settings.sr_dir and path.is_file()
@@ -237,16 +248,16 @@ def test_more_images_give_a_superseding_sr(
     first = receive(session_factory, require(dicom_samples / RG3))
     classify(session_factory, first, 0.2)
     study_id = study_id_of(session_factory, first)
-    old = build_study_report(session_factory, settings, study_id, CARD)
+    old = report(session_factory, settings, study_id)
     assert (old.fracture, old.probability, old.send_status) == (False, 0.2, "pending")
     # A redelivered task for the same revision writes nothing new.
-    again = build_study_report(session_factory, settings, study_id, CARD)
+    again = report(session_factory, settings, study_id)
     assert again.id == old.id
     assert len(list(Path(old.path).parent.glob("*.dcm"))) == 1
 
     later = receive(session_factory, require(dicom_samples / RG3_JLS))
     classify(session_factory, later, 0.9)
-    new = build_study_report(session_factory, settings, study_id, CARD)
+    new = report(session_factory, settings, study_id)
 
     assert new.id != old.id and (new.fracture, new.probability, new.instance_count) == (
         True,
@@ -271,9 +282,7 @@ def test_study_with_only_failed_images_is_reported(
     session_factory: sessionmaker[Session], dicom_samples: Path, tmp_path: Path
 ) -> None:
     bad = receive(session_factory, require(dicom_samples / RG3_BAD), failure="decode failed")
-    doc = build_study_report(
-        session_factory, Settings(data_dir=tmp_path), study_id_of(session_factory, bad), CARD
-    )
+    doc = report(session_factory, Settings(data_dir=tmp_path), study_id_of(session_factory, bad))
     assert (doc.fracture, doc.probability, doc.instance_count) == (False, None, 1)
     sr = assert_valid_sr(Path(doc.path))
     (group,) = measurement_groups(sr)
@@ -343,7 +352,7 @@ def test_concurrent_reports_of_one_revision_record_one_sr(
         barrier.wait()
         for _ in range(3):  # a Celery retry after a transient database conflict
             try:
-                doc = build_study_report(session_factory, settings, study_id, CARD)
+                doc = report(session_factory, settings, study_id)
                 docs.append((doc.id, doc.sop_instance_uid, doc.path))
                 return
             except OperationalError:  # SQLite: write from a stale snapshot refused
@@ -363,4 +372,4 @@ def test_concurrent_reports_of_one_revision_record_one_sr(
         assert len(session.scalars(select(SRDocument)).all()) == 1
     files = list((settings.sr_dir).rglob("*.dcm"))
     assert [str(f) for f in files] == [docs[0][2]]
-    assert not list(settings.sr_dir.rglob(".tmp-*"))
+    assert not list(settings.sr_dir.rglob(f"{TEMP_PREFIX}*"))

@@ -14,8 +14,7 @@ from db.models import SRDocument
 from fracture_triage.settings import Settings
 from tests.conftest import require
 from tests.servers import OrthancServer, free_port, orthanc_server
-from tests.test_sr import CARD, RG3, RG3_BAD, classify, receive, session_factory, study_id_of
-from worker.sr import build_study_report
+from tests.test_sr import RG3, RG3_BAD, classify, receive, report, session_factory, study_id_of
 from worker.sr_send import SendError, record_send_attempt, send_and_record, send_report
 
 __all__ = ["session_factory"]  # the fixture, shared with test_sr
@@ -59,7 +58,7 @@ def test_sr_built_from_results_arrives_in_orthanc(
     flagged = receive(session_factory, require(dicom_samples / RG3))
     receive(session_factory, require(dicom_samples / RG3_BAD), failure="decode failed")
     classify(session_factory, flagged, 0.77)
-    doc = build_study_report(session_factory, settings, study_id_of(session_factory, flagged), CARD)
+    doc = report(session_factory, settings, study_id_of(session_factory, flagged))
     assert doc.send_status == "pending"
 
     assert send_and_record(settings, session_factory, doc.id) == "sent"
@@ -96,9 +95,7 @@ def test_failed_sends_raise_and_are_recorded(
     )
     flagged = receive(session_factory, require(dicom_samples / RG3))
     classify(session_factory, flagged, 0.4)
-    doc = build_study_report(
-        session_factory, wrong_aet, study_id_of(session_factory, flagged), CARD
-    )
+    doc = report(session_factory, wrong_aet, study_id_of(session_factory, flagged))
     with pytest.raises(SendError, match="association"):
         send_and_record(wrong_aet, session_factory, doc.id)
     with session_factory() as session:

@@ -7,6 +7,7 @@ the helpers here are shared with it.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.uid import generate_uid
@@ -26,13 +28,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import repository
 from db.models import Instance, InstanceStatus, Result, SRDocument, Study
-from fracture_triage.messages import ClassifyInstance
+from fracture_triage.messages import SCHEMA_VERSION, ClassifyInstance, ReportStudy
+from fracture_triage.results import collect_results
 from fracture_triage.settings import Settings
 from tests.conftest import REPO, require
 from tests.servers import RedisServer, free_port
 from worker.queue import CeleryEnqueuer, EnqueueError, queue_instance
 from worker.sweeper import Sweeper, run_sweeper
-from worker.tasks import MAX_ATTEMPTS, RETRYABLE, WorkerState, classify
+from worker.tasks import MAX_ATTEMPTS, RETRYABLE, WorkerState, classify, report
 
 #: Radiographs that decode (small ones: the worker's speed is not under test here).
 GOOD = (
@@ -84,6 +87,7 @@ def record(
                 modality="CR",
             ),
         )
+        session.commit()
         assert new
         return instance
 
@@ -95,7 +99,9 @@ def scp_store(
     pending when the broker is down). Returns whether it was queued."""
     instance = record(sessions, sample, study_uid)
     with sessions() as session:
-        return queue_instance(session, enqueuer, instance)
+        queued = queue_instance(session, enqueuer, instance)
+        session.commit()
+        return queued
 
 
 def result_counts(sessions: sessionmaker[Session]) -> dict[int, int]:
@@ -223,6 +229,22 @@ def node_settings(
     )
 
 
+@contextmanager
+def redis_node(
+    tmp_path: Path, database_url: str, model_dir: Path, **kw: object
+) -> Iterator[tuple[Settings, sessionmaker[Session], CeleryEnqueuer]]:
+    """A real Redis, the node's settings for it, a migrated database and an enqueuer."""
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    settings = node_settings(tmp_path, database_url, redis.url, model_dir, **kw)
+    enqueuer = CeleryEnqueuer(settings)
+    try:
+        yield settings, make_sessions(database_url), enqueuer
+    finally:
+        enqueuer.close()
+        redis.stop()
+
+
 # --- tests --------------------------------------------------------------------------------------
 
 
@@ -230,7 +252,7 @@ def test_enqueue_fails_fast_when_broker_is_down(tmp_path: Path) -> None:
     """The SCP must answer a C-STORE even with Redis down: a send fails within seconds."""
     server = RedisServer(tmp_path / "redis")  # port chosen, server not started
     enqueuer = CeleryEnqueuer(Settings(broker_url=server.url, data_dir=tmp_path))
-    msg = ClassifyInstance(instance_id=1, sop_instance_uid="1.2.3", path="/nowhere")
+    msg = ClassifyInstance(instance_id=1, sop_instance_uid="1.2.3")
     try:
         t0 = time.monotonic()
         with pytest.raises(EnqueueError):
@@ -263,17 +285,17 @@ def test_classify_in_process_is_idempotent_and_records_decode_failures(
     good = record(sessions, require(dicom_samples / GOOD[0]), "1.2.826.0.1.1")
     bad = record(sessions, require(dicom_samples / BAD[0]), "1.2.826.0.1.1")
     good_msg = ClassifyInstance(
-        instance_id=good.id, sop_instance_uid=good.sop_instance_uid, path=good.storage_path
+        instance_id=good.id, sop_instance_uid=good.sop_instance_uid
     ).model_dump()
     bad_msg = ClassifyInstance(
-        instance_id=bad.id, sop_instance_uid=bad.sop_instance_uid, path=bad.storage_path
+        instance_id=bad.id, sop_instance_uid=bad.sop_instance_uid
     ).model_dump()
 
     assert classify(state, good_msg) == "done"
     assert classify(state, good_msg) == "exists"  # redelivered message
     assert classify(state, bad_msg) == "failed"
     assert classify(state, bad_msg) == "failed"  # redelivered: not attempted again
-    assert classify(state, {**good_msg, "schema_version": 2}) == "invalid"
+    assert classify(state, {**good_msg, "schema_version": 1}) == "invalid"  # done: untouched
     assert classify(state, {**good_msg, "sop_instance_uid": "1.2.3.4"}) == "missing"
 
     # A file that killed its worker MAX_ATTEMPTS times is failed, not delivered for ever.
@@ -286,7 +308,6 @@ def test_classify_in_process_is_idempotent_and_records_decode_failures(
     crash_msg = ClassifyInstance(
         instance_id=crashing.id,
         sop_instance_uid=crashing.sop_instance_uid,
-        path=crashing.storage_path,
     ).model_dump()
     assert classify(state, crash_msg) == "failed"
 
@@ -311,7 +332,7 @@ def test_database_outage_is_transient_not_a_failure(tmp_path: Path, tiny_model_d
     retries it with backoff) instead of recording anything about the instance."""
     url = f"postgresql+psycopg://triage@127.0.0.1:{free_port()}/triage?connect_timeout=2"
     state = WorkerState(node_settings(tmp_path, url, "redis://127.0.0.1:1/0", tiny_model_dir))
-    msg = ClassifyInstance(instance_id=1, sop_instance_uid="1.2.3", path="/nowhere")
+    msg = ClassifyInstance(instance_id=1, sop_instance_uid="1.2.3")
     with pytest.raises(RETRYABLE):
         classify(state, msg.model_dump())
 
@@ -371,6 +392,7 @@ def _classified(sessions: sessionmaker[Session], instance_id: int) -> None:
                 inference_ms=1.0,
             ),
         )
+        session.commit()
 
 
 def test_sweeper_queues_one_report_per_study_revision_and_pending_sends(
@@ -435,6 +457,62 @@ def test_sweeper_queues_one_report_per_study_revision_and_pending_sends(
         redis.stop()
 
 
+def test_a_message_of_another_schema_version_is_refused_and_recorded(
+    tmp_path: Path, database_url: str, tiny_model_dir: Path, dicom_samples: Path, caplog: Any
+) -> None:
+    """A classify message from an older producer (schema version 1) is refused with a log
+    line naming the task; the instance it names is failed with that reason (visible in the
+    results) instead of waiting for ever; a redelivery changes nothing and raises nothing."""
+    settings = node_settings(tmp_path, database_url, "redis://127.0.0.1:1/0", tiny_model_dir)
+    sessions = make_sessions(database_url)
+    state = WorkerState(settings)
+    waiting = record(sessions, require(dicom_samples / GOOD[0]), "1.2.826.0.1.9")
+    old = {"schema_version": 1, "instance_id": waiting.id, "path": waiting.storage_path}
+    old["sop_instance_uid"] = waiting.sop_instance_uid
+
+    with caplog.at_level(logging.ERROR, logger="worker.tasks"):
+        assert classify(state, old) == "invalid"
+        assert classify(state, old) == "invalid"  # redelivered: refused again, no crash
+    assert "worker.classify_instance message of schema version 1 refused" in caplog.text
+    with sessions() as session:
+        rows = collect_results(session)
+    assert [(r["status"], r["probability"]) for r in rows] == [("failed", None)]
+    assert f"reads version {SCHEMA_VERSION}" in (rows[0]["failure_reason"] or "")
+    assert result_counts(sessions) == {}
+    # A current message for it is not classified either: the instance is settled as failed.
+    current = ClassifyInstance(instance_id=waiting.id, sop_instance_uid=waiting.sop_instance_uid)
+    assert classify(state, current.model_dump()) == "failed"
+
+
+def test_a_study_report_that_cannot_be_built_is_failed_once_not_requeued(
+    tmp_path: Path, database_url: str, tiny_model_dir: Path, dicom_samples: Path
+) -> None:
+    """A study whose Study Instance UID is not a UID by PS3.5 9.1 (recorded before the SCP
+    refused such objects): the report task records the failure and its reason on the study
+    (shown by the results), and the sweeper does not queue its report again."""
+    with redis_node(tmp_path, database_url, tiny_model_dir, study_stable_seconds=0.0) as node:
+        settings, sessions, enqueuer = node
+        state = WorkerState(settings)
+        sweeper = Sweeper(settings, sessions, enqueuer, report_resend_after_s=0.0)
+        instance = record(sessions, require(dicom_samples / GOOD[0]), "1.2.826.0.01.7")
+        _classified(sessions, instance.id)
+        assert sweeper.sweep_once().reports == 1
+        with sessions() as session:
+            study = session.scalars(select(Study)).one()
+        msg = ReportStudy(study_id=study.id, study_instance_uid=study.study_instance_uid)
+        assert report(state, msg.model_dump()) == "failed"
+        assert report(state, msg.model_dump()) == "exists"  # redelivered: settled
+
+        with sessions() as session:
+            rows = collect_results(session)
+            assert session.scalars(select(SRDocument)).all() == []
+        assert "not a valid UID (PS3.5 9.1)" in (rows[0]["report_failure"] or "")
+        assert rows[0]["sr_path"] is None
+        # Sweeps go on (and would resend a lost report at once): this one is not queued again.
+        assert [sweeper.sweep_once().reports for _ in range(3)] == [0, 0, 0]
+        assert enqueuer.queue_length() == 1  # the one report message, nothing more
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_worker_classifies_each_instance_once_and_reports_each_study_revision_once(
     tmp_path: Path, database_url: str, tiny_model_dir: Path, dicom_samples: Path
@@ -459,6 +537,7 @@ def test_worker_classifies_each_instance_once_and_reports_each_study_revision_on
                 first = session.scalars(select(Instance).order_by(Instance.id)).first()
                 assert first is not None
                 queue_instance(session, enqueuer, first)
+                session.commit()
             worker.wait_ready()
             with sweeper_thread(settings):
                 took = wait_until(
@@ -472,6 +551,7 @@ def test_worker_classifies_each_instance_once_and_reports_each_study_revision_on
                 late = record(sessions, require(dicom_samples / GOOD[0]), studies[0])
                 with sessions() as session:
                     queue_instance(session, enqueuer, late)
+                    session.commit()
                 wait_until(lambda: _all_reported(sessions, 3), 60, "the late image's SR")
                 time.sleep(2)  # a few more sweeps: nothing is reported twice
 

@@ -68,6 +68,7 @@ def test_sigkill_mid_task_reruns_the_task_once(
             worker.wait_ready()
             with sessions() as session:
                 assert queue_instance(session, enqueuer, instance)
+                session.commit()
             # attempts is committed when the task starts, before the model loads (~10 s).
             wait_until(lambda: _attempts(sessions, instance.id) >= 1, 60, "task start")
             assert result_counts(sessions) == {}

@@ -1,7 +1,8 @@
 """``python -m worker [worker|sweeper]``: run one role with settings from the environment.
 
 The ``fracture-triage worker`` command is the supported entry; this one needs nothing but the
-``FRACTURE_TRIAGE_*`` environment, which makes it handy for subprocesses (tests, ``up``).
+``FRACTURE_TRIAGE_*`` environment, which makes it handy for subprocesses (tests). It does not
+migrate: the database must be at the current schema (``fracture-triage db upgrade``).
 """
 
 from __future__ import annotations
@@ -32,10 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
-    from db.migrations import upgrade
     from worker.sweeper import run_sweeper
 
-    upgrade(settings.resolved_database_url)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

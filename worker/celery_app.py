@@ -32,10 +32,8 @@ from typing import Any
 
 from celery import Celery
 
+from fracture_triage.messages import QUEUE
 from fracture_triage.settings import Settings
-
-#: The one queue the node uses (the SCP, the sweeper and the workers agree on it).
-QUEUE = "fracture_triage"
 
 #: Seconds an unacknowledged message stays invisible before kombu restores it to the queue.
 VISIBILITY_TIMEOUT_S = 20
@@ -167,17 +165,12 @@ def run_worker(
     *,
     hostname: str | None = None,
     extra_args: Sequence[str] = (),
-    migrate: bool = True,
 ) -> None:
     """Run a Celery worker in this process until it is stopped (SIGTERM/SIGINT: warm shutdown).
 
-    Must be called from the main thread (Celery installs signal handlers). The database is
-    brought to the current schema first, as every role does at start.
+    Must be called from the main thread (Celery installs signal handlers). The schema is the
+    entry point's business (``fracture_triage.cli`` migrates once, before any role starts).
     """
-    if migrate:
-        from db.migrations import upgrade
-
-        upgrade(settings.resolved_database_url)
     quiet_third_party_logs()
     app = make_celery(settings)
     app.worker_main([*worker_argv(concurrency, loglevel, hostname), *extra_args])

@@ -12,20 +12,15 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
-from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from db import repository
 from db.models import Instance
-from fracture_triage.messages import ClassifyInstance, ReportStudy, SendReport
+from fracture_triage.messages import QUEUE, ClassifyInstance, QueueMessage, ReportStudy, SendReport
 from fracture_triage.settings import Settings
-from worker.celery_app import QUEUE, make_celery
+from worker.celery_app import make_celery
 
 log = logging.getLogger(__name__)
-
-CLASSIFY_TASK = "worker.classify_instance"
-REPORT_TASK = "worker.report_study"
-SEND_TASK = "worker.send_report"
 
 #: One quick reconnection attempt: a connection left stale by a broker restart is replaced,
 #: but a broker that is down fails the send in about a second instead of retrying forever.
@@ -58,18 +53,19 @@ class CeleryEnqueuer:
         self.enqueue_classify(msg)
 
     def enqueue_classify(self, msg: ClassifyInstance) -> None:
-        self._send(CLASSIFY_TASK, msg)
+        self._send(msg)
 
     def enqueue_report(self, msg: ReportStudy) -> None:
-        self._send(REPORT_TASK, msg)
+        self._send(msg)
 
     def enqueue_send(self, msg: SendReport) -> None:
-        self._send(SEND_TASK, msg)
+        self._send(msg)
 
-    def _send(self, task_name: str, msg: BaseModel) -> None:
+    def _send(self, msg: QueueMessage) -> None:
+        """Send ``msg`` to the task it names (``msg.task``) on the node's queue."""
         try:
             self._app.send_task(
-                task_name,
+                msg.task,
                 args=[msg.model_dump(mode="json")],
                 queue=QUEUE,
                 retry=True,
@@ -77,7 +73,7 @@ class CeleryEnqueuer:
                 ignore_result=True,
             )
         except Exception as exc:  # kombu/redis raise many types for "broker unreachable"
-            raise EnqueueError(f"cannot queue {task_name}: {type(exc).__name__}: {exc}") from exc
+            raise EnqueueError(f"cannot queue {msg.task}: {type(exc).__name__}: {exc}") from exc
 
     def queue_length(self) -> int | None:
         """Messages waiting in the queue (not those being worked on); ``None`` if unknown."""
@@ -98,16 +94,13 @@ Enqueue = Callable[[ClassifyInstance], None]
 
 
 def classify_message(instance: Instance) -> ClassifyInstance:
-    """The queue message for one recorded instance: ids and a path, never pixel data."""
-    return ClassifyInstance(
-        instance_id=instance.id,
-        sop_instance_uid=instance.sop_instance_uid,
-        path=instance.storage_path,
-    )
+    """The queue message for one recorded instance: ids, never pixel data."""
+    return ClassifyInstance(instance_id=instance.id, sop_instance_uid=instance.sop_instance_uid)
 
 
 def queue_instance(session: Session, enqueue: Enqueue, instance: Instance) -> bool:
-    """Queue one recorded instance and mark it ``queued``; ``False`` if the broker is down.
+    """Queue one recorded instance and mark it ``queued`` (the caller commits); ``False`` if
+    the broker is down.
 
     On failure the instance stays ``pending`` and the sweeper queues it later. The message is
     sent before the status changes: a crash in between leaves it pending, and the worst case

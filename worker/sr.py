@@ -18,19 +18,18 @@ The document follows IHE AI Results (AIR):
 - a report that replaces an earlier one of the same study lists it in the Predecessor
   Documents Sequence (PS3.3 C.17.2) and the older row is marked ``superseded_by``.
 
-Entry point: :func:`build_study_report`. :func:`build_sr` is the pure DICOM part.
+Entry point: :func:`build_study_report`, within the caller's transaction (the report task
+commits). :func:`build_sr` is the pure DICOM part; the database part is ``db.repository`` and
+``db.reports``.
 """
 
 from __future__ import annotations
 
+import io
 import logging
-import os
-import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 import highdicom as hd
 import pydicom
@@ -38,12 +37,15 @@ from pydicom import config
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import PersonName, validate_value
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from db.models import Instance, InstanceStatus, Result, SRDocument, Study
-from db.repository import study_instances, utcnow
+from db import reports, repository
+from db.models import Instance, InstanceStatus, SendStatus, SRDocument, Study
+from fracture_triage.attributes import STUDY_ATTRIBUTES
+from fracture_triage.files import write_atomic
 from fracture_triage.settings import Settings
+from fracture_triage.uids import is_valid_uid
+from fracture_triage.verdict import study_verdict
 from model.artifact import ModelCard
 
 log = logging.getLogger(__name__)
@@ -67,8 +69,6 @@ COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SERIES_DESCRIPTION = "AI fracture triage"
 #: Series Number of the SR series: high, so it sorts after the acquired series.
 SR_SERIES_NUMBER = 9901
-
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 #: Patient, General Study and Patient Study attributes copied from the source (PS3.3 C.7.1.1,
 #: C.7.2.1, C.7.2.2), when their value is valid: a malformed source value (e.g. an AS age
@@ -118,22 +118,15 @@ _PATIENT_STUDY_KEYWORDS = (
     "Occupation",
     "AdditionalPatientHistory",
 )
-#: Type 2 attributes of the Patient and General Study modules: present, empty if unknown.
-_TYPE2_KEYWORDS = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-)
+#: Type 2 attributes of the Patient and General Study modules the database keeps: present,
+#: empty if unknown; DICOM keyword -> ``studies`` column.
+_TYPE2_FALLBACK = {a.keyword: a.name for a in STUDY_ATTRIBUTES if a.type2}
 
 
 class ReportError(RuntimeError):
-    """The study cannot be reported (unknown study, no instance)."""
+    """The study cannot be reported (unknown study, no instance, invalid UID): the reason is
+    recorded on the study and the report is not attempted again for that revision. Reasons
+    carry UIDs at most, never patient data."""
 
 
 @dataclass(frozen=True)
@@ -163,19 +156,11 @@ class StudyFindings:
 
     @classmethod
     def combine(cls, images: Sequence[ImageFinding]) -> StudyFindings:
-        scored = [i for i in images if i.probability is not None]
-        return cls(
-            fracture=any(bool(i.fracture) for i in scored),
-            probability=max((float(i.probability) for i in scored), default=None),  # type: ignore[arg-type]
-            images=tuple(images),
-        )
+        verdict = study_verdict((i.probability, i.fracture) for i in images)
+        return cls(fracture=verdict.fracture, probability=verdict.probability, images=tuple(images))
 
 
 # --------------------------------------------------------------------------- DICOM part
-
-
-def _is_uid(value: object) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_RE.match(value))
 
 
 _TEXT_VRS = frozenset({"AE", "CS", "DS", "IS", "LO", "LT", "PN", "SH", "ST", "UC", "UT"})
@@ -232,20 +217,12 @@ def patient_study_header(source: Dataset | None, study: Study) -> Dataset:
                 elem = source.data_element(keyword)
                 assert elem is not None
                 header.add(elem)
-    fallback = {
-        "PatientName": study.patient_name,
-        "PatientID": study.patient_id,
-        "PatientBirthDate": study.patient_birth_date,
-        "PatientSex": study.patient_sex,
-        "StudyDate": study.study_date,
-        "StudyTime": study.study_time,
-        "ReferringPhysicianName": study.referring_physician_name,
-        "StudyID": study.study_id,
-        "AccessionNumber": study.accession_number,
+    fallback: dict[str, str | None] = {
+        keyword: getattr(study, name) for keyword, name in _TYPE2_FALLBACK.items()
     }
     if source is None and any(v and not v.isascii() for v in fallback.values()):
         header.SpecificCharacterSet = "ISO_IR 192"  # the database holds decoded text
-    for keyword in _TYPE2_KEYWORDS:
+    for keyword in _TYPE2_FALLBACK:
         if keyword not in header:
             value = fallback.get(keyword)
             setattr(header, keyword, value or "")
@@ -286,7 +263,7 @@ def _algorithm(finding: ImageFinding, card: ModelCard) -> hd.sr.AlgorithmIdentif
 
 def _referencable(finding: ImageFinding) -> bool:
     """A source whose UIDs are malformed cannot be referenced without invalidating the SR."""
-    return _is_uid(finding.sop_instance_uid) and _is_uid(finding.sop_class_uid)
+    return is_valid_uid(finding.sop_instance_uid) and is_valid_uid(finding.sop_class_uid)
 
 
 def _comment(text: str) -> hd.sr.TextContentItem:
@@ -434,16 +411,7 @@ def _read_header(path: str) -> Dataset | None:
 
 
 def _finding(session: Session, instance: Instance, card: ModelCard) -> ImageFinding:
-    result = session.scalars(
-        select(Result).where(
-            Result.instance_id == instance.id, Result.model_version == card.version
-        )
-    ).first()
-    if result is None:
-        # A result from another model version is still a result: report it under that model.
-        result = session.scalars(
-            select(Result).where(Result.instance_id == instance.id).order_by(Result.id.desc())
-        ).first()
+    result = repository.result_to_report(session, instance.id, card.version)
     uids = (
         instance.sop_instance_uid,
         instance.sop_class_uid,
@@ -465,26 +433,6 @@ def _finding(session: Session, instance: Instance, card: ModelCard) -> ImageFind
     return ImageFinding(*uids, probability=None, fracture=None, reason=reason)
 
 
-def _write_atomically(sr: Dataset, target: Path) -> None:
-    """Write to a temporary file in the target folder, fsync, rename, fsync the folder."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".dcm")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            sr.save_as(fh, enforce_file_format=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def _predecessor(doc: SRDocument, study_uid: str) -> Dataset:
     ds = Dataset()
     ds.StudyInstanceUID = study_uid
@@ -494,132 +442,99 @@ def _predecessor(doc: SRDocument, study_uid: str) -> Dataset:
     return ds
 
 
+def _encoded(sr: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    sr.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 def build_study_report(
-    session_factory: sessionmaker[Session], settings: Settings, study_id: int, card: ModelCard
+    session: Session, settings: Settings, study_id: int, card: ModelCard
 ) -> SRDocument:
-    """Build, store and record the SR of one study at its current revision.
+    """Build, store and record the SR of one study at its current revision, in ``session``'s
+    transaction: the caller commits (or, on :class:`ReportError`, records the failure).
 
     Idempotent: if an SR for the study's current revision already exists (a redelivered
     task), that row is returned and nothing is written. Otherwise the SR covers every
     instance of the study (a group per image, failed ones included), is written atomically
-    to ``settings.sr_dir/<StudyInstanceUID>/<SOPInstanceUID>.dcm``, recorded as an
-    :class:`SRDocument` (``send_status`` "pending" when a destination is configured, else
-    "none"), the study's earlier current SR is marked ``superseded_by`` it and listed in its
-    Predecessor Documents Sequence, and ``study.reported_revision`` is set.
+    to ``settings.sr_dir/<StudyInstanceUID>/<SOPInstanceUID>.dcm`` and recorded
+    (:func:`db.reports.record_report`: ``send_status`` pending when a destination is
+    configured, else none; the study's earlier current SR is superseded by it and listed in
+    its Predecessor Documents Sequence; ``study.reported_revision`` is set). A file whose
+    transaction is then not committed is named by no row and never sent.
 
-    Raises :class:`ReportError` when the study is unknown or has no instance.
+    Raises :class:`ReportError` when the study is unknown, has no instance, has a Study
+    Instance UID that is not a UID (PS3.5 9.1) or the SR cannot be built from its data.
     """
-    with session_factory() as session:
-        study = session.get(Study, study_id)
-        if study is None:
-            raise ReportError(f"no study with id {study_id}")
-        revision = study.revision or 0
-        existing = session.scalars(
-            select(SRDocument).where(
-                SRDocument.study_id == study_id, SRDocument.study_revision == revision
-            )
-        ).first()
-        if existing is not None and Path(existing.path).is_file():
-            return existing
-        instances = study_instances(session, study_id)
-        if not instances:
-            raise ReportError(f"study {study.study_instance_uid} has no instance")
-        images = [_finding(session, inst, card) for inst in instances]
-        findings = StudyFindings.combine(images)
-        source = next(
-            (h for h in (_read_header(i.storage_path) for i in instances) if h is not None),
-            None,
-        )
-        header = patient_study_header(source, study)
-        previous = session.scalars(
-            select(SRDocument).where(SRDocument.study_id == study_id).order_by(SRDocument.id)
-        ).all()
-        current = [d for d in previous if d.superseded_by_id is None]
-        # One SR series per study: later reports join the series of the first one.
-        series_uid = previous[0].series_instance_uid if previous else hd.UID()
-        sop_uid = hd.UID()
+    study = session.get(Study, study_id)
+    if study is None:
+        raise ReportError(f"no study with id {study_id}")
+    revision = study.revision or 0
+    existing = reports.report_of_revision(session, study_id, revision)
+    if existing is not None:
+        return existing
+    study_uid = study.study_instance_uid
+    if not is_valid_uid(study_uid):  # it names the SR and its folder: PS3.5 9.1 or nothing
+        raise ReportError(f"Study Instance UID {study_uid[:80]!r} is not a valid UID (PS3.5 9.1)")
+    instances = repository.study_instances(session, study_id)
+    if not instances:
+        raise ReportError(f"study {study_uid} has no instance")
+    images = [_finding(session, inst, card) for inst in instances]
+    findings = StudyFindings.combine(images)
+    source = next(
+        (h for h in (_read_header(i.storage_path) for i in instances) if h is not None),
+        None,
+    )
+    previous = reports.study_reports(session, study_id)
+    current = [d for d in previous if d.superseded_by_id is None]
+    # One SR series per study: later reports join the series of the first one.
+    series_uid = previous[0].series_instance_uid if previous else hd.UID()
+    sop_uid = hd.UID()
+    try:
         sr = build_sr(
-            header,
+            patient_study_header(source, study),
             findings,
             card,
             series_instance_uid=series_uid,
             sop_instance_uid=sop_uid,
             instance_number=len(previous) + 1,
-            predecessors=[_predecessor(d, study.study_instance_uid) for d in current],
+            predecessors=[_predecessor(d, study_uid) for d in current],
         )
-        study_uid = study.study_instance_uid
-        if not _is_uid(study_uid):  # the path is built from validated UIDs only
-            raise ReportError(f"invalid Study Instance UID {study_uid!r}")
-        target = settings.sr_dir / study_uid / f"{sop_uid}.dcm"
-        _write_atomically(sr, target)
-        try:
-            doc = _record(session, study, revision, sr, target, findings, settings)
-        except BaseException:
-            target.unlink(missing_ok=True)
-            raise
-        if doc.sop_instance_uid != sop_uid:  # another worker recorded this revision first
-            target.unlink(missing_ok=True)
-        log.info(
-            "SR %s for study %s revision %d: %d images, fracture=%s",
-            doc.sop_instance_uid,
-            study_uid,
-            revision,
-            len(images),
-            findings.fracture,
+        content = _encoded(sr)
+    except (ValueError, TypeError, AttributeError) as exc:
+        # highdicom and pydicom refuse what would make an invalid document; their messages
+        # may quote values (patient data), so only the kind of error is kept.
+        raise ReportError(
+            f"the SR cannot be built from the study's data ({type(exc).__name__})"
+        ) from exc
+    target = settings.sr_dir / study_uid / f"{sop_uid}.dcm"
+    write_atomic(target, [content])
+    try:
+        doc = reports.record_report(
+            session,
+            reports.ProducedReport(
+                study_id=study_id,
+                study_revision=revision,
+                sop_instance_uid=str(sop_uid),
+                series_instance_uid=str(series_uid),
+                path=str(target),
+                fracture=findings.fracture,
+                probability=findings.probability,
+                instance_count=len(images),
+                send_status=SendStatus.pending if settings.sr_destination else SendStatus.none,
+            ),
         )
-        return doc
-
-
-def _record(
-    session: Session,
-    study: Study,
-    revision: int,
-    sr: Dataset,
-    path: Path,
-    findings: StudyFindings,
-    settings: Settings,
-) -> SRDocument:
-    # Take the write lock before looking for an SR of this revision, so two workers cannot
-    # both find none and record two: a (no-op) UPDATE of the study row locks the row on
-    # PostgreSQL and, on SQLite, opens the write transaction (pysqlite issues BEGIN only
-    # before a write; the SELECTs before it see no snapshot, and SELECT ... FOR UPDATE is
-    # ignored there).
-    session.execute(update(Study).where(Study.id == study.id).values(revision=Study.revision))
-    locked = session.scalars(select(Study).where(Study.id == study.id)).one()
-    session.refresh(locked)
-    existing = session.scalars(
-        select(SRDocument).where(
-            SRDocument.study_id == study.id, SRDocument.study_revision == revision
-        )
-    ).first()
-    if existing is not None and Path(existing.path).is_file():
-        # Another worker recorded this revision while we built ours; keep theirs (no
-        # rollback here: it would expire the row the caller reads after the session).
-        return existing
-    doc = SRDocument(
-        study_id=study.id,
-        study_revision=revision,
-        sop_instance_uid=str(sr.SOPInstanceUID),
-        series_instance_uid=str(sr.SeriesInstanceUID),
-        path=str(path),
-        created_at=utcnow(),
-        fracture=findings.fracture,
-        probability=findings.probability,
-        instance_count=len(findings.images),
-        send_status="pending" if settings.sr_destination else "none",
-        send_attempts=0,
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    if doc.sop_instance_uid != sop_uid:  # another worker recorded this revision first
+        target.unlink(missing_ok=True)
+    log.info(
+        "SR %s for study %s revision %d: %d images, fracture=%s",
+        doc.sop_instance_uid,
+        study_uid,
+        revision,
+        len(images),
+        findings.fracture,
     )
-    session.add(doc)
-    session.flush()
-    for old in session.scalars(
-        select(SRDocument).where(
-            SRDocument.study_id == study.id,
-            SRDocument.superseded_by_id.is_(None),
-            SRDocument.id != doc.id,
-        )
-    ):
-        old.superseded_by_id = doc.id
-    if locked.reported_revision is None or locked.reported_revision < revision:
-        locked.reported_revision = revision
-    session.commit()
     return doc

@@ -17,7 +17,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Comprehensive3DSRStorage  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import SRDocument
+from db.models import SendStatus, SRDocument
 from db.repository import utcnow
 from fracture_triage.settings import Settings
 
@@ -91,11 +91,11 @@ def record_send_attempt(
         return None
     doc.send_attempts = (doc.send_attempts or 0) + 1
     if error is None:
-        doc.send_status = "sent"
+        doc.send_status = SendStatus.sent
         doc.send_error = None
         doc.sent_at = utcnow()
     else:
-        doc.send_status = "failed" if final else "pending"
+        doc.send_status = SendStatus.failed if final else SendStatus.pending
         doc.send_error = error[:2000]
     session.commit()
     return doc
@@ -119,9 +119,9 @@ def send_sr_document(
     doc = session.get(SRDocument, sr_document_id)
     if doc is None:
         return "missing"
-    if doc.send_status == "sent":
+    if doc.send_status == SendStatus.sent:
         return "exists"
-    if doc.send_status == "failed":
+    if doc.send_status == SendStatus.failed:
         return "failed"
     path, attempts = doc.path, doc.send_attempts or 0
     # End the read transaction: no database snapshot held open across the network exchange.

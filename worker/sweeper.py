@@ -12,9 +12,13 @@ Every ``settings.sweeper_interval_seconds`` it
    ``report_resend_after`` (a lost message is sent again, a slow one is not duplicated);
 4. queues ``send_report`` for SRs still waiting to be sent.
 
-It writes no report state itself: the SR task records the SR and the reported revision in
-one transaction, so a crash anywhere leaves the study reportable and never reports one
-revision twice (the task checks the reported revision first).
+It writes no report state itself: the SR task records the SR (or why it cannot be built)
+and the reported revision in one transaction, so a crash anywhere leaves the study
+reportable, never reports one revision twice (the task checks the reported revision first)
+and a report that cannot be built is not queued again for that revision.
+
+Each step of a sweep is one unit of work, committed when it ends: what was handed to the
+broker is marked even if a later step fails (the repository functions never commit).
 """
 
 from __future__ import annotations
@@ -67,16 +71,16 @@ class Sweeper:
     def sweep_once(self) -> SweepCounts:
         counts = SweepCounts()
         with self.sessions() as session:
-            self._queue_pending(session, counts)
-            if counts.broker_down:
-                return counts
-            self._requeue_stale(session, counts)
-            if counts.broker_down:
-                return counts
-            self._queue_reports(session, counts)
-            if counts.broker_down:
-                return counts
-            self._queue_sends(session, counts)
+            for step in (
+                self._queue_pending,
+                self._requeue_stale,
+                self._queue_reports,
+                self._queue_sends,
+            ):
+                step(session, counts)
+                session.commit()
+                if counts.broker_down:
+                    break
         return counts
 
     def _queue_pending(self, session: Session, counts: SweepCounts) -> None:
@@ -143,7 +147,7 @@ class Sweeper:
             if queued_at is not None and now - queued_at < self.report_resend_after_s:
                 continue
             try:
-                self.enqueuer.enqueue_send(SendReport(sr_document_id=doc.id, path=doc.path))
+                self.enqueuer.enqueue_send(SendReport(sr_document_id=doc.id))
             except EnqueueError as exc:
                 log.warning("send of SR %s not queued: %s", doc.sop_instance_uid, exc)
                 counts.broker_down = True

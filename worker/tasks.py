@@ -18,13 +18,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery import Celery, Task
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import repository
-from db.models import Instance, InstanceStatus, Study
-from fracture_triage.messages import ClassifyInstance, ReportStudy, SendReport
+from db import reports, repository
+from db.models import Instance, InstanceStatus, SendStatus, Study
+from db.session import in_transaction
+from fracture_triage.messages import (
+    SCHEMA_VERSION,
+    ClassifyInstance,
+    QueueMessage,
+    ReportStudy,
+    SendReport,
+)
 from fracture_triage.settings import Settings
 
 if TYPE_CHECKING:
@@ -32,7 +39,7 @@ if TYPE_CHECKING:
     from model.inference import Classifier
     from worker.queue import CeleryEnqueuer
 
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M", bound=QueueMessage)
 log = logging.getLogger(__name__)
 
 #: Attempts (deliveries that started work) before an instance is given up as failed. Only a
@@ -171,27 +178,67 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:2000] if text else type(exc).__name__
 
 
-def _parse(message_type: type[M], payload: Any, kind: str) -> M | None:
-    """The queue message as ``message_type``, or ``None`` (logged) when it does not fit:
-    a wrong schema version or shape comes from a newer/older producer, and retrying cannot
-    help."""
+class RefusedMessage(ValueError):
+    """A queue message this worker cannot read: it comes from a newer or older producer (or
+    is malformed), and retrying cannot help. ``reason`` names no value from the message."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _parse(message_type: type[M], payload: Any) -> M:
+    """The queue message as ``message_type``; raise :class:`RefusedMessage` (logged, naming
+    the task) when it is of another schema version or does not fit the schema."""
+    version = payload.get("schema_version") if isinstance(payload, dict) else None
+    if version != SCHEMA_VERSION:
+        reason = (
+            f"{message_type.task} message of schema version {version!r} refused: "
+            f"this worker reads version {SCHEMA_VERSION}"
+        )
+        log.error("%s", reason)
+        raise RefusedMessage(reason)
     try:
         return message_type.model_validate(payload)
     except ValidationError as exc:
-        log.error("refused %s message: %s", kind, exc.errors(include_input=False))
-        return None
+        # Field names and error kinds only: the input may carry anything.
+        fields = sorted({".".join(map(str, e["loc"])) + f" ({e['type']})" for e in exc.errors()})
+        reason = f"malformed {message_type.task} message: {', '.join(fields)}"
+        log.error("%s", reason)
+        raise RefusedMessage(reason) from exc
+
+
+def _fail_refused_instance(state: WorkerState, payload: Any, reason: str) -> None:
+    """Record on the instance a classify message names why it will not be classified, so the
+    refusal shows in the results instead of the instance waiting for ever. Only an instance
+    still waiting for classification, whose id and SOP Instance UID the message names."""
+    if not isinstance(payload, dict):
+        return
+    instance_id, uid = payload.get("instance_id"), payload.get("sop_instance_uid")
+    if not isinstance(instance_id, int) or not isinstance(uid, str):
+        return
+    with state.sessions()() as session:
+        instance = session.get(Instance, instance_id)
+        if instance is None or instance.sop_instance_uid != uid:
+            return
+        if instance.status in (InstanceStatus.pending, InstanceStatus.queued):
+            repository.mark_failed(session, instance_id, reason)
+            session.commit()
 
 
 def classify(state: WorkerState, payload: Any) -> str:
     """Classify one instance; return what happened (for logs and tests).
 
-    Outcomes: ``invalid`` (message refused), ``missing`` (no such instance), ``failed``
+    Outcomes: ``invalid`` (message refused; a waiting instance it names is failed with the
+    reason), ``missing`` (no such instance), ``failed``
     (already failed, or the file cannot be decoded/preprocessed: recorded, not retried),
     ``exists`` (a result for this model version exists), ``done`` (result stored).
     Transient database errors propagate (the task retries them).
     """
-    msg = _parse(ClassifyInstance, payload, "classify")
-    if msg is None:
+    try:
+        msg = _parse(ClassifyInstance, payload)
+    except RefusedMessage as exc:
+        _fail_refused_instance(state, payload, exc.reason)
         return "invalid"
 
     card = state.card()
@@ -215,12 +262,15 @@ def classify(state: WorkerState, payload: Any) -> str:
                 session.commit()
             return "exists"
         attempts = repository.start_attempt(session, instance.id)
+        # Committed before the work starts: a worker killed while classifying leaves it.
+        session.commit()
         if attempts > MAX_ATTEMPTS:
             reason = (
                 f"gave up after {attempts - 1} attempts that did not finish "
                 "(the worker died or the task kept failing; see the worker log)"
             )
             repository.mark_failed(session, instance.id, reason)
+            session.commit()
             log.error("instance %s failed: %s", msg.sop_instance_uid, reason)
             return "failed"
         path = Path(instance.storage_path)
@@ -239,6 +289,7 @@ def classify(state: WorkerState, payload: Any) -> str:
         reason = f"cannot decode or preprocess: {exc}"
         with sessions() as session:
             repository.mark_failed(session, msg.instance_id, reason)
+            session.commit()
         log.warning("instance %s failed: %s", msg.sop_instance_uid, reason)
         return "failed"
 
@@ -253,8 +304,7 @@ def classify(state: WorkerState, payload: Any) -> str:
         preprocess_ms=prediction.preprocess_ms,
         inference_ms=prediction.inference_ms,
     )
-    with sessions() as session:
-        repository.save_result(session, msg.instance_id, c)
+    in_transaction(sessions, lambda session: repository.save_result(session, msg.instance_id, c))
     log.info(
         "instance %s classified: p=%.3f fracture=%s (%.0f ms + %.0f ms)",
         msg.sop_instance_uid,
@@ -269,31 +319,37 @@ def classify(state: WorkerState, payload: Any) -> str:
 def report(state: WorkerState, payload: Any) -> str:
     """Build, store and record the SR of one study revision; queue its sending.
 
-    The SR module (``worker.sr``) records the document and the reported revision in one
-    transaction, so a crash before that leaves the study unreported (the sweeper queues it
-    again) and a duplicate message finds the revision reported and stops.
+    One transaction records the document and the reported revision, so a crash before that
+    leaves the study unreported (the sweeper queues it again) and a duplicate message finds
+    the revision reported and stops. A report that cannot be built (:class:`ReportError`)
+    is recorded as the study's ``report_failure`` for that revision (``failed``): the
+    sweeper does not queue it again until a new image makes a new revision.
     """
-    msg = _parse(ReportStudy, payload, "report")
-    if msg is None:
-        return "invalid"
-    sessions = state.sessions()
-    with sessions() as session:
+    try:
+        msg = _parse(ReportStudy, payload)
+    except RefusedMessage:
+        return "invalid"  # the sweeper queues the report again, in its own schema version
+    from worker.sr import ReportError, build_study_report
+
+    with state.sessions()() as session:
         study = session.get(Study, msg.study_id)
         if study is None or study.study_instance_uid != msg.study_instance_uid:
             log.error("report: no study %d with UID %s", msg.study_id, msg.study_instance_uid)
             return "missing"
         if study.reported_revision is not None and study.reported_revision >= study.revision:
             return "exists"
-
-    from worker.sr import ReportError, build_study_report
-
-    try:
-        sr_doc = build_study_report(sessions, state.settings, msg.study_id, state.card())
-    except ReportError as exc:
-        log.error("report of study %s refused: %s", msg.study_instance_uid, exc)
-        return "error"
-    if sr_doc.send_status == "pending" and state.settings.sr_destination is not None:
-        send_msg = SendReport(sr_document_id=sr_doc.id, path=sr_doc.path)
+        revision = study.revision
+        try:
+            sr_doc = build_study_report(session, state.settings, msg.study_id, state.card())
+            session.commit()
+        except ReportError as exc:
+            session.rollback()
+            reports.mark_report_failed(session, msg.study_id, revision, str(exc))
+            session.commit()
+            log.error("report of study %d revision %d failed: %s", msg.study_id, revision, exc)
+            return "failed"
+    if sr_doc.send_status == SendStatus.pending and state.settings.sr_destination is not None:
+        send_msg = SendReport(sr_document_id=sr_doc.id)
         from worker.queue import EnqueueError
 
         try:
@@ -306,9 +362,10 @@ def report(state: WorkerState, payload: Any) -> str:
 
 def send(state: WorkerState, payload: Any) -> str:
     """Send one recorded SR to the configured destination (C-STORE, with retries)."""
-    msg = _parse(SendReport, payload, "send")
-    if msg is None:
-        return "invalid"
+    try:
+        msg = _parse(SendReport, payload)
+    except RefusedMessage:
+        return "invalid"  # the sweeper queues SRs left pending again
     from worker.sr_send import SendError, send_sr_document
 
     try:
@@ -335,7 +392,7 @@ def register_tasks(app: Celery, settings: Settings) -> WorkerState:
         )
         raise task.retry(exc=exc, countdown=retry_countdown(retries), max_retries=MAX_RETRIES)
 
-    @app.task(name="worker.classify_instance", bind=True, acks_late=True, ignore_result=True)
+    @app.task(name=ClassifyInstance.task, bind=True, acks_late=True, ignore_result=True)  # type: ignore[untyped-decorator]
     def classify_instance(self: Task, payload: dict[str, Any]) -> str:
         try:
             return classify(state, payload)
@@ -343,7 +400,7 @@ def register_tasks(app: Celery, settings: Settings) -> WorkerState:
             _retry(self, exc)
             raise  # unreachable: retry raises
 
-    @app.task(name="worker.report_study", bind=True, acks_late=True, ignore_result=True)
+    @app.task(name=ReportStudy.task, bind=True, acks_late=True, ignore_result=True)  # type: ignore[untyped-decorator]
     def report_study(self: Task, payload: dict[str, Any]) -> str:
         try:
             return report(state, payload)
@@ -351,7 +408,7 @@ def register_tasks(app: Celery, settings: Settings) -> WorkerState:
             _retry(self, exc)
             raise
 
-    @app.task(name="worker.send_report", bind=True, acks_late=True, ignore_result=True)
+    @app.task(name=SendReport.task, bind=True, acks_late=True, ignore_result=True)  # type: ignore[untyped-decorator]
     def send_report(self: Task, payload: dict[str, Any]) -> str:
         try:
             return send(state, payload)
