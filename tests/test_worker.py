@@ -327,6 +327,46 @@ def test_classify_in_process_is_idempotent_and_records_decode_failures(
         assert result.model_version == "test-0" and result.model_uid == "2.25.1234567890"
 
 
+def test_an_unusable_model_export_leaves_the_instance_queued_and_the_worker_serving(
+    tmp_path: Path,
+    database_url: str,
+    tiny_model_dir: Path,
+    dicom_samples: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A corrupt export is the model's fault, not the image's: the instance stays queued
+    with no attempt spent, the log names the file, and once the export is repaired the same
+    worker state classifies it."""
+    import shutil
+
+    from model.artifact import EXPORT_FILE
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    export_file = model_dir / EXPORT_FILE
+    good_bytes = export_file.read_bytes()
+    export_file.write_bytes(good_bytes[: len(good_bytes) // 2])
+    settings = node_settings(tmp_path, database_url, "redis://127.0.0.1:1/0", model_dir)
+    sessions = make_sessions(database_url)
+    state = WorkerState(settings)
+    inst = record(sessions, require(dicom_samples / GOOD[0]), "1.2.826.0.1.1")
+    msg = ClassifyInstance(instance_id=inst.id, sop_instance_uid=inst.sop_instance_uid)
+
+    with caplog.at_level(logging.ERROR, logger="worker.tasks"):
+        assert classify(state, msg.model_dump()) == "no-model"
+        assert classify(state, msg.model_dump()) == "no-model"  # redelivered: same answer
+    assert str(export_file) in caplog.text and "sha256" in caplog.text
+    with sessions() as session:
+        row = session.get(Instance, inst.id)
+        # still waiting (as recorded), no attempt spent, no result, no failure reason
+        assert row is not None and row.status == inst.status and row.attempts == 0
+        assert row.failure_reason is None
+
+    export_file.write_bytes(good_bytes)  # the administrator puts the right file back
+    assert classify(state, msg.model_dump()) == "done"
+    assert result_counts(sessions) == {inst.id: 1}
+
+
 def test_database_outage_is_transient_not_a_failure(tmp_path: Path, tiny_model_dir: Path) -> None:
     """With the database unreachable the task body raises a retryable error (the Celery task
     retries it with backoff) instead of recording anything about the instance."""

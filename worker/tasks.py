@@ -230,7 +230,8 @@ def classify(state: WorkerState, payload: Any) -> str:
     """Classify one instance; return what happened (for logs and tests).
 
     Outcomes: ``invalid`` (message refused; a waiting instance it names is failed with the
-    reason), ``missing`` (no such instance), ``failed``
+    reason), ``no-model`` (the model cannot be loaded: the instance stays queued, no attempt
+    counted, and the sweeper sends it again), ``missing`` (no such instance), ``failed``
     (already failed, or the file cannot be decoded/preprocessed: recorded, not retried),
     ``exists`` (a result for this model version exists), ``done`` (result stored).
     Transient database errors propagate (the task retries them).
@@ -241,7 +242,18 @@ def classify(state: WorkerState, payload: Any) -> str:
         _fail_refused_instance(state, payload, exc.reason)
         return "invalid"
 
-    card = state.card()
+    from model.inference import ExportError, ImageError
+
+    try:
+        # Loaded once per process, on the first message, before an attempt is counted: a
+        # model that cannot be loaded is not the instance's fault.
+        classifier = state.classifier()
+    except (ExportError, OSError, ValueError) as exc:
+        log.error(
+            "instance %s stays queued: the model cannot be loaded: %s", msg.sop_instance_uid, exc
+        )
+        return "no-model"
+    card = classifier.card
     sessions = state.sessions()
     with sessions() as session:
         instance = session.get(Instance, msg.instance_id)
@@ -274,12 +286,6 @@ def classify(state: WorkerState, payload: Any) -> str:
             log.error("instance %s failed: %s", msg.sop_instance_uid, reason)
             return "failed"
         path = Path(instance.storage_path)
-
-    # The model is loaded here, lazily, once per process; a model that cannot be loaded is
-    # not the instance's fault: the error propagates and the instance stays queued.
-    classifier = state.classifier()
-
-    from model.inference import ImageError
 
     try:
         # the one classification path, shared with `classify` and model.benchmark
