@@ -14,6 +14,7 @@ those a crash leaves behind are removed when the node starts.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -73,10 +74,8 @@ def write_atomic(path: Path, chunks: list[bytes]) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp_name, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
         raise
     _fsync_dir(path.parent)
     # Each new folder's entry lives in its parent: fsync those too, innermost first.

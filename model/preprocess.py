@@ -282,7 +282,7 @@ def _int_attribute(
     label, short = f"{name} {tag}", f"{keyword} {tag}"
     try:
         value = ds.get(keyword)
-    except Exception as exc:  # noqa: BLE001 - pydicom raises ValueError etc. on bad values
+    except Exception as exc:  # pydicom raises ValueError etc. on bad values
         raise PreprocessError(
             f"invalid value for {label}: {exc}", f"{short} is not a valid number"
         ) from exc
@@ -380,7 +380,7 @@ def check_pixel_geometry(
         photometric = ""
     try:
         value = ds["PixelData"].value
-    except Exception as exc:  # noqa: BLE001 - a malformed element, whatever pydicom raises
+    except Exception as exc:  # a malformed element, whatever pydicom raises
         raise UnreadablePixelDataError(
             f"Pixel Data (7FE0,0010) cannot be read: {type(exc).__name__}",
             "Pixel Data (7FE0,0010) cannot be read",
@@ -481,7 +481,7 @@ def _first_fragment(value: bytes, frames: int) -> bytes:
 
     try:
         return next(generate_frames(value, number_of_frames=frames))[:65536]
-    except Exception:  # malformed items: the decoder will report it
+    except Exception:  # noqa: BLE001 - malformed items: the decoder will report it
         return b""
 
 
@@ -543,7 +543,7 @@ def _decode_first_frame(ds: Dataset, geometry: PixelGeometry) -> np.ndarray:
             arr = _pixel_array_first_frame(ds, preferred)
         except MemoryError:
             raise
-        except Exception:  # the preferred plugin failed: let pydicom try all of them
+        except Exception:  # noqa: BLE001 - the preferred plugin failed: pydicom tries them all
             arr = None
     if arr is None:
         try:

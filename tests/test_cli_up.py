@@ -9,6 +9,7 @@ checks that it exits 0 and leaves no process behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -136,10 +137,8 @@ def node(tmp_path: Path, tiny_model_dir: Path) -> Iterator[dict[str, object]]:
             proc.wait(timeout=30)
         # Whatever the test's outcome, nothing it started keeps running.
         for pid in _processes_with(marker):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def _wait_for_banner(info: dict[str, object], timeout: float = 120) -> str:

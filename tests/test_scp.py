@@ -704,9 +704,11 @@ def test_start_removes_temporary_files_left_by_a_crash(
         path.write_bytes(b"partial")
         if path.name != ".incoming-now.tmp":
             os.utime(path, (hour_ago, hour_ago))
-    with caplog.at_level(logging.WARNING, logger="dicom_node.scp"):
-        with running_scp(tmp_path, sqlite_db, no_broker):
-            pass
+    with (
+        caplog.at_level(logging.WARNING, logger="dicom_node.scp"),
+        running_scp(tmp_path, sqlite_db, no_broker),
+    ):
+        pass
     assert [p for p in stale if p.exists()] == []
     assert [p for p in kept if not p.exists()] == []
     assert "removed 2 temporary file(s)" in caplog.text

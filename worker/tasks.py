@@ -214,7 +214,7 @@ def classify(state: WorkerState, payload: Any) -> str:
         image = load_network_input(
             path, classifier.input_size, max_pixels=state.settings.max_pixels
         )
-    except Exception as exc:  # decoders raise anything: ValueError, RuntimeError, KeyError ...
+    except Exception as exc:  # noqa: BLE001 - decoders raise anything: ValueError, KeyError ...
         reason = f"cannot decode or preprocess: {_reason(exc)}"
         with sessions() as session:
             repository.mark_failed(session, msg.instance_id, reason)
