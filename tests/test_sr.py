@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repository as repo
-from db.models import Base, SRDocument, Study
+from db.models import Base, Instance, SRDocument, Study
 from db.session import make_engine, make_session_factory
 from fracture_triage.settings import Settings
 from model.artifact import ModelCard
@@ -121,7 +121,7 @@ def classify(sf: sessionmaker[Session], instance_id: int, probability: float) ->
 
 def study_id_of(sf: sessionmaker[Session], instance_id: int) -> int:
     with sf() as session:
-        instance = session.get(repo.Instance, instance_id)
+        instance = session.get(Instance, instance_id)
         assert instance is not None
         return instance.series.study_id
 
@@ -195,7 +195,7 @@ def test_study_sr_is_valid_and_complete(
     groups = groups_by_image(sr)
     with session_factory() as session:
         uids = {
-            i: session.get(repo.Instance, i).sop_instance_uid  # type: ignore[union-attr]
+            i: session.get(Instance, i).sop_instance_uid  # type: ignore[union-attr]
             for i in (flagged, normal, failed)
         }
     assert set(groups) == set(uids.values())
