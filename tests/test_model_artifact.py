@@ -5,10 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from fracture_triage.settings import Settings
 from model.artifact import MODEL_FILE, read_card
 from model.inference import Classifier
 from tests.conftest import REPO, SHARED, require
+
+#: Left out of the fast tier: loads and runs Keras networks (TensorFlow).
+pytestmark = pytest.mark.slow
 
 
 def test_shipped_model_is_the_default_and_classifies() -> None:

@@ -16,6 +16,9 @@ from model.artifact import MODEL_FILE, read_card
 from model.inference import Classifier
 from tests.conftest import REPO, SHARED, require
 
+#: Left out of the fast tier: trains two small networks (TensorFlow).
+pytestmark = pytest.mark.slow
+
 WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet_1.0_224_no_top.h5"
 BFMR = SHARED / "datasets/bone-fracture-multi-region"
 FRACATLAS = SHARED / "datasets/fracatlas-train"

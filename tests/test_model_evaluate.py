@@ -16,6 +16,9 @@ from model.evaluate import REPORT_FILE, evaluate
 from model.inference import Classifier
 from tests.conftest import REPO, SHARED, require
 
+#: Left out of the fast tier: builds and runs Keras networks, one through the command line.
+pytestmark = pytest.mark.slow
+
 IMAGES = SHARED / "datasets" / "fracatlas-train" / "images"
 
 

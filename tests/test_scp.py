@@ -166,6 +166,7 @@ def no_broker(msg: ClassifyInstance) -> None:
 # --- association level -----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # dcmtk's echoscu
 def test_echo_and_calling_ae_titles(tmp_path: Path, sqlite_db: sessionmaker[Session]) -> None:
     """C-ECHO works for an allowed calling AE; any other is refused with A-ASSOCIATE-RJ."""
     echoscu = dcmtk("echoscu")
@@ -412,6 +413,7 @@ def _storescu_config(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # dcmtk's storescu
 def test_every_sample_file_from_dcmtk_storescu(
     tmp_path: Path, db: sessionmaker[Session], broker: Broker, dicom_samples: Path
 ) -> None:
@@ -456,6 +458,7 @@ def test_every_sample_file_from_dcmtk_storescu(
     assert sorted(m.sop_instance_uid for m in broker.messages()) == queued
 
 
+@pytest.mark.slow  # dcmtk's dcmsend
 def test_dcmsend_with_each_files_own_transfer_syntax(
     tmp_path: Path, sqlite_db: sessionmaker[Session], broker: Broker, dicom_samples: Path
 ) -> None:
@@ -503,6 +506,7 @@ def test_dcmsend_with_each_files_own_transfer_syntax(
 # --- duplicates, broker and database failures ------------------------------------------------
 
 
+@pytest.mark.slow  # dcmtk's storescu
 def test_duplicate_is_stored_once_and_queued_once(
     tmp_path: Path, db: sessionmaker[Session], broker: Broker, dicom_samples: Path
 ) -> None:
@@ -568,6 +572,7 @@ def test_same_instance_in_two_concurrent_fresh_stores(
     assert [m.sop_instance_uid for m in broker.messages()] == [uid]
 
 
+@pytest.mark.slow  # starts and stops redis-server
 def test_broker_down_still_stores_and_acknowledges(
     tmp_path: Path, db: sessionmaker[Session], dicom_samples: Path
 ) -> None:
@@ -718,6 +723,7 @@ def test_start_removes_temporary_files_left_by_a_crash(
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.slow  # the SCP in a subprocess, dcmtk's echoscu
 def test_run_scp_stops_cleanly(tmp_path: Path, sig: signal.Signals) -> None:
     """``run_scp`` serves until Ctrl-C (SIGINT) or SIGTERM, then exits 0 and frees the port."""
     port = free_port()

@@ -152,6 +152,7 @@ def algorithm_names(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> list[
     ]
 
 
+@pytest.mark.slow  # dciodvfy and dsrdump
 def test_study_sr_is_valid_and_complete(
     session_factory: sessionmaker[Session], dicom_samples: Path, tmp_path: Path
 ) -> None:
@@ -225,6 +226,7 @@ def test_study_sr_is_valid_and_complete(
         assert study is not None and study.reported_revision == study.revision
 
 
+@pytest.mark.slow  # dciodvfy and dsrdump
 def test_more_images_give_a_superseding_sr(
     session_factory: sessionmaker[Session], dicom_samples: Path, tmp_path: Path
 ) -> None:
@@ -267,6 +269,7 @@ def test_more_images_give_a_superseding_sr(
     assert len(measurement_groups(sr)) == 2
 
 
+@pytest.mark.slow  # dciodvfy and dsrdump
 def test_study_with_only_failed_images_is_reported(
     session_factory: sessionmaker[Session], dicom_samples: Path, tmp_path: Path
 ) -> None:
@@ -280,6 +283,7 @@ def test_study_with_only_failed_images_is_reported(
     assert group.get_qualitative_evaluations()[0].value == codes.SCT.Undetermined
 
 
+@pytest.mark.slow  # dciodvfy and dsrdump
 @pytest.mark.parametrize(
     "sample",
     [

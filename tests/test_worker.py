@@ -226,6 +226,7 @@ def node_settings(
 # --- tests --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # needs redis-server installed (for its port)
 def test_enqueue_fails_fast_when_broker_is_down(tmp_path: Path) -> None:
     """The SCP must answer a C-STORE even with Redis down: a send fails within seconds."""
     server = RedisServer(tmp_path / "redis")  # port chosen, server not started
@@ -316,6 +317,7 @@ def test_database_outage_is_transient_not_a_failure(tmp_path: Path, tiny_model_d
         classify(state, msg.model_dump())
 
 
+@pytest.mark.slow  # starts redis-server
 def test_sweeper_queues_pending_when_the_broker_comes_back(
     tmp_path: Path, dicom_samples: Path
 ) -> None:
@@ -373,6 +375,7 @@ def _classified(sessions: sessionmaker[Session], instance_id: int) -> None:
         )
 
 
+@pytest.mark.slow  # starts redis-server
 def test_sweeper_queues_one_report_per_study_revision_and_pending_sends(
     tmp_path: Path, database_url: str, dicom_samples: Path
 ) -> None:
@@ -436,6 +439,7 @@ def test_sweeper_queues_one_report_per_study_revision_and_pending_sends(
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.slow  # redis-server and a Celery worker process
 def test_worker_classifies_each_instance_once_and_reports_each_study_revision_once(
     tmp_path: Path, database_url: str, tiny_model_dir: Path, dicom_samples: Path
 ) -> None:
