@@ -95,7 +95,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+    def do_GET(self) -> None:  # stdlib naming
         url = urlsplit(self.path)
         query = parse_qs(url.query)
         include_patient = query.get("include_patient", ["0"])[0] in ("1", "true", "yes")
@@ -119,7 +119,7 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("request failed: %s", url.path)
             self._send(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "database unavailable"})
 
-    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+    def do_POST(self) -> None:  # stdlib naming
         self._send(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "read-only API"})
 
 

@@ -277,7 +277,7 @@ def _store(event: Event, ctx: StoreContext, start: float) -> Dataset:
             transfer_syntax=transfer_syntax,
             max_pixels=ctx.settings.max_pixels,
         )
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever the parser raises is a refusal
         rejection = (
             exc
             if isinstance(exc, Rejection)

@@ -40,7 +40,7 @@ CANNOT_UNDERSTAND = 0xC000  # Failure: Error: Cannot understand
 _NOT_A_UID = "missing or invalid (PS3.5 9.1)"
 
 
-class Rejection(Exception):
+class Rejection(Exception):  # noqa: N818 - a refusal with a DIMSE status, not a program error
     """The object is refused with ``status``; ``reason`` names what is wrong (no values)."""
 
     def __init__(self, status: int, reason: str) -> None:
@@ -115,7 +115,7 @@ def check_dataset(
     """Check a received C-STORE data set; raise :class:`Rejection` with the status to answer."""
     try:
         nr_elements = len(ds)
-    except Exception as exc:  # noqa: BLE001 - the stream cannot be parsed at all
+    except Exception as exc:  # the stream cannot be parsed at all
         raise Rejection(CANNOT_UNDERSTAND, "the data set cannot be parsed") from exc
     if nr_elements == 0:
         # pydicom returns an empty data set, with only a warning, for a truncated stream.

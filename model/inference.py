@@ -113,7 +113,7 @@ class Classifier:
             raise ImageError(str(exc)) from exc
         except OSError as exc:
             raise ImageError(f"unreadable file {Path(path).name}: {exc}") from exc
-        except Exception as exc:  # noqa: BLE001 - decoders raise anything (KeyError, ...)
+        except Exception as exc:
             raise ImageError(f"{type(exc).__name__}: {exc}") from exc
 
     def classify_file(self, path: Path, max_pixels: int | None = None) -> Prediction:

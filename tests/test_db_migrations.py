@@ -122,7 +122,7 @@ def test_a_current_database_is_recognised_without_alembic(database_url: str) -> 
     start-up time of every worker process); the recorded head is Alembic's own."""
     from db.migrations import HEAD_REVISION, is_current
 
-    assert HEAD_REVISION == head_revision()
+    assert head_revision() == HEAD_REVISION
     assert not is_current(database_url)
     upgrade(database_url)
     assert is_current(database_url)

@@ -48,6 +48,7 @@ def test_shipped_model_is_the_default_and_classifies() -> None:
     assert all(0.0 <= p <= 1.0 for p in probs)
 
 
+@pytest.mark.slow  # runs the Keras network (TensorFlow)
 def test_export_agrees_with_keras_on_real_validation_files() -> None:
     """The shipped export against the Keras network it was made from (same TTA, same input),
     on a handful of validation files; the card holds the figure over all of them."""

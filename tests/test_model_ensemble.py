@@ -18,6 +18,9 @@ from model.inference import Classifier
 from model.training.export import export
 from tests.conftest import REPO, SHARED, require
 
+#: Left out of the fast tier: trains two small networks (TensorFlow).
+pytestmark = pytest.mark.slow
+
 WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet_1.0_224_no_top.h5"
 BFMR = SHARED / "datasets/bone-fracture-multi-region"
 FRACATLAS = SHARED / "datasets/fracatlas-train"

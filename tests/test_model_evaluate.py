@@ -17,6 +17,9 @@ from model.training.evaluate import REPORT_FILE, evaluate
 from model.training.export import export
 from tests.conftest import REPO, SHARED, require
 
+#: Left out of the fast tier: builds and runs Keras networks, one through the command line.
+pytestmark = pytest.mark.slow
+
 IMAGES = SHARED / "datasets" / "fracatlas-train" / "images"
 
 

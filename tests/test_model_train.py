@@ -13,6 +13,9 @@ from model.artifact import MODEL_FILE, read_card
 from model.inference import Classifier
 from tests.conftest import REPO, SHARED, require
 
+#: Left out of the fast tier: a training run (TensorFlow).
+pytestmark = pytest.mark.slow
+
 WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet_1.0_224_no_top.h5"
 SPLIT = REPO / "model" / "splits" / "split_v1.csv"
 

@@ -89,7 +89,7 @@ def _send(port: int, path: Path) -> Sent:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # broken samples warn; the outcome is asserted
             ds = pydicom.dcmread(path, force=True)
-    except Exception as exc:  # pydicom cannot read it: nothing an SCU could send
+    except Exception as exc:  # noqa: BLE001 - pydicom cannot read it: nothing an SCU can send
         return Sent(path.name, None, None, REFUSED, f"unreadable: {exc}")
     sop_class = ds.get("SOPClassUID")
     uid = ds.get("SOPInstanceUID")

@@ -39,6 +39,9 @@ from model.imaging import (
 from model.inference import Classifier
 from tests.conftest import SHARED, require
 
+#: Left out of the fast tier: builds the ImageNet-based network (TensorFlow).
+pytestmark = pytest.mark.slow
+
 # Real pictures of the training data: grayscale PNG, RGB JPEG, grayscale JPEG, FracAtlas.
 PICTURES = [
     "datasets/bone-fracture-multi-region/images/"

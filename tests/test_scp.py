@@ -166,6 +166,7 @@ def no_broker(msg: ClassifyInstance) -> None:
 # --- association level -----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # dcmtk's echoscu
 def test_echo_and_calling_ae_titles(tmp_path: Path, sqlite_db: sessionmaker[Session]) -> None:
     """C-ECHO works for an allowed calling AE; any other is refused with A-ASSOCIATE-RJ."""
     echoscu = dcmtk("echoscu")
@@ -413,6 +414,7 @@ def _storescu_config(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # dcmtk's storescu
 def test_every_sample_file_from_dcmtk_storescu(
     tmp_path: Path, db: sessionmaker[Session], broker: Broker, dicom_samples: Path
 ) -> None:
@@ -438,7 +440,8 @@ def test_every_sample_file_from_dcmtk_storescu(
     output = run.stdout + run.stderr
     assert "No presentation context for: (RD)" in output  # RT Dose refused at negotiation
 
-    expected_stored, expected_refused = set(), set()
+    expected_stored: set[str] = set()
+    expected_refused: set[str] = set()
     for path in sorted(dicom_samples.glob("*.dcm")):
         if path.name.startswith(("BAD_", "DERIVED_BAD_")):
             continue
@@ -460,6 +463,7 @@ def test_every_sample_file_from_dcmtk_storescu(
     assert sorted(m.sop_instance_uid for m in broker.messages()) == queued
 
 
+@pytest.mark.slow  # dcmtk's dcmsend
 def test_dcmsend_with_each_files_own_transfer_syntax(
     tmp_path: Path, sqlite_db: sessionmaker[Session], broker: Broker, dicom_samples: Path
 ) -> None:
@@ -507,6 +511,7 @@ def test_dcmsend_with_each_files_own_transfer_syntax(
 # --- duplicates, broker and database failures ------------------------------------------------
 
 
+@pytest.mark.slow  # dcmtk's storescu
 def test_duplicate_is_stored_once_and_queued_once(
     tmp_path: Path, db: sessionmaker[Session], broker: Broker, dicom_samples: Path
 ) -> None:
@@ -572,6 +577,7 @@ def test_same_instance_in_two_concurrent_fresh_stores(
     assert [m.sop_instance_uid for m in broker.messages()] == [uid]
 
 
+@pytest.mark.slow  # starts and stops redis-server
 def test_broker_down_still_stores_and_acknowledges(
     tmp_path: Path, db: sessionmaker[Session], dicom_samples: Path
 ) -> None:
@@ -708,9 +714,11 @@ def test_start_removes_temporary_files_left_by_a_crash(
         path.write_bytes(b"partial")
         if path.name != ".incoming-now.tmp":
             os.utime(path, (hour_ago, hour_ago))
-    with caplog.at_level(logging.WARNING, logger="dicom_node.scp"):
-        with running_scp(tmp_path, sqlite_db, no_broker):
-            pass
+    with (
+        caplog.at_level(logging.WARNING, logger="dicom_node.scp"),
+        running_scp(tmp_path, sqlite_db, no_broker),
+    ):
+        pass
     assert [p for p in stale if p.exists()] == []
     assert [p for p in kept if not p.exists()] == []
     assert "removed 2 temporary file(s)" in caplog.text
@@ -720,6 +728,7 @@ def test_start_removes_temporary_files_left_by_a_crash(
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.slow  # the SCP in a subprocess, dcmtk's echoscu
 def test_run_scp_stops_cleanly(tmp_path: Path, sig: signal.Signals) -> None:
     """``run_scp`` serves until Ctrl-C (SIGINT) or SIGTERM, then exits 0 and frees the port."""
     port = free_port()

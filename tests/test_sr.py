@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repository as repo
-from db.models import Base, SRDocument, Study
+from db.models import Base, Instance, SRDocument, Study
 from db.session import make_engine, make_session_factory
 from fracture_triage.files import TEMP_PREFIX
 from fracture_triage.settings import Settings
@@ -132,7 +132,7 @@ def report(sf: sessionmaker[Session], settings: Settings, study_id: int) -> SRDo
 
 def study_id_of(sf: sessionmaker[Session], instance_id: int) -> int:
     with sf() as session:
-        instance = session.get(repo.Instance, instance_id)
+        instance = session.get(Instance, instance_id)
         assert instance is not None
         return instance.series.study_id
 
@@ -163,6 +163,7 @@ def algorithm_names(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> list[
     ]
 
 
+@pytest.mark.slow  # dciodvfy and dsrdump
 def test_study_sr_is_valid_and_complete(
     session_factory: sessionmaker[Session], dicom_samples: Path, tmp_path: Path
 ) -> None:
@@ -206,7 +207,7 @@ def test_study_sr_is_valid_and_complete(
     groups = groups_by_image(sr)
     with session_factory() as session:
         uids = {
-            i: session.get(repo.Instance, i).sop_instance_uid  # type: ignore[union-attr]
+            i: session.get(Instance, i).sop_instance_uid  # type: ignore[union-attr]
             for i in (flagged, normal, failed)
         }
     assert set(groups) == set(uids.values())
@@ -236,6 +237,7 @@ def test_study_sr_is_valid_and_complete(
         assert study is not None and study.reported_revision == study.revision
 
 
+@pytest.mark.slow  # dciodvfy and dsrdump
 def test_more_images_give_a_superseding_sr(
     session_factory: sessionmaker[Session], dicom_samples: Path, tmp_path: Path
 ) -> None:
@@ -278,6 +280,7 @@ def test_more_images_give_a_superseding_sr(
     assert len(measurement_groups(sr)) == 2
 
 
+@pytest.mark.slow  # dciodvfy and dsrdump
 def test_study_with_only_failed_images_is_reported(
     session_factory: sessionmaker[Session], dicom_samples: Path, tmp_path: Path
 ) -> None:
@@ -289,6 +292,7 @@ def test_study_with_only_failed_images_is_reported(
     assert group.get_qualitative_evaluations()[0].value == codes.SCT.Undetermined
 
 
+@pytest.mark.slow  # dciodvfy and dsrdump
 @pytest.mark.parametrize(
     "sample",
     [

@@ -7,6 +7,7 @@ the helpers here are shared with it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -175,10 +176,9 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
-        try:  # pool children left behind (none expected)
+        # Pool children left behind (none expected).
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 @contextmanager
@@ -248,6 +248,7 @@ def redis_node(
 # --- tests --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # needs redis-server installed (for its port)
 def test_enqueue_fails_fast_when_broker_is_down(tmp_path: Path) -> None:
     """The SCP must answer a C-STORE even with Redis down: a send fails within seconds."""
     server = RedisServer(tmp_path / "redis")  # port chosen, server not started
@@ -377,6 +378,7 @@ def test_database_outage_is_transient_not_a_failure(tmp_path: Path, tiny_model_d
         classify(state, msg.model_dump())
 
 
+@pytest.mark.slow  # starts redis-server
 def test_sweeper_queues_pending_when_the_broker_comes_back(
     tmp_path: Path, dicom_samples: Path
 ) -> None:
@@ -435,6 +437,7 @@ def _classified(sessions: sessionmaker[Session], instance_id: int) -> None:
         session.commit()
 
 
+@pytest.mark.slow  # starts redis-server
 def test_sweeper_queues_one_report_per_study_revision_and_pending_sends(
     tmp_path: Path, database_url: str, dicom_samples: Path
 ) -> None:
@@ -554,6 +557,7 @@ def test_a_study_report_that_cannot_be_built_is_failed_once_not_requeued(
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.slow  # redis-server and a Celery worker process
 def test_worker_classifies_each_instance_once_and_reports_each_study_revision_once(
     tmp_path: Path, database_url: str, tiny_model_dir: Path, dicom_samples: Path
 ) -> None:

@@ -32,6 +32,9 @@ from tests.test_worker import (
 from worker.celery_app import UNACKED_RESTORE_INTERVAL_S, VISIBILITY_TIMEOUT_S
 from worker.queue import CeleryEnqueuer, queue_instance
 
+#: Every test here starts redis-server and Celery worker processes.
+pytestmark = pytest.mark.slow
+
 #: The largest sample (4 MB JPEG 2000, 2128 x 2000): the task stays busy long enough to kill.
 BIG = "DX_chest_MONO1_12b_J2K_lossless_Canon.dcm"
 #: Stores per phase of the burst (broker up, down, up again).

@@ -111,17 +111,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "FRACTURE_TRIAGE_STUDY_STABLE_SECONDS": "3600",  # classification only, no reports
     }
     cli = [sys.executable, "-m", "fracture_triage.cli"]
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
+
+    def spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        procs["redis"] = subprocess.Popen(
-            [redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", ""],
-            **quiet,  # type: ignore[arg-type]
+        procs["redis"] = spawn(
+            [redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", ""]
         )
         _wait_port(redis_port, 20)
-        subprocess.run([*cli, "db", "upgrade"], check=True, **quiet)  # type: ignore[arg-type]
+        subprocess.run([*cli, "db", "upgrade"], check=True, capture_output=True, env=env)
         for role in ("scp", "sweeper", "api"):
-            procs[role] = subprocess.Popen([*cli, role], **quiet)  # type: ignore[arg-type]
+            procs[role] = spawn([*cli, role])
         _wait_port(dicom_port, 60)
         _wait_port(http_port, 60)
         sent = subprocess.run(

@@ -178,7 +178,7 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:2000] if text else type(exc).__name__
 
 
-class RefusedMessage(ValueError):
+class RefusedMessageError(ValueError):
     """A queue message this worker cannot read: it comes from a newer or older producer (or
     is malformed), and retrying cannot help. ``reason`` names no value from the message."""
 
@@ -188,7 +188,7 @@ class RefusedMessage(ValueError):
 
 
 def _parse(message_type: type[M], payload: Any) -> M:
-    """The queue message as ``message_type``; raise :class:`RefusedMessage` (logged, naming
+    """The queue message as ``message_type``; raise :class:`RefusedMessageError` (logged, naming
     the task) when it is of another schema version or does not fit the schema."""
     version = payload.get("schema_version") if isinstance(payload, dict) else None
     if version != SCHEMA_VERSION:
@@ -197,7 +197,7 @@ def _parse(message_type: type[M], payload: Any) -> M:
             f"this worker reads version {SCHEMA_VERSION}"
         )
         log.error("%s", reason)
-        raise RefusedMessage(reason)
+        raise RefusedMessageError(reason)
     try:
         return message_type.model_validate(payload)
     except ValidationError as exc:
@@ -205,7 +205,7 @@ def _parse(message_type: type[M], payload: Any) -> M:
         fields = sorted({".".join(map(str, e["loc"])) + f" ({e['type']})" for e in exc.errors()})
         reason = f"malformed {message_type.task} message: {', '.join(fields)}"
         log.error("%s", reason)
-        raise RefusedMessage(reason) from exc
+        raise RefusedMessageError(reason) from exc
 
 
 def _fail_refused_instance(state: WorkerState, payload: Any, reason: str) -> None:
@@ -238,7 +238,7 @@ def classify(state: WorkerState, payload: Any) -> str:
     """
     try:
         msg = _parse(ClassifyInstance, payload)
-    except RefusedMessage as exc:
+    except RefusedMessageError as exc:
         _fail_refused_instance(state, payload, exc.reason)
         return "invalid"
 
@@ -333,7 +333,7 @@ def report(state: WorkerState, payload: Any) -> str:
     """
     try:
         msg = _parse(ReportStudy, payload)
-    except RefusedMessage:
+    except RefusedMessageError:
         return "invalid"  # the sweeper queues the report again, in its own schema version
     from worker.sr import ReportError, build_study_report
 
@@ -370,7 +370,7 @@ def send(state: WorkerState, payload: Any) -> str:
     """Send one recorded SR to the configured destination (C-STORE, with retries)."""
     try:
         msg = _parse(SendReport, payload)
-    except RefusedMessage:
+    except RefusedMessageError:
         return "invalid"  # the sweeper queues SRs left pending again
     from worker.sr_send import SendError, send_sr_document
 
@@ -398,7 +398,7 @@ def register_tasks(app: Celery, settings: Settings) -> WorkerState:
         )
         raise task.retry(exc=exc, countdown=retry_countdown(retries), max_retries=MAX_RETRIES)
 
-    @app.task(name=ClassifyInstance.task, bind=True, acks_late=True, ignore_result=True)  # type: ignore[untyped-decorator]
+    @app.task(name=ClassifyInstance.task, bind=True, acks_late=True, ignore_result=True)
     def classify_instance(self: Task, payload: dict[str, Any]) -> str:
         try:
             return classify(state, payload)
@@ -406,7 +406,7 @@ def register_tasks(app: Celery, settings: Settings) -> WorkerState:
             _retry(self, exc)
             raise  # unreachable: retry raises
 
-    @app.task(name=ReportStudy.task, bind=True, acks_late=True, ignore_result=True)  # type: ignore[untyped-decorator]
+    @app.task(name=ReportStudy.task, bind=True, acks_late=True, ignore_result=True)
     def report_study(self: Task, payload: dict[str, Any]) -> str:
         try:
             return report(state, payload)
@@ -414,7 +414,7 @@ def register_tasks(app: Celery, settings: Settings) -> WorkerState:
             _retry(self, exc)
             raise
 
-    @app.task(name=SendReport.task, bind=True, acks_late=True, ignore_result=True)  # type: ignore[untyped-decorator]
+    @app.task(name=SendReport.task, bind=True, acks_late=True, ignore_result=True)
     def send_report(self: Task, payload: dict[str, Any]) -> str:
         try:
             return send(state, payload)

@@ -45,7 +45,7 @@ def _sqlite_file_lock(url: str) -> Iterator[None]:
     lock in ``env.py``)."""
     parsed = make_url(url)
     database = parsed.database
-    if not parsed.get_backend_name() == "sqlite" or not database or database == ":memory:":
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
         yield
         return
     path = Path(database)

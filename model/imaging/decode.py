@@ -43,7 +43,7 @@ def decode_first_frame(ds: Dataset, geometry: PixelGeometry) -> np.ndarray:
             arr = _pixel_array_first_frame(ds, preferred)
         except MemoryError:
             raise
-        except Exception:  # the preferred plugin failed: let pydicom try all of them
+        except Exception:  # noqa: BLE001 - the preferred plugin failed: let pydicom try all
             arr = None
     if arr is None:
         try:

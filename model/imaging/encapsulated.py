@@ -45,7 +45,7 @@ def first_fragment(value: bytes, frames: int) -> bytes:
 
     try:
         return next(generate_frames(value, number_of_frames=frames))[:65536]
-    except Exception:  # malformed items: the decoder will report it
+    except Exception:  # noqa: BLE001 - malformed items: the decoder will report it
         return b""
 
 

@@ -87,7 +87,7 @@ def int_attribute(
     label, short = f"{name} {tag}", f"{keyword} {tag}"
     try:
         value = ds.get(keyword)
-    except Exception as exc:  # noqa: BLE001 - pydicom raises ValueError etc. on bad values
+    except Exception as exc:
         raise PreprocessError(
             f"invalid value for {label}: {exc}", f"{short} is not a valid number"
         ) from exc
@@ -162,7 +162,7 @@ def check_pixel_geometry(
         photometric = ""
     try:
         value = ds["PixelData"].value
-    except Exception as exc:  # noqa: BLE001 - a malformed element, whatever pydicom raises
+    except Exception as exc:
         raise UnreadablePixelDataError(
             f"Pixel Data (7FE0,0010) cannot be read: {type(exc).__name__}",
             "Pixel Data (7FE0,0010) cannot be read",

@@ -21,7 +21,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from model.artifact import (
 )
 
 
-def keras_forward(model_dir: Path, card: ModelCard | None = None) -> Callable[[Any], Any]:
+def keras_forward(model_dir: Path, card: ModelCard | None = None) -> Any:
     """The Keras network of ``model_dir`` with the card's test-time augmentation, as one
     traced ``tf.function`` over ``(1, size, size, 3)`` images 0..255 returning ``(1,)``
     probabilities: the graph that is exported, and the reference it is checked against."""
@@ -63,7 +63,7 @@ def keras_forward(model_dir: Path, card: ModelCard | None = None) -> Callable[[A
         def forward(x: Any) -> Any:
             return tf.reshape(model(x, training=False), (-1,))
 
-    return tf.function(forward, input_signature=[spec])  # type: ignore[no-any-return]
+    return tf.function(forward, input_signature=[spec])
 
 
 def export(model_dir: Path) -> ModelCard:
@@ -139,14 +139,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_data_arguments(p)
     args = p.parse_args(argv)
     card = export(args.model)
-    result: dict[str, Any] = {"export": dataclasses.asdict(card.export or {})}
+    assert card.export is not None
+    result: dict[str, Any] = {"export": dataclasses.asdict(card.export)}
     if args.check_split:
         records = read_all(args.bfmr_dir, args.fracatlas_dir)
         keys = set(select(records, args.split_mode, args.split)[args.check_split])
         files = [r.path for r in records if r.key in keys]
         worst, n = max_difference(args.model, files)
         card = record_check(args.model, worst, n)
-        result = {"export": dataclasses.asdict(card.export or {}), "split": args.check_split}
+        assert card.export is not None
+        result = {"export": dataclasses.asdict(card.export), "split": args.check_split}
     print(json.dumps(result))
     return 0
 
