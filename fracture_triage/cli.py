@@ -14,7 +14,6 @@ here, once, before a node role starts (:data:`MIGRATING_COMMANDS`); the roles ne
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import os
 import signal
@@ -211,26 +210,7 @@ def _add_model_commands(sub: Any) -> None:
             p = sub.add_parser(name, help=f"{name} (model.cli is not available)")
             p.set_defaults(handler=_missing_model_cli)
         return
-    add_commands(sub)
-    for name in MODEL_COMMANDS:
-        parser = sub.choices[name]
-        parser.set_defaults(handler=_model_handler(parser.get_default("func")))
-
-
-def _model_handler(func: Callable[..., Any]) -> Handler:
-    """A ``model.cli`` function (``(args)``, or ``(args, settings)`` for ``classify``) as a
-    :data:`Handler`; model.cli is the model's own and keeps its signatures."""
-    positional = [
-        p
-        for p in inspect.signature(func).parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-
-    def handler(args: argparse.Namespace, settings: Settings) -> int:
-        result = func(args, settings) if len(positional) >= 2 else func(args)
-        return int(result) if isinstance(result, int) else 0
-
-    return handler
+    add_commands(sub)  # its handlers take (args, settings) like the node's own
 
 
 def _missing_model_cli(args: argparse.Namespace, settings: Settings) -> int:
