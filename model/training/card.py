@@ -241,6 +241,20 @@ def markdown(card: ModelCard) -> str:
             "",
             f"```\n{json.dumps(x['classify_throughput'], indent=1)}\n```",
         ]
+    if card.export is not None:
+        e = card.export
+        lines += [
+            "",
+            "## Inference export (what the node loads)",
+            "",
+            f"- `{e.file}` ({e.format}), sha256 `{e.sha256}`: made from `best_model.keras` by "
+            f"`python -m model.training.export`; input {e.input_size} px, test-time augmentation "
+            f"`{e.test_time_augmentation}` inside the graph (for d4: one batch of 8 views).",
+            f"- Largest |export - Keras| probability over {e.checked_files} files: "
+            + (
+                f"{e.max_abs_difference:.2g}" if e.max_abs_difference is not None else "not checked"
+            ),
+        ]
     lines += ["", "## Reproduce", "", "```sh", *REPRODUCE, "```"]
     lines += [
         "",
@@ -265,6 +279,8 @@ REPRODUCE = [
     "   # shipped weights",
     "python -m model.training.threshold --model RUN --tta d4"
     "   # D4 averaging; threshold on val files",
+    "python -m model.training.export --model RUN --check-split val"
+    "   # the LiteRT export, compared with Keras",
     "python -m model.training.train --split-mode original --cache CACHE --out ORIG --epochs 12",
     "python -m model.training.threshold --model ORIG --split-mode original --tta d4",
     "python -m model.training.manifests --out-dir EVAL"
