@@ -312,8 +312,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from worker.celery_app import run_worker
 
     # Celery installs its own SIGTERM/SIGINT handlers: warm shutdown, the task in hand finishes.
-    run_worker(settings, concurrency=args.concurrency, loglevel=args.log_level)
-    return 0
+    return run_worker(settings, concurrency=args.concurrency, loglevel=args.log_level)
 
 
 def _run_until_signal(settings: Settings, run: Callable[[Settings, threading.Event], None]) -> int:

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     allowed_calling_aets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     #: Largest Rows x Columns x Samples accepted, to refuse absurd headers before decoding.
     max_pixels: int = 100_000_000
+    #: CPU threads of one inference (LiteRT); ``None``: every core this process may use. With
+    #: ``--concurrency N`` worker processes, cores / N keeps them from competing.
+    inference_threads: int | None = Field(default=None, ge=1)
 
     # Model
     #: model folder; ``None``: the model the package ships (``model.artifact.resolve_model_dir``)

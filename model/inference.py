@@ -10,6 +10,7 @@ the graph returns their mean probability).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -52,7 +53,9 @@ class Classifier:
     def load(cls, model_dir: Path, num_threads: int | None = None) -> Classifier:
         """Load ``model_dir``'s export after checking it against the card.
 
-        ``num_threads``: LiteRT's CPU threads for one inference (``None``: its default).
+        ``num_threads``: CPU threads for one inference; ``None``: every core this process
+        may use (LiteRT's own default is one thread, measured 50 ms against 28 ms with two
+        for the shipped D4 network on 2 cores).
         Raises :class:`ExportError` naming the file when the card has no export record, the
         file is missing or its digest differs (corrupt or replaced), LiteRT cannot load it, or
         its input size or test-time augmentation is not the card's.
@@ -63,7 +66,8 @@ class Classifier:
         from ai_edge_litert.interpreter import Interpreter
 
         try:
-            interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
+            threads = num_threads or len(os.sched_getaffinity(0))
+            interpreter = Interpreter(model_path=str(path), num_threads=threads)
             interpreter.allocate_tensors()
         except (RuntimeError, ValueError) as exc:
             raise ExportError(f"LiteRT cannot load {path}: {exc}") from exc

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
@@ -126,26 +125,25 @@ def make_celery(
     return app
 
 
-def worker_argv(
+def worker_options(
     concurrency: int = 1,
     loglevel: str = "INFO",
     hostname: str | None = None,
     pool: str = "prefork",
-) -> list[str]:
-    """Arguments for ``app.worker_main``: our queue, no gossip/mingle/heartbeat chatter."""
-    argv = [
-        "worker",
-        f"--concurrency={concurrency}",
-        f"--loglevel={loglevel}",
-        f"--queues={QUEUE}",
-        f"--pool={pool}",
-        "--without-gossip",
-        "--without-mingle",
-        "--without-heartbeat",
-    ]
-    if hostname:
-        argv.append(f"--hostname={hostname}")
-    return argv
+) -> dict[str, Any]:
+    """Options for ``app.Worker``: our queue, no gossip/mingle/heartbeat chatter."""
+    from celery.utils.nodenames import default_nodename
+
+    return {
+        "hostname": default_nodename(hostname),
+        "concurrency": concurrency,
+        "loglevel": loglevel,
+        "queues": [QUEUE],
+        "pool_cls": pool,
+        "without_gossip": True,
+        "without_mingle": True,
+        "without_heartbeat": True,
+    }
 
 
 def quiet_third_party_logs() -> None:
@@ -164,13 +162,18 @@ def run_worker(
     loglevel: str = "INFO",
     *,
     hostname: str | None = None,
-    extra_args: Sequence[str] = (),
-) -> None:
-    """Run a Celery worker in this process until it is stopped (SIGTERM/SIGINT: warm shutdown).
+) -> int:
+    """Run a Celery worker in this process until it is stopped (SIGTERM/SIGINT: warm shutdown);
+    return its exit code.
 
     Must be called from the main thread (Celery installs signal handlers). The schema is the
     entry point's business (``fracture_triage.cli`` migrates once, before any role starts).
+    ``app.Worker`` is started directly, not through ``app.worker_main``: Celery's click
+    command line imports every subcommand (its interactive shell pulls in prompt_toolkit
+    and pygments), ~20 MB that each pool child would inherit.
     """
     quiet_third_party_logs()
     app = make_celery(settings)
-    app.worker_main([*worker_argv(concurrency, loglevel, hostname), *extra_args])
+    worker = app.Worker(**worker_options(concurrency, loglevel, hostname))
+    worker.start()
+    return int(worker.exitcode or 0)

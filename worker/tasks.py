@@ -159,7 +159,9 @@ class WorkerState:
                 from model.inference import Classifier
 
                 log.info("loading model from %s (pid %d)", self.model_dir(), os.getpid())
-                self._classifier = Classifier.load(self.model_dir())
+                self._classifier = Classifier.load(
+                    self.model_dir(), num_threads=self.settings.inference_threads
+                )
                 self._card = self._classifier.card
             return self._classifier
 
