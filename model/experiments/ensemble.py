@@ -152,9 +152,7 @@ def combine(members: Sequence[Path], out: Path, version: str) -> ModelCard:
         },
     )
     write_card(out, card)
-    from model.training.export import export
-
-    return export(out)
+    return card  # its export is made by the threshold step (model.training.threshold.rechoose)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,6 @@ split row), which :func:`read_bfmr` folds into one record that remembers every o
 from __future__ import annotations
 
 import csv
-import hashlib
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -120,14 +119,6 @@ def read_all(bfmr_dir: Path | None, fracatlas_dir: Path | None) -> list[Record]:
     if fracatlas_dir is not None:
         records += read_fracatlas(fracatlas_dir)
     return records
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

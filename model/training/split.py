@@ -36,8 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
+from model.artifact import file_sha256
 from model.imaging import PreprocessError, image_to_uint8
-from model.training.data import LABELS, Record, file_sha256, integrity_problem, read_all
+from model.training.data import LABELS, Record, integrity_problem, read_all
 
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.70, 0.15, 0.15)

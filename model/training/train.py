@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from model.artifact import MODEL_FILE, ModelCard, write_card
-from model.training.data import Record, file_sha256, integrity_problem, read_all
+from model.artifact import MODEL_FILE, ModelCard, file_sha256, write_card
+from model.training.data import Record, integrity_problem, read_all
 from model.training.features import CUT_LAYER, Cache, build_cache, split_network
 from model.training.metrics import binary_metrics, threshold_for_sensitivity
 
