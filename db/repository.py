@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from db import identity
 from db.models import Instance, InstanceStatus, Result, SendStatus, Series, SRDocument, Study
 from fracture_triage.attributes import STUDY_FIELDS
 
@@ -58,24 +59,33 @@ class ReceivedInstance:
 
 
 def _get_or_create_study(session: Session, rec: ReceivedInstance, now: datetime) -> Study:
+    """The object's study; a stored one must not be another patient's (:mod:`db.identity`)."""
     study = session.scalars(
         select(Study).where(Study.study_instance_uid == rec.study_instance_uid)
     ).first()
     if study is None:
+        # A study inserted by another association meanwhile makes the flush fail
+        # (uq studies.study_instance_uid): the unit of work runs again and lands below.
         study = Study(study_instance_uid=rec.study_instance_uid, last_received_at=now, revision=0)
+        study.patient_id = identity.normalized_patient_id(rec.patient_id)
         session.add(study)
+    else:
+        identity.claim_patient(session, study, rec.patient_id)
     for name in STUDY_FIELDS:
         value = getattr(rec, name)
-        if value and not getattr(study, name):
+        if name != "patient_id" and value and not getattr(study, name):
             setattr(study, name, value)
     return study
 
 
 def _get_or_create_series(session: Session, rec: ReceivedInstance, study: Study) -> Series:
+    """The object's series; a stored one must be in the object's study (:mod:`db.identity`)."""
     series = session.scalars(
         select(Series).where(Series.series_instance_uid == rec.series_instance_uid)
     ).first()
     if series is None:
+        # Inserted by another association meanwhile: the flush fails (unique series UID), the
+        # unit of work runs again and the check below then sees the stored series.
         series = Series(
             series_instance_uid=rec.series_instance_uid,
             study=study,
@@ -84,6 +94,10 @@ def _get_or_create_series(session: Session, rec: ReceivedInstance, study: Study)
             series_number=rec.series_number,
         )
         session.add(series)
+    else:
+        identity.series_conflict(
+            rec.series_instance_uid, series.study.study_instance_uid, rec.study_instance_uid
+        )
     return series
 
 
@@ -136,6 +150,10 @@ def record_received(session: Session, rec: ReceivedInstance) -> tuple[Instance, 
     series or instance at the same moment, the flush raises ``IntegrityError``: the caller
     rolls back and runs its unit of work again (:func:`db.session.in_transaction`), which then
     finds the row.
+
+    Raises :class:`db.identity.IdentityConflict` when the object's series is stored under
+    another study, or its study with another Patient ID: nothing of it may be recorded, the
+    caller rolls back.
     """
     existing = find_instance(session, rec.sop_instance_uid)
     if existing is not None:
@@ -151,7 +169,8 @@ def reopen_refused(session: Session, instance: Instance, rec: ReceivedInstance) 
     """Replace the record of a refused object by the valid object just stored (``pending``).
 
     The series (and so the study) is the new object's; the study is marked changed so that
-    its report is rebuilt.
+    its report is rebuilt. Raises :class:`db.identity.IdentityConflict` as
+    :func:`record_received` does.
     """
     _take_received(session, instance, rec)
     return instance

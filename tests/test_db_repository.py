@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import reports
+from db import identity, reports
 from db import repository as repo
 from db.migrations import upgrade
 from db.models import Instance, InstanceStatus, Result, Series, SRDocument, Study
@@ -265,3 +265,125 @@ def test_latest_report_skips_superseded(sessions: sessionmaker[Session]) -> None
         latest = repo.latest_report(s, study.id)
         assert latest is not None and latest.path == "/sr/new.dcm"
         assert [i.id for i in repo.study_instances(s, study.id)] == [inst.id]
+
+
+# --- identity: a series belongs to one study, a study to one patient (db.identity) -----------
+
+OTHER_STUDY = "1.2.826.0.1.3680043.8.498.2"
+SERIES_2 = "1.2.826.0.1.3680043.8.498.1.2"
+SERIES_3 = "1.2.826.0.1.3680043.8.498.1.3"
+
+
+def of_patient(
+    n: int, patient_id: str | None, study: str = STUDY, series: str = SERIES
+) -> repo.ReceivedInstance:
+    return replace(received(n, study=study, series=series), patient_id=patient_id)
+
+
+def _record(sessions: sessionmaker[Session], rec: repo.ReceivedInstance) -> Instance:
+    return in_transaction(sessions, lambda s: repo.record_received(s, rec))[0]
+
+
+def _stored(sessions: sessionmaker[Session]) -> dict[str, tuple[str, str | None, list[str]]]:
+    """Study UID -> (series UIDs joined, Patient ID, SOP Instance UIDs of its instances)."""
+    out = {}
+    with sessions() as s:
+        for study in s.scalars(select(Study)).all():
+            series = ",".join(sorted(x.series_instance_uid for x in study.series))
+            sops = [i.sop_instance_uid for i in repo.study_instances(s, study.id)]
+            out[study.study_instance_uid] = (series, study.patient_id, sops)
+    return out
+
+
+def test_series_of_another_study_is_refused_not_merged(sessions: sessionmaker[Session]) -> None:
+    """Patient B's image (its own study) reusing the Series Instance UID of patient A's study is
+    refused: A's study keeps exactly its own instances, B's study is not created."""
+    a = _record(sessions, received(1))
+    b = of_patient(2, "PID-9", study=OTHER_STUDY, series=SERIES)
+    with pytest.raises(identity.SeriesInAnotherStudy) as refused:
+        _record(sessions, b)
+    assert _stored(sessions) == {STUDY: (SERIES, "PID-7", [a.sop_instance_uid])}
+    # UIDs only: the log line and the Error Comment name no patient.
+    assert SERIES in refused.value.detail and OTHER_STUDY in refused.value.detail
+    assert "PID" not in refused.value.detail + refused.value.comment
+    assert len(refused.value.comment) <= 64
+    with sessions() as s:  # the read-only check the SCP makes before writing agrees
+        with pytest.raises(identity.SeriesInAnotherStudy):
+            identity.check_stored(
+                s, study_uid=OTHER_STUDY, series_uid=SERIES, patient_id=b.patient_id
+            )
+        assert repo.find_instance(s, b.sop_instance_uid) is None
+
+
+def test_study_of_another_patient_is_refused(sessions: sessionmaker[Session]) -> None:
+    a = _record(sessions, received(1))
+    with pytest.raises(identity.StudyOfAnotherPatient) as refused:
+        _record(sessions, of_patient(2, "PID-9", series=SERIES_2))
+    assert "PID" not in refused.value.detail + refused.value.comment
+    assert _stored(sessions) == {STUDY: (SERIES, "PID-7", [a.sop_instance_uid])}
+    with sessions() as s, pytest.raises(identity.StudyOfAnotherPatient):
+        identity.check_stored(s, study_uid=STUDY, series_uid=SERIES_2, patient_id="PID-9")
+
+
+def test_an_absent_or_empty_patient_id_contradicts_nothing(
+    sessions: sessionmaker[Session],
+) -> None:
+    """Unknown (absent or empty) on either side agrees; the first known Patient ID is kept and
+    compared from then on, without surrounding spaces and case-sensitively."""
+    _record(sessions, of_patient(1, None))
+    _record(sessions, of_patient(2, ""))
+    assert _stored(sessions)[STUDY][1] is None
+    _record(sessions, of_patient(3, " PID-7 "))  # sets it
+    _record(sessions, of_patient(4, None))
+    _record(sessions, of_patient(5, "PID-7", series=SERIES_2))
+    assert _stored(sessions)[STUDY][1] == "PID-7"
+    for n, other in ((6, "PID-9"), (7, "pid-7")):
+        with pytest.raises(identity.StudyOfAnotherPatient):
+            _record(sessions, of_patient(n, other))
+    assert len(_stored(sessions)[STUDY][2]) == 5
+
+
+def _race(
+    sessions: sessionmaker[Session], first: repo.ReceivedInstance, second: repo.ReceivedInstance
+) -> BaseException | None:
+    """Record ``first`` and hold its transaction open while another thread records ``second``;
+    commit ``first`` and return what the second unit of work raised."""
+    raised: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            _record(sessions, second)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            raised.append(exc)
+
+    with sessions() as s:
+        repo.record_received(s, first)  # flushed: rows written (and locked), not committed
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join(1.0)  # the other writer waits for this transaction (row/unique/db lock)
+        s.commit()
+    thread.join(30)
+    assert not thread.is_alive()
+    return raised[0] if raised else None
+
+
+def test_concurrent_patient_ids_for_a_study_without_one_only_one_passes(
+    sessions: sessionmaker[Session],
+) -> None:
+    """A study stored without Patient ID, two associations bring different ones at once: the
+    conditional update lets exactly one through (a read-then-write check would let both)."""
+    _record(sessions, of_patient(1, None))
+    exc = _race(
+        sessions, of_patient(2, "PID-7", series=SERIES_2), of_patient(3, "PID-9", series=SERIES_3)
+    )
+    assert isinstance(exc, identity.StudyOfAnotherPatient)
+    stored = _stored(sessions)[STUDY]
+    assert stored[:2] == (f"{SERIES},{SERIES_2}", "PID-7")
+
+
+def test_concurrent_new_series_in_two_studies_only_one_passes(
+    sessions: sessionmaker[Session],
+) -> None:
+    exc = _race(sessions, received(1), of_patient(2, "PID-9", study=OTHER_STUDY))
+    assert isinstance(exc, identity.SeriesInAnotherStudy)
+    assert list(_stored(sessions)) == [STUDY]
