@@ -8,7 +8,8 @@ The C-STORE handler does no inference. In order it: checks the object (``validat
 it as received, durably (``storage``), records it in the database, hands a message to the
 queue, and only then answers Success. Every failure answers a named status with an Error
 Comment and leaves a reason in the log (and, where the UIDs allow, in the database). Logs
-carry UIDs and AE titles, never patient identifiers.
+carry UIDs and AE titles, never patient identifiers. An object whose series or study
+contradicts what is stored (``db.identity``) is refused and nothing of it is kept.
 """
 
 from __future__ import annotations
@@ -30,13 +31,15 @@ from pynetdicom.events import Event
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import repository
+from db import identity, repository
+from db.identity import IdentityConflict
 from db.models import Instance, InstanceStatus, Series, Study
 from db.repository import ReceivedInstance
 from db.session import in_transaction
 from dicom_node import storage
 from dicom_node.validate import (
     CANNOT_UNDERSTAND,
+    IDENTITY_CONFLICT,
     OUT_OF_RESOURCES,
     SUCCESS,
     CheckedObject,
@@ -241,6 +244,10 @@ def _record_refusal(
     )
     try:
         in_transaction(ctx.session_factory, lambda s: repository.record_received(s, rec))
+    except IdentityConflict as conflict:  # not recorded under a study that is not its own
+        logger.warning(
+            "refused instance %s not recorded: %s", uids.sop_instance_uid, conflict.detail
+        )
     except Exception as exc:  # noqa: BLE001 - the failure status is answered anyway
         logger.warning(
             "could not record refused instance %s: %s", uids.sop_instance_uid, type(exc).__name__
@@ -308,9 +315,20 @@ def _store(event: Event, ctx: StoreContext, start: float) -> Dataset:
     )
 
     with ctx.lock_for(uids.sop_instance_uid):
+        conflict: IdentityConflict | None = None
         try:
             with ctx.session_factory() as session:
                 existing = repository.find_instance(session, uids.sop_instance_uid)
+                if existing is None or repository.is_refused(existing):
+                    try:
+                        identity.check_stored(
+                            session,
+                            study_uid=uids.study_instance_uid,
+                            series_uid=uids.series_instance_uid,
+                            patient_id=rec.patient_id,
+                        )
+                    except IdentityConflict as exc:
+                        conflict = exc
         except SQLAlchemyError as exc:
             logger.error(
                 "database unavailable, refusing %s: %s", uids.sop_instance_uid, type(exc).__name__
@@ -327,6 +345,8 @@ def _store(event: Event, ctx: StoreContext, start: float) -> Dataset:
                 _peer(event),
             )
             return _status(SUCCESS)  # 0x0000 Success
+        if conflict is not None:  # refused before anything is written
+            return _refuse_conflict(event, uids.sop_instance_uid, conflict)
 
         try:
             storage.write_atomic(path, _encoded_chunks(event, calling_ae))
@@ -339,6 +359,11 @@ def _store(event: Event, ctx: StoreContext, start: float) -> Dataset:
             instance, created = in_transaction(ctx.session_factory, lambda s: _record(s, rec))
             instance_id = instance.id
             status = instance.status
+        except IdentityConflict as exc:
+            # Another association stored the contradicting series or Patient ID between the
+            # check above and this insert: the file just written is not kept.
+            path.unlink(missing_ok=True)
+            return _refuse_conflict(event, uids.sop_instance_uid, exc)
         except SQLAlchemyError as exc:
             logger.error("cannot record %s: %s", uids.sop_instance_uid, type(exc).__name__)
             # 0xA700 Refused: Out of Resources - stored but not recorded: not acknowledged,
@@ -370,6 +395,24 @@ def _store(event: Event, ctx: StoreContext, start: float) -> Dataset:
     )
     # File durable and instance recorded: the object is safe whatever the broker does.
     return _status(SUCCESS)  # 0x0000 Success
+
+
+def _refuse_conflict(event: Event, sop_instance_uid: str, conflict: IdentityConflict) -> Dataset:
+    """Answer an object that contradicts the stored identity: nothing of it is stored.
+
+    0xC001 is in the range PS3.4 Table B.2-1 gives "Error: Cannot understand" (C000-CFFF):
+    the object is well formed but cannot be processed as it is, and sending it again unchanged
+    will not help (unlike 0xA700). 0xA900 would claim the data set does not match its SOP
+    Class, which is not the case. The Error Comment names the conflict, the log its UIDs.
+    """
+    logger.warning(
+        "refused C-STORE of %s from %s: 0x%04X identity conflict: %s",
+        sop_instance_uid,
+        _peer(event),
+        IDENTITY_CONFLICT,
+        conflict.detail,
+    )
+    return _status(IDENTITY_CONFLICT, conflict.comment)
 
 
 def _record(session: Session, rec: ReceivedInstance) -> tuple[Instance, bool]:

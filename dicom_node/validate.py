@@ -35,6 +35,9 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122  # Failure: Refused: SOP Class not supported (P
 OUT_OF_RESOURCES = 0xA700  # Failure: Refused: Out of Resources (transient, peer retries)
 DATASET_MISMATCH = 0xA900  # Failure: Error: Data Set does not match SOP Class
 CANNOT_UNDERSTAND = 0xC000  # Failure: Error: Cannot understand
+#: Failure: Error: Cannot understand (C000-CFFF), this node's code for an object whose series
+#: or study contradicts the stored identity (``db.identity``): refused, never merged.
+IDENTITY_CONFLICT = 0xC001
 
 #: How a refused UID is described (the peer's Error Comment is cut to 64 characters).
 _NOT_A_UID = "missing or invalid (PS3.5 9.1)"

@@ -31,6 +31,7 @@ from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    generate_uid,
 )
 from pynetdicom import AE, build_context
 from pynetdicom.dsutils import encode_file_meta, split_dataset
@@ -43,8 +44,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.migrations import upgrade
-from db.models import Instance, InstanceStatus
-from db.repository import REFUSED_PREFIX
+from db.models import Instance, InstanceStatus, Study
+from db.repository import REFUSED_PREFIX, study_instances
 from db.session import make_engine, make_session_factory
 from dicom_node.contexts import (
     CANDIDATE_TRANSFER_SYNTAXES,
@@ -697,6 +698,114 @@ def test_refused_object_is_recorded_and_a_corrected_resend_is_stored(
     for identifier in (original.PatientName, original.PatientID):
         if str(identifier):
             assert str(identifier) not in caplog.text
+
+
+# --- identity: a series belongs to one study, a study to one patient ------------------------
+
+
+def other_patients_image(
+    sample: Path, n: int, *, study: str | None = None, series: str | None = None
+) -> pydicom.Dataset:
+    """The sample as another patient's image: its own SOP Instance UID and Patient, and the
+    given Study (a new one unless named) and Series Instance UIDs (the sample's unless named)."""
+    ds = pydicom.dcmread(sample)
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = study or generate_uid()
+    ds.SeriesInstanceUID = series or ds.SeriesInstanceUID
+    ds.PatientID = f"OTHER-PATIENT-{n}"
+    ds.PatientName = f"Other^Patient{n}"
+    return ds
+
+
+def stored_files(scp: StorageSCP) -> set[str]:
+    return {p.name for p in scp.settings.storage_dir.rglob("*") if p.is_file()}
+
+
+def study_sops(session_factory: sessionmaker[Session], study_uid: str) -> list[str]:
+    with session_factory() as session:
+        study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid)).one()
+        return [i.sop_instance_uid for i in study_instances(session, study.id)]
+
+
+def test_image_reusing_another_studys_series_uid_is_refused(
+    tmp_path: Path, db: sessionmaker[Session], dicom_samples: Path, caplog: Any
+) -> None:
+    """Patient B's image, its own Study Instance UID, reusing the Series Instance UID of
+    patient A's study: refused with 0xC001 and an Error Comment naming the conflict; A's study
+    keeps exactly its own instance, B's study is not recorded, nothing of B is on disk, and the
+    log names the UIDs but no patient. The same for an image naming A's study with another
+    Patient ID."""
+    caplog.set_level(logging.INFO)
+    a = pydicom.dcmread(dicom_samples / TINY_CR)
+    b = other_patients_image(dicom_samples / TINY_CR, 1)
+    c = other_patients_image(dicom_samples / TINY_CR, 2, study=a.StudyInstanceUID)
+    c.SeriesInstanceUID = generate_uid()
+    with running_scp(tmp_path, db, no_broker) as scp:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(ComputedRadiographyImageStorage)
+        assoc = ae.associate("127.0.0.1", scp.port)
+        assert assoc.send_c_store(a).Status == SUCCESS
+        rsp_b = assoc.send_c_store(b)
+        rsp_c = assoc.send_c_store(c)
+        assoc.release()
+        files = stored_files(scp)
+    assert rsp_b.Status == 0xC001  # Error: Cannot understand (C000-CFFF): identity conflict
+    assert rsp_b.ErrorComment == "Series Instance UID belongs to another Study Instance UID"
+    assert rsp_c.Status == 0xC001
+    assert rsp_c.ErrorComment == "Study Instance UID is stored with another Patient ID"
+    assert list(instances(db)) == [a.SOPInstanceUID]
+    assert study_sops(db, a.StudyInstanceUID) == [a.SOPInstanceUID]
+    with db() as session:
+        assert session.scalars(select(Study.study_instance_uid)).all() == [a.StudyInstanceUID]
+    assert files == {f"{a.SOPInstanceUID}.dcm"}  # nothing kept of B or C, not even refused
+    assert b.StudyInstanceUID in caplog.text and a.StudyInstanceUID in caplog.text
+    assert a.SeriesInstanceUID in caplog.text and b.SOPInstanceUID in caplog.text
+    for ds in (a, b, c):
+        for identifier in (ds.PatientName, ds.PatientID):
+            if str(identifier):
+                assert str(identifier) not in caplog.text
+
+
+def test_concurrent_studies_claiming_one_new_series_only_one_is_stored(
+    tmp_path: Path, sqlite_db: sessionmaker[Session], dicom_samples: Path
+) -> None:
+    """Six associations at once, three images of each of two studies naming one new series:
+    the images of one study are stored, those of the other refused, and only the stored
+    images are on disk (a refusal that lost the race after writing removes its file)."""
+    series = generate_uid()
+    studies = (generate_uid(), generate_uid())
+    images = [
+        other_patients_image(dicom_samples / TINY_CR, k % 2, study=studies[k % 2], series=series)
+        for k in range(6)
+    ]
+    results: dict[str, int] = {}
+    with running_scp(tmp_path, sqlite_db, no_broker) as scp:
+        barrier = threading.Barrier(len(images))
+
+        def send(ds: pydicom.Dataset) -> None:
+            ae = AE(ae_title="MODALITY")
+            ae.add_requested_context(ComputedRadiographyImageStorage)
+            assoc = ae.associate("127.0.0.1", scp.port)
+            barrier.wait()
+            results[ds.SOPInstanceUID] = int(assoc.send_c_store(ds).Status)
+            assoc.release()
+
+        threads = [threading.Thread(target=send, args=(ds,)) for ds in images]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        files = stored_files(scp)
+    stored = {ds.StudyInstanceUID for ds in images if results[ds.SOPInstanceUID] == SUCCESS}
+    assert len(stored) == 1
+    (winner,) = stored
+    for ds in images:
+        assert results[ds.SOPInstanceUID] == (SUCCESS if ds.StudyInstanceUID == winner else 0xC001)
+    won = sorted(ds.SOPInstanceUID for ds in images if ds.StudyInstanceUID == winner)
+    assert sorted(instances(sqlite_db)) == won
+    assert sorted(study_sops(sqlite_db, winner)) == won
+    assert files == {f"{uid}.dcm" for uid in won}
 
 
 def test_start_removes_temporary_files_left_by_a_crash(
