@@ -168,3 +168,66 @@ def test_redis_stopped_during_a_burst_loses_nothing(
     finally:
         enqueuer.close()
         redis.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_frozen_redis_does_not_stall_stores_or_the_worker(
+    tmp_path: Path, tiny_model_dir: Path, dicom_samples: Path
+) -> None:
+    """Redis frozen (SIGSTOP: TCP stays open, nothing answers) for 30 s, as a stalled host
+    looks: every store during the stall is acknowledged within the enqueue's short timeout
+    (left pending for the sweeper), and once Redis answers again the same worker and sweeper
+    settle every instance within seconds: one result each, none left queued."""
+    import os
+    import signal
+
+    database_url = f"sqlite:///{tmp_path / 'triage.db'}"
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    assert redis.proc is not None
+    settings = node_settings(tmp_path, database_url, redis.url, tiny_model_dir)
+    sessions = make_sessions(database_url)
+    enqueuer = CeleryEnqueuer(settings)
+    files = [require(dicom_samples / name) for name in GOOD]
+    store_seconds: list[float] = []
+    try:
+        with celery_worker(settings, tmp_path / "worker.log") as worker:
+            worker.wait_ready()
+            with sweeper_thread(settings, stale_after=timedelta(seconds=5)):
+                for i in range(PER_PHASE):
+                    scp_store(sessions, enqueuer, files[i % len(files)], "1.2.826.0.1.6")
+                os.kill(redis.proc.pid, signal.SIGSTOP)
+                try:
+                    t_stop = time.monotonic()
+                    while time.monotonic() - t_stop < 30:
+                        t0 = time.monotonic()
+                        scp_store(sessions, enqueuer, files[0], "1.2.826.0.1.6")
+                        store_seconds.append(time.monotonic() - t0)
+                        time.sleep(1)
+                finally:
+                    os.kill(redis.proc.pid, signal.SIGCONT)
+                t_back = time.monotonic()
+                for i in range(PER_PHASE):
+                    scp_store(sessions, enqueuer, files[i % len(files)], "1.2.826.0.1.6")
+                wait_until(
+                    lambda: (
+                        not {InstanceStatus.pending, InstanceStatus.queued}
+                        & set(statuses(sessions).values())
+                    ),
+                    120,
+                    "every instance settled after the stall",
+                )
+                settled = time.monotonic() - t_back
+            assert worker.proc.poll() is None, "the worker did not survive the stall"
+        print(
+            f"\nstores during the stall: longest {max(store_seconds):.1f} s; all settled "
+            f"{settled:.1f} s after Redis answered again"
+        )
+        # a sender must get its answer well within its own DIMSE timeout (dcmtk: 30 s)
+        assert max(store_seconds) < 5
+        counts = result_counts(sessions)
+        assert set(counts.values()) == {1}
+        assert len(counts) == len(statuses(sessions))
+    finally:
+        enqueuer.close()
+        redis.stop()

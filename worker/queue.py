@@ -32,6 +32,10 @@ RETRY_POLICY: dict[str, Any] = {
 }
 
 
+#: Seconds a publish may wait for a broker that does not answer (see CeleryEnqueuer).
+PUBLISH_TIMEOUT_S = 1
+
+
 class EnqueueError(RuntimeError):
     """The message could not be handed to the broker; the caller keeps the work pending."""
 
@@ -43,7 +47,15 @@ class CeleryEnqueuer:
     """
 
     def __init__(self, settings: Settings, app: Celery | None = None) -> None:
-        self._app = app if app is not None else make_celery(settings, register_tasks=False)
+        if app is None:
+            app = make_celery(settings, register_tasks=False)
+            # A publisher answers a C-STORE: a broker that is frozen (TCP open, nothing
+            # answering) must fail the send within seconds, not the consumer's 10 s, so that the
+            # sender gets its Success (the instance is pending in the database) well inside
+            # its own DIMSE timeout.
+            options = app.conf.broker_transport_options
+            app.conf.broker_transport_options = {**options, "socket_timeout": PUBLISH_TIMEOUT_S}
+        self._app = app
 
     @property
     def app(self) -> Celery:

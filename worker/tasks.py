@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery import Celery, Task
+from celery.worker.request import Request
 from pydantic import ValidationError
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
@@ -385,6 +386,39 @@ def send(state: WorkerState, payload: Any) -> str:
         raise TransientError(str(exc)) from exc
 
 
+class AckOrForgetRequest(Request):  # type: ignore[misc]
+    """A task request whose acknowledgement cannot wedge the worker.
+
+    kombu's Redis transport removes a delivered message from the channel's prefetch window
+    only after the acknowledgement reached Redis (``kombu.transport.redis.QoS.ack``). When
+    Redis stalls, that write times out, Celery logs "Couldn't ack" and the message stays in
+    the window for ever: with prefetch 1 the worker never fetches again, long after Redis is
+    back (measured: nothing consumed for 7+ minutes; compare celery/celery#8030). Here an
+    acknowledgement that fails on a connection error is dropped from the local window only;
+    Redis still holds the message as unacknowledged and redelivers it after the visibility
+    timeout, and the task, idempotent, finds its result and stops.
+    """
+
+    def acknowledge(self) -> None:
+        if self.acknowledged:  # type: ignore[has-type]
+            return
+        try:
+            self.message.ack()
+        except self._connection_errors as exc:
+            from kombu.transport.virtual.base import QoS
+
+            log.warning(
+                "task %s: acknowledgement failed (%s: %s); left to the broker to redeliver",
+                self.id,
+                type(exc).__name__,
+                exc,
+            )
+            channel = self.message.channel
+            if isinstance(getattr(channel, "qos", None), QoS):
+                QoS.ack(channel.qos, self.message.delivery_tag)  # type: ignore[no-untyped-call]  # local window only
+        self.acknowledged = True
+
+
 def register_tasks(app: Celery, settings: Settings) -> WorkerState:
     """Register the node's tasks on ``app``; return the state they share in each process."""
     state = WorkerState(settings, app)
@@ -400,7 +434,13 @@ def register_tasks(app: Celery, settings: Settings) -> WorkerState:
         )
         raise task.retry(exc=exc, countdown=retry_countdown(retries), max_retries=MAX_RETRIES)
 
-    @app.task(name=ClassifyInstance.task, bind=True, acks_late=True, ignore_result=True)
+    @app.task(
+        name=ClassifyInstance.task,
+        bind=True,
+        acks_late=True,
+        ignore_result=True,
+        Request=AckOrForgetRequest,
+    )
     def classify_instance(self: Task, payload: dict[str, Any]) -> str:
         try:
             return classify(state, payload)
@@ -408,7 +448,13 @@ def register_tasks(app: Celery, settings: Settings) -> WorkerState:
             _retry(self, exc)
             raise  # unreachable: retry raises
 
-    @app.task(name=ReportStudy.task, bind=True, acks_late=True, ignore_result=True)
+    @app.task(
+        name=ReportStudy.task,
+        bind=True,
+        acks_late=True,
+        ignore_result=True,
+        Request=AckOrForgetRequest,
+    )
     def report_study(self: Task, payload: dict[str, Any]) -> str:
         try:
             return report(state, payload)
@@ -416,7 +462,13 @@ def register_tasks(app: Celery, settings: Settings) -> WorkerState:
             _retry(self, exc)
             raise
 
-    @app.task(name=SendReport.task, bind=True, acks_late=True, ignore_result=True)
+    @app.task(
+        name=SendReport.task,
+        bind=True,
+        acks_late=True,
+        ignore_result=True,
+        Request=AckOrForgetRequest,
+    )
     def send_report(self: Task, payload: dict[str, Any]) -> str:
         try:
             return send(state, payload)
