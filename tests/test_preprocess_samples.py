@@ -407,15 +407,13 @@ def test_signed_pixels_render_like_unsigned() -> None:
     assert np.array_equal(dataset_to_uint8(signed), dataset_to_uint8(ds))
 
 
-def test_unusable_window_falls_back_to_full_range(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_window_width_of_zero_refuses_the_image() -> None:
+    """PS3.3 C.11.2.1.2 (Window Width >= 1): refused with the attribute named, not rendered
+    without the window and classified."""
     ds = read_dataset(sample(CHEST_440))
     ds.WindowWidth = 0
-    with caplog.at_level(logging.WARNING, logger="model.imaging"):
-        image = dataset_to_uint8(ds)
-    assert "ignoring invalid Window" in caplog.text
-    del ds.WindowCenter, ds.WindowWidth
-    assert np.array_equal(image, dataset_to_uint8(ds))
-    assert image.std() > 10
+    with pytest.raises(PreprocessError, match=r"invalid Window Width \(0028,1051\): 0.0"):
+        dataset_to_uint8(ds)
 
 
 def test_multiframe_uses_the_first_frame_and_counts_every_frame() -> None:

@@ -360,6 +360,37 @@ def test_a_decoder_panic_fails_the_instance_at_once_with_its_reason(
     assert result_counts(sessions) == {}
 
 
+def test_a_window_width_of_zero_is_failed_with_its_reason_not_classified(
+    tmp_path: Path, database_url: str, tiny_model_dir: Path, dicom_samples: Path
+) -> None:
+    """A real radiograph with Window Width 0 (PS3.3 C.11.2.1.2 requires >= 1) used to be
+    rendered without its window and classified "done"; now the one classification path
+    refuses it naming the attribute, and the worker records that reason."""
+    import pydicom
+
+    from model.inference import Classifier, ImageError
+
+    ds = pydicom.dcmread(require(dicom_samples / GOOD[0]))
+    ds.WindowWidth = 0
+    path = tmp_path / "window_width_0.dcm"
+    ds.save_as(path)
+    with pytest.raises(ImageError, match=r"invalid Window Width \(0028,1051\): 0.0"):
+        Classifier.load(tiny_model_dir).classify_file(path)
+
+    settings = node_settings(tmp_path, database_url, "redis://127.0.0.1:1/0", tiny_model_dir)
+    sessions = make_sessions(database_url)
+    instance = record(sessions, path, "1.2.826.0.1.3")
+    msg = ClassifyInstance(
+        instance_id=instance.id, sop_instance_uid=instance.sop_instance_uid
+    ).model_dump()
+    assert classify(WorkerState(settings), msg) == "failed"
+    with sessions() as session:
+        row = session.get(Instance, instance.id)
+        assert row is not None and row.status == InstanceStatus.failed
+        assert row.failure_reason and "Window Width (0028,1051)" in row.failure_reason
+    assert result_counts(sessions) == {}
+
+
 def test_an_unusable_model_export_leaves_the_instance_queued_and_the_worker_serving(
     tmp_path: Path,
     database_url: str,
