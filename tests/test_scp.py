@@ -55,6 +55,7 @@ from dicom_node.scp import StorageSCP, run_scp
 from fracture_triage.messages import QUEUE, ClassifyInstance
 from fracture_triage.settings import Settings
 from fracture_triage.uids import is_valid_uid
+from tests.conftest import REPO
 from tests.servers import RedisServer, free_port, wait_for_port
 from worker.queue import CeleryEnqueuer
 
@@ -722,6 +723,105 @@ def test_start_removes_temporary_files_left_by_a_crash(
     assert [p for p in stale if p.exists()] == []
     assert [p for p in kept if not p.exists()] == []
     assert "removed 2 temporary file(s)" in caplog.text
+
+
+#: A writer that dies (SIGKILL, as the OOM killer or a power cut would) halfway through
+#: write_atomic, or one that stays inside it until its standard input closes.
+_CRASHING_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from fracture_triage.files import write_atomic
+
+def chunks():
+    yield b"partial object"
+    if sys.argv[2] == "crash":
+        os.kill(os.getpid(), signal.SIGKILL)
+    print("writing", flush=True)
+    sys.stdin.read()
+    yield b"rest"
+
+write_atomic(Path(sys.argv[1]), chunks())
+"""
+
+
+def test_start_removes_a_crashed_writers_fresh_temporary_but_not_a_live_ones(
+    tmp_path: Path, sqlite_db: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node killed mid-write and restarted at once (well within the 60 s age rule) finds
+    its temporary file gone at start-up: the file names its writer, whose pid no longer
+    runs. A live writer's temporary in the same folder (another node process sharing it)
+    and a fresh one from another host stay."""
+    storage_dir = Settings(data_dir=tmp_path / "data").storage_dir
+    series = storage_dir / "1.2.3" / "1.2.3.5"
+    series.mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    crashed = subprocess.run(
+        [sys.executable, "-c", _CRASHING_WRITER, str(series / "1.2.3.4.dcm"), "crash"],
+        env=env,
+        timeout=60,
+    )
+    assert crashed.returncode == -signal.SIGKILL
+    orphans = list(series.glob(".incoming-*.tmp"))
+    assert len(orphans) == 1  # its content still in the dead process's buffer
+    live = subprocess.Popen(
+        [sys.executable, "-c", _CRASHING_WRITER, str(series / "1.2.3.6.dcm"), "live"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert live.stdout is not None and live.stdout.readline() == b"writing\n"
+        writing = [p for p in series.glob(".incoming-*.tmp") if p not in orphans]
+        assert len(writing) == 1
+        other_host = series / ".incoming-00000000.00000000.1.abcdefgh.tmp"
+        other_host.write_bytes(b"another host's write in progress")
+        with (
+            caplog.at_level(logging.WARNING, logger="dicom_node.scp"),
+            running_scp(tmp_path, sqlite_db, no_broker),
+        ):
+            pass
+        assert not orphans[0].exists()
+        assert writing[0].exists() and other_host.exists()
+        assert "removed 1 temporary file(s)" in caplog.text
+    finally:
+        assert live.stdin is not None
+        live.stdin.close()
+        live.wait(timeout=30)
+    assert live.returncode == 0 and (series / "1.2.3.6.dcm").read_bytes() == b"partial objectrest"
+
+
+def test_a_temporary_this_process_is_writing_is_kept_by_its_own_sweep(tmp_path: Path) -> None:
+    """The same process's writer: kept while write_atomic runs, removed once orphaned."""
+    from dicom_node.storage import remove_stale_temporaries
+    from fracture_triage.files import temporary_prefix, write_atomic, writer_keys
+
+    started, release = threading.Event(), threading.Event()
+
+    def chunks() -> Iterator[bytes]:
+        yield b"partial"
+        started.set()
+        release.wait(30)
+        yield b"rest"
+
+    target = tmp_path / "a" / "1.2.3.dcm"
+    writer = threading.Thread(target=write_atomic, args=(target, chunks()))
+    writer.start()
+    try:
+        assert started.wait(30)
+        assert remove_stale_temporaries(tmp_path) == 0
+    finally:
+        release.set()
+        writer.join(30)
+    assert target.read_bytes() == b"partialrest"
+    orphan = target.parent / f"{temporary_prefix()}abcdefgh.tmp"  # ours, not being written
+    # This host in another boot or PID namespace (a restarted container): its writers are gone.
+    host, space = writer_keys()
+    other_space = "0" * 8 if space != "0" * 8 else "1" * 8
+    restarted = target.parent / f".incoming-{host}.{other_space}.{os.getpid()}.abcdefgh.tmp"
+    for path in (orphan, restarted):
+        path.write_bytes(b"partial")
+    assert remove_stale_temporaries(tmp_path) == 2
+    assert not orphan.exists() and not restarted.exists()
 
 
 # --- the role's entry point ------------------------------------------------------------------
