@@ -25,7 +25,14 @@ from dicom_node.validate import Uids
 from fracture_triage.files import is_temporary, temporary_writer_gone, write_atomic
 from fracture_triage.uids import is_valid_uid
 
-__all__ = ["instance_path", "rejected_path", "remove_stale_temporaries", "write_atomic"]
+__all__ = [
+    "dataset_sha256",
+    "instance_path",
+    "rejected_path",
+    "remove_stale_temporaries",
+    "stored_dataset_sha256",
+    "write_atomic",
+]
 
 REJECTED_DIR = "rejected"
 #: A temporary file left untouched this long is a crash's leftover, not a write in progress.
@@ -39,6 +46,31 @@ def instance_path(storage_dir: Path, uids: Uids) -> Path:
         if not is_valid_uid(part):  # defence in depth: the handler validated them already
             raise ValueError("refusing to build a storage path from an invalid UID")
     return storage_dir / parts[0] / parts[1] / f"{parts[2]}.dcm"
+
+
+def dataset_sha256(dataset_bytes: bytes) -> str:
+    """The digest recorded for a stored object: its data set as received, without the File
+    Meta Information (which names the sender's AE title, so the same object re-sent from
+    another peer would otherwise differ)."""
+    return hashlib.sha256(dataset_bytes).hexdigest()
+
+
+def stored_dataset_sha256(path: Path) -> str | None:
+    """:func:`dataset_sha256` of a stored Part 10 file (for instances recorded before the
+    digest was), or ``None`` when it cannot be read.
+
+    The data set starts after the 128-byte preamble, ``DICM`` and the File Meta Information,
+    whose length is in its first element, File Meta Information Group Length (0002,0000):
+    12 bytes in Explicit VR Little Endian (PS3.10 7.1).
+    """
+    try:
+        content = path.read_bytes()
+    except OSError:
+        return None
+    if len(content) < 144 or content[128:136] != b"DICM\x02\x00\x00\x00":
+        return None
+    group_length = int.from_bytes(content[140:144], "little")
+    return dataset_sha256(content[144 + group_length :])
 
 
 def rejected_path(storage_dir: Path, content: bytes) -> Path:

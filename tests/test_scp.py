@@ -550,6 +550,90 @@ def test_duplicate_is_stored_once_and_queued_once(
     assert [m.sop_instance_uid for m in broker.messages()] == [uid]
 
 
+@pytest.mark.parametrize("policy", ["keep-first", "keep-newest"])
+def test_a_conflicting_resend_is_logged_recorded_and_handled_by_the_policy(
+    tmp_path: Path,
+    db: sessionmaker[Session],
+    broker: Broker,
+    dicom_samples: Path,
+    caplog: Any,
+    policy: str,
+) -> None:
+    """The same SOP Instance UID with other pixels, over a real association: Success (as for
+    any duplicate), a warning naming the UID, and the conflict counted on the instance with
+    its time and digest. keep-first keeps the stored file and its result; keep-newest
+    replaces the file, drops the result and queues the instance again."""
+    from db import repository
+    from db.models import Result
+    from dicom_node.storage import stored_dataset_sha256
+
+    original = pydicom.dcmread(dicom_samples / TINY_CR)
+    changed = pydicom.dcmread(dicom_samples / TINY_CR)
+    changed.PixelData = (4095 - changed.pixel_array).astype("<u2").tobytes()
+    uid = original.SOPInstanceUID
+    with (
+        caplog.at_level(logging.INFO, logger="dicom_node"),
+        running_scp(tmp_path, db, broker.enqueue, duplicate_policy=policy) as scp,
+    ):
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", scp.port)
+        assert assoc.send_c_store(original).Status == SUCCESS
+        first = instances(db)[uid]
+        stored_path = Path(first.storage_path)
+        assert first.content_sha256 == stored_dataset_sha256(stored_path)
+        assert first.conflicting_resends == 0
+        with db() as session:  # as the worker would: classified
+            repository.save_result(
+                session,
+                first.id,
+                repository.Classification(
+                    probability=0.2,
+                    threshold=0.5,
+                    fracture=False,
+                    model_name="m",
+                    model_version="1",
+                    model_uid="2.25.1",
+                    preprocess_ms=1.0,
+                    inference_ms=1.0,
+                ),
+            )
+            session.commit()
+        before = stored_path.stat()
+
+        assert assoc.send_c_store(changed).Status == SUCCESS
+        assert assoc.send_c_store(original).Status == SUCCESS  # the first content again
+        assoc.release()
+
+    record = instances(db)[uid]
+    with db() as session:
+        results = session.scalars(select(Result).where(Result.instance_id == record.id)).all()
+    assert "conflicting re-send of " + uid in caplog.text
+    assert f"duplicate policy {policy}" in caplog.text
+    assert record.last_conflict_at is not None
+    assert record.last_conflict_sha256 and len(record.last_conflict_sha256) == 64
+    if policy == "keep-first":
+        # The changed copy conflicts; the original again is a plain duplicate.
+        assert record.conflicting_resends == 1
+        assert record.last_conflict_sha256 != record.content_sha256 == first.content_sha256
+        after = stored_path.stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+        assert record.status == InstanceStatus.done and len(results) == 1
+        assert [m.sop_instance_uid for m in broker.messages()] == [uid]
+    else:
+        # Both re-sends conflict with what was stored at the time; the last one stands.
+        assert record.conflicting_resends == 2
+        assert record.content_sha256 == first.content_sha256 == stored_dataset_sha256(stored_path)
+        assert record.last_conflict_sha256 == first.content_sha256
+        assert stored_path.stat().st_ino != before.st_ino  # replaced (atomically: renamed)
+        assert record.status == InstanceStatus.queued and results == []
+        assert [m.sop_instance_uid for m in broker.messages()] == [uid, uid, uid]
+        assert not list(stored_path.parent.glob(".incoming-*"))
+    for identifier in (original.PatientName, original.PatientID):
+        if str(identifier):
+            assert str(identifier) not in caplog.text
+
+
 def test_same_instance_in_two_concurrent_fresh_stores(
     tmp_path: Path, db: sessionmaker[Session], broker: Broker, dicom_samples: Path
 ) -> None:
