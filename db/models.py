@@ -115,6 +115,16 @@ class Instance(Base):
     failure_reason: Mapped[str | None] = mapped_column(Text)
     queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: SHA-256 (hex) of the data set as received and stored (not the File Meta Information,
+    #: which names the sender): tells a re-send of the same object from a conflicting one.
+    #: None for instances stored before revision 0003.
+    content_sha256: Mapped[str | None] = mapped_column(String(64))
+    #: Re-sends of this SOP Instance UID whose content differed from the stored object's
+    #: (PS3.3 C.12.1.1.1: a SOP Instance UID names one object), with the newest one's time and
+    #: digest. ``Settings.duplicate_policy`` says which copy was kept.
+    conflicting_resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_conflict_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_conflict_sha256: Mapped[str | None] = mapped_column(String(64))
 
     series: Mapped[Series] = relationship(back_populates="instances")
     results: Mapped[list[Result]] = relationship(back_populates="instance")

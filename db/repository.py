@@ -56,6 +56,8 @@ class ReceivedInstance:
     referring_physician_name: str | None = None
     #: Set when the SCP already knows the object cannot be classified.
     failure_reason: str | None = None
+    #: SHA-256 (hex) of the data set as received (``Instance.content_sha256``).
+    content_sha256: str | None = None
 
 
 def _get_or_create_study(session: Session, rec: ReceivedInstance, now: datetime) -> Study:
@@ -138,6 +140,7 @@ def _take_received(session: Session, instance: Instance, rec: ReceivedInstance) 
     instance.failure_reason = rec.failure_reason
     instance.queued_at = None
     instance.attempts = 0
+    instance.content_sha256 = rec.content_sha256
     study.last_received_at = now
     study.revision = (study.revision or 0) + 1
 
@@ -173,6 +176,30 @@ def reopen_refused(session: Session, instance: Instance, rec: ReceivedInstance) 
     :func:`record_received` does.
     """
     _take_received(session, instance, rec)
+    return instance
+
+
+def note_conflicting_resend(session: Session, instance: Instance, content_sha256: str) -> None:
+    """Count a re-send of ``instance``'s SOP Instance UID whose content differs from the
+    stored object's, with its time and digest (the object itself is not kept)."""
+    instance.conflicting_resends = (instance.conflicting_resends or 0) + 1
+    instance.last_conflict_at = utcnow()
+    instance.last_conflict_sha256 = content_sha256
+
+
+def replace_conflicting(session: Session, instance: Instance, rec: ReceivedInstance) -> Instance:
+    """Take the newer object of a conflicting re-send (``keep-newest``): the record is the new
+    object's, ``pending`` again (or ``failed`` when the SCP knows why), its results are
+    deleted so that it is classified again, and the study it was in before (when it moved)
+    is marked changed too, so that both reports are rebuilt. The conflict is counted."""
+    before = instance.series.study if instance.series is not None else None
+    for result in list(instance.results):
+        session.delete(result)
+    note_conflicting_resend(session, instance, rec.content_sha256 or "")
+    _take_received(session, instance, rec)
+    if before is not None and before.study_instance_uid != rec.study_instance_uid:
+        before.revision = (before.revision or 0) + 1
+    session.flush()
     return instance
 
 

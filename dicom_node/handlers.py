@@ -185,6 +185,7 @@ def received_instance(
     calling_ae: str,
     transfer_syntax: UID,
     failure_reason: str | None,
+    content_sha256: str | None = None,
 ) -> ReceivedInstance:
     attrs = {name: _attribute(ds, name) for name in _ATTRIBUTES}
     return ReceivedInstance(
@@ -196,6 +197,7 @@ def received_instance(
         calling_ae_title=calling_ae[:16] or None,
         transfer_syntax_uid=str(transfer_syntax),
         failure_reason=failure_reason,
+        content_sha256=content_sha256,
         **attrs,
     )
 
@@ -312,6 +314,7 @@ def _store(event: Event, ctx: StoreContext, start: float) -> Dataset:
         calling_ae=calling_ae,
         transfer_syntax=transfer_syntax,
         failure_reason=checked.unclassifiable,
+        content_sha256=storage.dataset_sha256(event.encoded_dataset(False)),
     )
 
     with ctx.lock_for(uids.sop_instance_uid):
@@ -336,9 +339,28 @@ def _store(event: Event, ctx: StoreContext, start: float) -> Dataset:
             # 0xA700 Refused: Out of Resources - the database is down; the peer retries later.
             return _status(OUT_OF_RESOURCES, "database unavailable; retry later")
         if existing is not None and not repository.is_refused(existing):
-            # Stored and queued once already: keep the first copy, do not queue it again.
             # Most archives answer Success to a resent instance, which is what modalities
             # and PACS expect (a warning makes some of them flag the transfer as faulty).
+            if existing.transfer_syntax_uid not in (None, rec.transfer_syntax_uid):
+                # The data set bytes depend on the transfer syntax (VR encoding, byte order,
+                # compression), so a copy in another one cannot be compared byte for byte
+                # and is taken for the same object (a PACS forwarding it re-encoded): the
+                # first copy is kept. Logged, not counted as a conflict.
+                logger.warning(
+                    "re-send of %s from %s in transfer syntax %s (stored: %s): not compared, "
+                    "the first copy is kept",
+                    uids.sop_instance_uid,
+                    _peer(event),
+                    rec.transfer_syntax_uid,
+                    existing.transfer_syntax_uid,
+                )
+                return _status(SUCCESS)  # 0x0000 Success
+            stored = existing.content_sha256 or storage.stored_dataset_sha256(
+                Path(existing.storage_path)
+            )
+            if stored != rec.content_sha256:
+                return _conflicting_resend(ctx, event, rec, path, stored, calling_ae)
+            # The same object again: keep the copy stored, do not queue it again.
             logger.info(
                 "duplicate %s from %s: already stored, not queued again",
                 uids.sop_instance_uid,
@@ -413,6 +435,81 @@ def _refuse_conflict(event: Event, sop_instance_uid: str, conflict: IdentityConf
         conflict.detail,
     )
     return _status(IDENTITY_CONFLICT, conflict.comment)
+
+
+def _conflicting_resend(
+    ctx: StoreContext,
+    event: Event,
+    rec: ReceivedInstance,
+    path: Path,
+    stored_sha256: str | None,
+    calling_ae: str,
+) -> Dataset:
+    """A SOP Instance UID received again with other content (called under its lock).
+
+    A SOP Instance UID names one object (PS3.3 C.12.1.1.1, PS3.5 9.1), so a sender that
+    re-uses one for other content is in error, and which copy is right cannot be known
+    here; modalities re-sending a corrected image under the same UID do occur. Success is
+    answered either way (as for any duplicate), the conflict is logged (UIDs and digests
+    only) and counted on the instance, and ``Settings.duplicate_policy`` decides:
+    ``keep-first`` keeps the stored object and its result; ``keep-newest`` replaces the
+    stored file atomically, deletes the instance's results and queues it again (a
+    classification of the old content already running may still store its result).
+    """
+    uid = rec.sop_instance_uid
+    digest = rec.content_sha256 or ""
+    policy = ctx.settings.duplicate_policy
+    logger.warning(
+        "conflicting re-send of %s from %s: its data set (sha256 %s) differs from the stored "
+        "copy's (%s); duplicate policy %s: %s",
+        uid,
+        _peer(event),
+        digest[:16],
+        stored_sha256[:16] if stored_sha256 else "unreadable",
+        policy,
+        "the first copy is kept" if policy == "keep-first" else "replacing it, classifying again",
+    )
+    if policy == "keep-first":
+
+        def note(session: Session) -> None:
+            found = repository.find_instance(session, uid)
+            if found is not None:
+                repository.note_conflicting_resend(session, found, digest)
+
+        try:
+            in_transaction(ctx.session_factory, note)
+        except SQLAlchemyError as exc:
+            logger.error("cannot record the re-send of %s: %s", uid, type(exc).__name__)
+            # 0xA700 Refused: Out of Resources - retried, the conflict is recorded then.
+            return _status(OUT_OF_RESOURCES, "database unavailable; retry later")
+        return _status(SUCCESS)  # 0x0000 Success
+
+    try:
+        storage.write_atomic(path, _encoded_chunks(event, calling_ae))
+    except OSError as exc:
+        logger.error("cannot write %s: %s", uid, exc.strerror or exc)
+        return _status(OUT_OF_RESOURCES, "cannot write to storage; retry later")
+
+    def replace(session: Session) -> tuple[int, InstanceStatus, str]:
+        found = repository.find_instance(session, uid)
+        assert found is not None  # instances are never deleted
+        before = found.storage_path
+        repository.replace_conflicting(session, found, rec)
+        return found.id, found.status, before
+
+    try:
+        instance_id, status, before = in_transaction(ctx.session_factory, replace)
+    except SQLAlchemyError as exc:
+        logger.error("cannot record %s: %s", uid, type(exc).__name__)
+        return _status(OUT_OF_RESOURCES, "database unavailable; retry later")
+    if Path(before) != path:  # the new object names another study or series
+        try:
+            Path(before).unlink(missing_ok=True)
+        except OSError as exc:
+            logger.warning("could not remove the replaced copy of %s: %s", uid, exc.strerror)
+    if status == InstanceStatus.pending:
+        _queue(ctx, instance_id, uid)
+    return _status(SUCCESS)  # 0x0000 Success
 
 
 def _record(session: Session, rec: ReceivedInstance) -> tuple[Instance, bool]:

@@ -9,8 +9,9 @@ Accepted paths are built from UIDs checked by :func:`fracture_triage.uids.is_val
 (digits and dots only), so a peer cannot steer a path. Refused objects are kept for the
 administrator under a content hash: a peer retrying the same bad object writes one file.
 Objects are written with :func:`fracture_triage.files.write_atomic` (the writer the SRs use
-too), through hidden temporary files (``.incoming-*.tmp``) in the same folder; those a crash
-leaves behind are removed when the node starts.
+too), through hidden temporary files (``.incoming-*.tmp``) in the same folder, named after
+their writer (host, boot and PID namespace, pid); those a crash leaves behind are removed
+when the node starts (:func:`remove_stale_temporaries`).
 """
 
 from __future__ import annotations
@@ -21,10 +22,17 @@ import time
 from pathlib import Path
 
 from dicom_node.validate import Uids
-from fracture_triage.files import TEMP_PREFIX, TEMP_SUFFIX, write_atomic
+from fracture_triage.files import is_temporary, temporary_writer_gone, write_atomic
 from fracture_triage.uids import is_valid_uid
 
-__all__ = ["instance_path", "rejected_path", "remove_stale_temporaries", "write_atomic"]
+__all__ = [
+    "dataset_sha256",
+    "instance_path",
+    "rejected_path",
+    "remove_stale_temporaries",
+    "stored_dataset_sha256",
+    "write_atomic",
+]
 
 REJECTED_DIR = "rejected"
 #: A temporary file left untouched this long is a crash's leftover, not a write in progress.
@@ -40,6 +48,31 @@ def instance_path(storage_dir: Path, uids: Uids) -> Path:
     return storage_dir / parts[0] / parts[1] / f"{parts[2]}.dcm"
 
 
+def dataset_sha256(dataset_bytes: bytes) -> str:
+    """The digest recorded for a stored object: its data set as received, without the File
+    Meta Information (which names the sender's AE title, so the same object re-sent from
+    another peer would otherwise differ)."""
+    return hashlib.sha256(dataset_bytes).hexdigest()
+
+
+def stored_dataset_sha256(path: Path) -> str | None:
+    """:func:`dataset_sha256` of a stored Part 10 file (for instances recorded before the
+    digest was), or ``None`` when it cannot be read.
+
+    The data set starts after the 128-byte preamble, ``DICM`` and the File Meta Information,
+    whose length is in its first element, File Meta Information Group Length (0002,0000):
+    12 bytes in Explicit VR Little Endian (PS3.10 7.1).
+    """
+    try:
+        content = path.read_bytes()
+    except OSError:
+        return None
+    if len(content) < 144 or content[128:136] != b"DICM\x02\x00\x00\x00":
+        return None
+    group_length = int.from_bytes(content[140:144], "little")
+    return dataset_sha256(content[144 + group_length :])
+
+
 def rejected_path(storage_dir: Path, content: bytes) -> Path:
     return storage_dir / REJECTED_DIR / f"{hashlib.sha256(content).hexdigest()[:40]}.dcm"
 
@@ -49,18 +82,27 @@ def remove_stale_temporaries(storage_dir: Path, older_than_s: float = STALE_TEMP
 
     An object is acknowledged only after its temporary file was complete, fsynced and renamed
     onto its final name, so a temporary file still there was never acknowledged: the peer
-    got no Success and sends the object again. Files modified in the last ``older_than_s``
-    seconds are kept, in case another node process sharing the folder is writing them.
+    got no Success and sends the object again. Deleting it loses nothing.
+
+    At start-up every temporary the node's own previous run left is such a leftover, however
+    recent (a restart within seconds of a crash is the usual case): a file is removed when
+    its name shows its writer has stopped (:func:`fracture_triage.files.temporary_writer_gone`:
+    another boot or PID namespace of this host, or a pid that no longer runs). Only a writer
+    that may still run -- another node process on this host sharing the folder, or one on
+    another host (a shared volume) -- keeps its file, unless it was not modified for
+    ``older_than_s`` seconds: no write takes that long (the object is in memory before its
+    file is written), so such a file is a leftover too, e.g. of a temporary named before
+    writers were named, or of a pid reused since.
     """
     cutoff = time.time() - older_than_s
     removed = 0
     for folder, _dirs, names in os.walk(storage_dir):
         for name in names:
-            if not (name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)):
+            if not is_temporary(name):
                 continue
             path = Path(folder, name)
             try:
-                if path.lstat().st_mtime < cutoff:
+                if temporary_writer_gone(path) or path.lstat().st_mtime < cutoff:
                     path.unlink()
                     removed += 1
             except FileNotFoundError:  # renamed or removed meanwhile

@@ -153,6 +153,13 @@ def check_dataset(
     uids = Uids(sop_class, str(sop_instance), str(study), str(series))
 
     geometry = _check_pixels(ds, transfer_syntax, max_pixels)
+    # Deliberately not checked here: Window Center/Width and Rescale Slope/Intercept values
+    # that model.imaging refuses (Window Width < 1 or NaN, Rescale Slope 0; PS3.3 C.11.1,
+    # C.11.2.1.2). The object is still a valid storage object (PS3.4 B.2.3: the SCP stores
+    # what conforms to its SOP Class; these values only make one rendering of it unusable),
+    # and refusing it would make the modality resend or drop it with nobody seeing why.
+    # It is stored and the worker fails the instance with the reason, which shows in the
+    # results and the study's report.
 
     unclassifiable = None
     if geometry.photometric not in ("MONOCHROME1", "MONOCHROME2"):

@@ -7,7 +7,7 @@ then the defaults below. Nothing here opens a connection or reads a file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     allowed_calling_aets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     #: Largest Rows x Columns x Samples accepted, to refuse absurd headers before decoding.
     max_pixels: int = 100_000_000
+    #: A SOP Instance UID received again with different content: ``keep-first`` stores
+    #: nothing new (the stored object and its result stand), ``keep-newest`` replaces the
+    #: stored file atomically and classifies it again. Either way Success is answered and the
+    #: conflict is logged and counted on the instance (``conflicting_resends``).
+    duplicate_policy: Literal["keep-first", "keep-newest"] = "keep-first"
     #: CPU threads of one inference (LiteRT); ``None``: every core this process may use. With
     #: ``--concurrency N`` worker processes, cores / N keeps them from competing.
     inference_threads: int | None = Field(default=None, ge=1)

@@ -108,17 +108,42 @@ class Classifier:
 
     def prepare(self, path: Path, max_pixels: int | None = None) -> np.ndarray:
         """The network input of one DICOM or picture file; :class:`ImageError` with the reason
-        when the file cannot be read or decoded."""
-        from model.imaging import PreprocessError, load_network_input
+        when the file cannot be read or decoded.
 
+        Every failure that is about the file becomes an :class:`ImageError`, so a caller
+        (the worker) records it at once instead of retrying: a third-party decoder's own
+        exceptions, a Rust decoder's panic (``pyo3_runtime.PanicException``, a
+        ``BaseException`` that ``except Exception`` misses; in the worker it escaped the
+        task, could not even be pickled back to Celery and the instance was retried until
+        "gave up after 5 attempts"), and a MemoryError (an allocation the decoder sized
+        from the file). KeyboardInterrupt, SystemExit and the like still propagate.
+        """
+        from model.imaging import PreprocessError, load_network_input
+        from model.imaging.errors import is_decoder_panic
+
+        name = Path(path).name
         try:
             return load_network_input(Path(path), self.input_size, max_pixels=max_pixels)
         except PreprocessError as exc:
             raise ImageError(str(exc)) from exc
         except OSError as exc:
-            raise ImageError(f"unreadable file {Path(path).name}: {exc}") from exc
+            raise ImageError(f"unreadable file {name}: {exc}") from exc
+        except MemoryError as exc:
+            # The header passed the max_pixels check, yet decoding it did not fit in memory:
+            # a clear failure of this file rather than a dead worker or an empty reason.
+            raise ImageError(
+                f"out of memory while decoding or preprocessing {name} (MemoryError); "
+                "lower FRACTURE_TRIAGE_MAX_PIXELS or give the worker more memory"
+            ) from exc
         except Exception as exc:
             raise ImageError(f"{type(exc).__name__}: {exc}") from exc
+        except BaseException as exc:
+            if not is_decoder_panic(exc):
+                raise
+            reason = " ".join(str(exc).split())[:300]
+            raise ImageError(
+                f"a decoder crashed on corrupt data in {name} (PanicException: {reason})"
+            ) from exc
 
     def classify_file(self, path: Path, max_pixels: int | None = None) -> Prediction:
         """Preprocess one DICOM or picture file and classify it (the worker's path)."""

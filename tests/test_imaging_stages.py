@@ -106,6 +106,80 @@ def test_voi_lut_functions_at_the_window_centre_and_edges() -> None:
     assert first_window(ds) == (1000.0, 200.0, "SIGMOID")  # only the first pair counts
 
 
+@pytest.mark.parametrize(
+    ("function", "width", "match"),
+    [
+        ("LINEAR", 0, r"Window Width \(0028,1051\): 0.0 \(PS3.3 C.11.2.1.2 requires at least 1"),
+        ("LINEAR", 0.5, r"Window Width \(0028,1051\): 0.5 \(PS3.3 C.11.2.1.2"),
+        ("LINEAR", -10, r"Window Width \(0028,1051\): -10.0"),
+        ("LINEAR_EXACT", 0, r"Window Width \(0028,1051\): 0.0 \(LINEAR_EXACT requires more"),
+        ("SIGMOID", 0, r"Window Width \(0028,1051\): 0.0 \(SIGMOID requires more"),
+        ("LINEAR", "NaN", r"Window Width \(0028,1051\): nan is not a finite number"),
+        ("LINEAR_EXACT", "inf", r"Window Width \(0028,1051\): inf is not a finite number"),
+    ],
+)
+def test_an_invalid_window_width_refuses_the_image(
+    function: str, width: float | str, match: str
+) -> None:
+    """PS3.3 C.11.2.1.2: Window Width >= 1 for LINEAR, > 0 for LINEAR_EXACT (C.11.2.1.3)
+    and SIGMOID (it divides by the width); NaN and infinity are no widths. Refused, not
+    ignored: the image would otherwise be classified through a rendering nobody chose."""
+    ds = gray_dataset(RAMP, WindowCenter=2048, VOILUTFunction=function)
+    ds.WindowWidth = width
+    with pytest.raises(PreprocessError, match=match):
+        first_window(ds)
+    with pytest.raises(PreprocessError, match=match):
+        dataset_to_uint8(ds)
+
+
+def test_a_width_valid_for_one_voi_lut_function_only() -> None:
+    """0.5 is a LINEAR_EXACT width (> 0) but not a LINEAR one (>= 1)."""
+    ds = gray_dataset(RAMP, WindowCenter=2048, WindowWidth=0.5, VOILUTFunction="LINEAR_EXACT")
+    assert first_window(ds) == (2048.0, 0.5, "LINEAR_EXACT")
+    ds.WindowWidth = 1  # LINEAR's smallest width: a threshold at the centre
+    ds.VOILUTFunction = "LINEAR"
+    assert first_window(ds) == (2048.0, 1.0, "LINEAR")
+
+
+def test_a_non_finite_window_center_refuses_the_image() -> None:
+    ds = gray_dataset(RAMP, WindowCenter="NaN", WindowWidth=1024)
+    with pytest.raises(PreprocessError, match=r"Window Center \(0028,1050\): nan"):
+        dataset_to_uint8(ds)
+
+
+def test_rescale_slope_zero_refuses_the_image() -> None:
+    """PS3.3 C.11.1: a slope of 0 maps every stored value to the intercept (one gray level).
+    It used to be read as absent (``0 or 1.0``) and the image classified."""
+    ds = gray_dataset(RAMP, RescaleSlope=0, RescaleIntercept=0)
+    with pytest.raises(PreprocessError, match=r"Rescale Slope \(0028,1053\): 0 maps every"):
+        modality_function(ds)
+    with pytest.raises(PreprocessError, match=r"Rescale Slope \(0028,1053\)"):
+        dataset_to_uint8(ds)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "match"),
+    [
+        ("RescaleSlope", "NaN", r"Rescale Slope \(0028,1053\): nan is not a finite"),
+        ("RescaleIntercept", "-inf", r"Rescale Intercept \(0028,1052\): -inf is not a finite"),
+    ],
+)
+def test_non_finite_rescale_values_refuse_the_image(keyword: str, value: str, match: str) -> None:
+    ds = gray_dataset(RAMP, RescaleSlope=1, RescaleIntercept=0)
+    setattr(ds, keyword, value)
+    with pytest.raises(PreprocessError, match=match):
+        dataset_to_uint8(ds)
+
+
+def test_absent_or_empty_rescale_and_window_mean_none() -> None:
+    """Type 1C/2 attributes sent empty are absent, not 0 (PS3.5 7.4): the identity, no VOI."""
+    ds = gray_dataset(RAMP, RescaleSlope="", RescaleIntercept="", WindowCenter="", WindowWidth="")
+    modality, linear = modality_function(ds)
+    assert linear and np.array_equal(modality(np.array([7.0])), np.array([7.0]))
+    assert first_window(ds) is None
+    assert np.array_equal(dataset_to_uint8(ds), dataset_to_uint8(gray_dataset(RAMP)))
+
+
 def test_geometry_refuses_a_frame_larger_than_the_limit_before_reading_pixels() -> None:
     """46341 x 46341 over 16 bytes: refused on the header, with a reason free of values."""
     ds = gray_dataset(np.zeros((2, 4), dtype=np.uint16))

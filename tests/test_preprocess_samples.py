@@ -407,15 +407,13 @@ def test_signed_pixels_render_like_unsigned() -> None:
     assert np.array_equal(dataset_to_uint8(signed), dataset_to_uint8(ds))
 
 
-def test_unusable_window_falls_back_to_full_range(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_window_width_of_zero_refuses_the_image() -> None:
+    """PS3.3 C.11.2.1.2 (Window Width >= 1): refused with the attribute named, not rendered
+    without the window and classified."""
     ds = read_dataset(sample(CHEST_440))
     ds.WindowWidth = 0
-    with caplog.at_level(logging.WARNING, logger="model.imaging"):
-        image = dataset_to_uint8(ds)
-    assert "ignoring invalid Window" in caplog.text
-    del ds.WindowCenter, ds.WindowWidth
-    assert np.array_equal(image, dataset_to_uint8(ds))
-    assert image.std() > 10
+    with pytest.raises(PreprocessError, match=r"invalid Window Width \(0028,1051\): 0.0"):
+        dataset_to_uint8(ds)
 
 
 def test_multiframe_uses_the_first_frame_and_counts_every_frame() -> None:
@@ -479,3 +477,49 @@ def test_palette_color_is_refused_with_reason() -> None:
     ds.PhotometricInterpretation = "PALETTE COLOR"
     with pytest.raises(PreprocessError, match="unsupported Photometric Interpretation"):
         dataset_to_uint8(ds)
+
+
+RLE_HIP = "CR_hip_RG2_MONO2_10b_RLE.dcm"  # RLE Lossless, 16 bits allocated: two segments
+
+
+def write_corrupt_rle(target: Path) -> Path:
+    """The RLE hip radiograph with its second segment offset (PS3.5 G.5, the RLE header's
+    third 32-bit word) moved from 190866 to 100, still increasing so the decoder's own
+    header check passes: the second segment then decodes far more than Rows x Columns bytes
+    and pylibjpeg-rle's Rust code indexes past its frame and panics
+    (``pyo3_runtime.PanicException``)."""
+    import struct
+
+    from pydicom.encaps import encapsulate, generate_fragments
+
+    ds = pydicom.dcmread(sample(RLE_HIP))
+    fragments = list(generate_fragments(ds.PixelData))  # basic offset table, then the frame
+    frame = fragments[-1]
+    header = list(struct.unpack("<16I", frame[:64]))
+    assert header[:2] == [2, 64] and header[2] > 100  # two segments, the first at 64
+    header[2] = 100
+    ds.PixelData = encapsulate([struct.pack("<16I", *header) + frame[64:]])
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+def test_a_decoder_panic_on_corrupt_rle_is_a_preprocess_error(tmp_path: Path) -> None:
+    """pylibjpeg-rle panics on these offsets; the panic (a BaseException) is refused like
+    any decoding failure, with a reason, instead of escaping ``except Exception``."""
+    path = write_corrupt_rle(tmp_path / "corrupt_rle.dcm")
+    with pytest.raises(PreprocessError, match="cannot decode the pixel data .*decoder crashed"):
+        load_network_input(path, 64)
+
+
+def test_only_a_pyo3_panic_counts_as_a_decoder_panic(tmp_path: Path) -> None:
+    """The real panic is recognised by its class (it cannot be imported); interpreter exits
+    and interrupts are not, so they still stop the process."""
+    from model.imaging.errors import is_decoder_panic
+
+    with pytest.raises(PreprocessError) as caught:
+        load_network_input(write_corrupt_rle(tmp_path / "corrupt_rle.dcm"), 64)
+    panic = caught.value.__cause__
+    assert panic is not None and not isinstance(panic, Exception)
+    assert is_decoder_panic(panic)
+    for other in (KeyboardInterrupt(), SystemExit(1), GeneratorExit(), MemoryError()):
+        assert not is_decoder_panic(other)

@@ -56,6 +56,7 @@ from dicom_node.scp import StorageSCP, run_scp
 from fracture_triage.messages import QUEUE, ClassifyInstance
 from fracture_triage.settings import Settings
 from fracture_triage.uids import is_valid_uid
+from tests.conftest import REPO
 from tests.servers import RedisServer, free_port, wait_for_port
 from worker.queue import CeleryEnqueuer
 
@@ -550,6 +551,91 @@ def test_duplicate_is_stored_once_and_queued_once(
     assert [m.sop_instance_uid for m in broker.messages()] == [uid]
 
 
+@pytest.mark.parametrize("policy", ["keep-first", "keep-newest"])
+def test_a_conflicting_resend_is_logged_recorded_and_handled_by_the_policy(
+    tmp_path: Path,
+    db: sessionmaker[Session],
+    broker: Broker,
+    dicom_samples: Path,
+    caplog: Any,
+    policy: str,
+) -> None:
+    """The same SOP Instance UID with other pixels, over a real association: Success (as for
+    any duplicate), a warning naming the UID, and the conflict counted on the instance with
+    its time and digest. keep-first keeps the stored file and its result; keep-newest
+    replaces the file, drops the result and queues the instance again."""
+    from db import repository
+    from db.models import Result
+    from dicom_node.storage import stored_dataset_sha256
+
+    original = pydicom.dcmread(dicom_samples / TINY_CR)
+    changed = pydicom.dcmread(dicom_samples / TINY_CR)
+    changed.PixelData = (4095 - changed.pixel_array).astype("<u2").tobytes()
+    uid = original.SOPInstanceUID
+    with (
+        caplog.at_level(logging.INFO, logger="dicom_node"),
+        running_scp(tmp_path, db, broker.enqueue, duplicate_policy=policy) as scp,
+    ):
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", scp.port)
+        assert assoc.send_c_store(original).Status == SUCCESS
+        first = instances(db)[uid]
+        stored_path = Path(first.storage_path)
+        assert first.content_sha256 == stored_dataset_sha256(stored_path)
+        assert first.conflicting_resends == 0
+        with db() as session:  # as the worker would: classified
+            repository.save_result(
+                session,
+                first.id,
+                repository.Classification(
+                    probability=0.2,
+                    threshold=0.5,
+                    fracture=False,
+                    model_name="m",
+                    model_version="1",
+                    model_uid="2.25.1",
+                    preprocess_ms=1.0,
+                    inference_ms=1.0,
+                ),
+            )
+            session.commit()
+        before = stored_path.stat()
+
+        assert assoc.send_c_store(changed).Status == SUCCESS
+        kept = changed if policy == "keep-newest" else original
+        assert pydicom.dcmread(stored_path).PixelData == kept.PixelData
+        assert assoc.send_c_store(original).Status == SUCCESS  # the first content again
+        assoc.release()
+
+    record = instances(db)[uid]
+    with db() as session:
+        results = session.scalars(select(Result).where(Result.instance_id == record.id)).all()
+    assert "conflicting re-send of " + uid in caplog.text
+    assert f"duplicate policy {policy}" in caplog.text
+    assert record.last_conflict_at is not None
+    assert record.last_conflict_sha256 and len(record.last_conflict_sha256) == 64
+    if policy == "keep-first":
+        # The changed copy conflicts; the original again is a plain duplicate.
+        assert record.conflicting_resends == 1
+        assert record.last_conflict_sha256 != record.content_sha256 == first.content_sha256
+        after = stored_path.stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+        assert record.status == InstanceStatus.done and len(results) == 1
+        assert [m.sop_instance_uid for m in broker.messages()] == [uid]
+    else:
+        # Both re-sends conflict with what was stored at the time; the last one stands.
+        assert record.conflicting_resends == 2
+        assert record.content_sha256 == first.content_sha256 == stored_dataset_sha256(stored_path)
+        assert record.last_conflict_sha256 == first.content_sha256
+        assert record.status == InstanceStatus.queued and results == []
+        assert [m.sop_instance_uid for m in broker.messages()] == [uid, uid, uid]
+        assert not list(stored_path.parent.glob(".incoming-*"))
+    for identifier in (original.PatientName, original.PatientID):
+        if str(identifier):
+            assert str(identifier) not in caplog.text
+
+
 def test_same_instance_in_two_concurrent_fresh_stores(
     tmp_path: Path, db: sessionmaker[Session], broker: Broker, dicom_samples: Path
 ) -> None:
@@ -831,6 +917,105 @@ def test_start_removes_temporary_files_left_by_a_crash(
     assert [p for p in stale if p.exists()] == []
     assert [p for p in kept if not p.exists()] == []
     assert "removed 2 temporary file(s)" in caplog.text
+
+
+#: A writer that dies (SIGKILL, as the OOM killer or a power cut would) halfway through
+#: write_atomic, or one that stays inside it until its standard input closes.
+_CRASHING_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from fracture_triage.files import write_atomic
+
+def chunks():
+    yield b"partial object"
+    if sys.argv[2] == "crash":
+        os.kill(os.getpid(), signal.SIGKILL)
+    print("writing", flush=True)
+    sys.stdin.read()
+    yield b"rest"
+
+write_atomic(Path(sys.argv[1]), chunks())
+"""
+
+
+def test_start_removes_a_crashed_writers_fresh_temporary_but_not_a_live_ones(
+    tmp_path: Path, sqlite_db: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node killed mid-write and restarted at once (well within the 60 s age rule) finds
+    its temporary file gone at start-up: the file names its writer, whose pid no longer
+    runs. A live writer's temporary in the same folder (another node process sharing it)
+    and a fresh one from another host stay."""
+    storage_dir = Settings(data_dir=tmp_path / "data").storage_dir
+    series = storage_dir / "1.2.3" / "1.2.3.5"
+    series.mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    crashed = subprocess.run(
+        [sys.executable, "-c", _CRASHING_WRITER, str(series / "1.2.3.4.dcm"), "crash"],
+        env=env,
+        timeout=60,
+    )
+    assert crashed.returncode == -signal.SIGKILL
+    orphans = list(series.glob(".incoming-*.tmp"))
+    assert len(orphans) == 1  # its content still in the dead process's buffer
+    live = subprocess.Popen(
+        [sys.executable, "-c", _CRASHING_WRITER, str(series / "1.2.3.6.dcm"), "live"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert live.stdout is not None and live.stdout.readline() == b"writing\n"
+        writing = [p for p in series.glob(".incoming-*.tmp") if p not in orphans]
+        assert len(writing) == 1
+        other_host = series / ".incoming-00000000.00000000.1.abcdefgh.tmp"
+        other_host.write_bytes(b"another host's write in progress")
+        with (
+            caplog.at_level(logging.WARNING, logger="dicom_node.scp"),
+            running_scp(tmp_path, sqlite_db, no_broker),
+        ):
+            pass
+        assert not orphans[0].exists()
+        assert writing[0].exists() and other_host.exists()
+        assert "removed 1 temporary file(s)" in caplog.text
+    finally:
+        assert live.stdin is not None
+        live.stdin.close()
+        live.wait(timeout=30)
+    assert live.returncode == 0 and (series / "1.2.3.6.dcm").read_bytes() == b"partial objectrest"
+
+
+def test_a_temporary_this_process_is_writing_is_kept_by_its_own_sweep(tmp_path: Path) -> None:
+    """The same process's writer: kept while write_atomic runs, removed once orphaned."""
+    from dicom_node.storage import remove_stale_temporaries
+    from fracture_triage.files import temporary_prefix, write_atomic, writer_keys
+
+    started, release = threading.Event(), threading.Event()
+
+    def chunks() -> Iterator[bytes]:
+        yield b"partial"
+        started.set()
+        release.wait(30)
+        yield b"rest"
+
+    target = tmp_path / "a" / "1.2.3.dcm"
+    writer = threading.Thread(target=write_atomic, args=(target, chunks()))
+    writer.start()
+    try:
+        assert started.wait(30)
+        assert remove_stale_temporaries(tmp_path) == 0
+    finally:
+        release.set()
+        writer.join(30)
+    assert target.read_bytes() == b"partialrest"
+    orphan = target.parent / f"{temporary_prefix()}abcdefgh.tmp"  # ours, not being written
+    # This host in another boot or PID namespace (a restarted container): its writers are gone.
+    host, space = writer_keys()
+    other_space = "0" * 8 if space != "0" * 8 else "1" * 8
+    restarted = target.parent / f".incoming-{host}.{other_space}.{os.getpid()}.abcdefgh.tmp"
+    for path in (orphan, restarted):
+        path.write_bytes(b"partial")
+    assert remove_stale_temporaries(tmp_path) == 2
+    assert not orphan.exists() and not restarted.exists()
 
 
 # --- the role's entry point ------------------------------------------------------------------

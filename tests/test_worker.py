@@ -328,6 +328,69 @@ def test_classify_in_process_is_idempotent_and_records_decode_failures(
         assert result.model_version == "test-0" and result.model_uid == "2.25.1234567890"
 
 
+def test_a_decoder_panic_fails_the_instance_at_once_with_its_reason(
+    tmp_path: Path, database_url: str, tiny_model_dir: Path
+) -> None:
+    """Corrupt RLE offsets make pylibjpeg-rle's Rust decoder panic (a BaseException that
+    ``except Exception`` misses): the one classification path turns it into an ImageError,
+    and the task body fails the instance on its first attempt with that reason, instead of
+    the panic escaping the task and the instance being retried until "gave up after 5
+    attempts ... the worker died"."""
+    from model.inference import Classifier, ImageError
+    from tests.test_preprocess_samples import write_corrupt_rle
+
+    corrupt = write_corrupt_rle(tmp_path / "corrupt_rle.dcm")
+    classifier = Classifier.load(tiny_model_dir)
+    with pytest.raises(ImageError, match="decoder crashed on corrupt data"):
+        classifier.classify_file(corrupt)
+
+    settings = node_settings(tmp_path, database_url, "redis://127.0.0.1:1/0", tiny_model_dir)
+    sessions = make_sessions(database_url)
+    instance = record(sessions, corrupt, "1.2.826.0.1.2")
+    msg = ClassifyInstance(
+        instance_id=instance.id, sop_instance_uid=instance.sop_instance_uid
+    ).model_dump()
+    assert classify(WorkerState(settings), msg) == "failed"
+    with sessions() as session:
+        row = session.get(Instance, instance.id)
+        assert row is not None and row.status == InstanceStatus.failed and row.attempts == 1
+        assert row.failure_reason is not None
+        assert "cannot decode or preprocess" in row.failure_reason
+        assert "decoder crashed on corrupt data" in row.failure_reason
+    assert result_counts(sessions) == {}
+
+
+def test_a_window_width_of_zero_is_failed_with_its_reason_not_classified(
+    tmp_path: Path, database_url: str, tiny_model_dir: Path, dicom_samples: Path
+) -> None:
+    """A real radiograph with Window Width 0 (PS3.3 C.11.2.1.2 requires >= 1) used to be
+    rendered without its window and classified "done"; now the one classification path
+    refuses it naming the attribute, and the worker records that reason."""
+    import pydicom
+
+    from model.inference import Classifier, ImageError
+
+    ds = pydicom.dcmread(require(dicom_samples / GOOD[0]))
+    ds.WindowWidth = 0
+    path = tmp_path / "window_width_0.dcm"
+    ds.save_as(path)
+    with pytest.raises(ImageError, match=r"invalid Window Width \(0028,1051\): 0.0"):
+        Classifier.load(tiny_model_dir).classify_file(path)
+
+    settings = node_settings(tmp_path, database_url, "redis://127.0.0.1:1/0", tiny_model_dir)
+    sessions = make_sessions(database_url)
+    instance = record(sessions, path, "1.2.826.0.1.3")
+    msg = ClassifyInstance(
+        instance_id=instance.id, sop_instance_uid=instance.sop_instance_uid
+    ).model_dump()
+    assert classify(WorkerState(settings), msg) == "failed"
+    with sessions() as session:
+        row = session.get(Instance, instance.id)
+        assert row is not None and row.status == InstanceStatus.failed
+        assert row.failure_reason and "Window Width (0028,1051)" in row.failure_reason
+    assert result_counts(sessions) == {}
+
+
 def test_an_unusable_model_export_leaves_the_instance_queued_and_the_worker_serving(
     tmp_path: Path,
     database_url: str,

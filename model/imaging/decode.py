@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from model.imaging.errors import PreprocessError
+from model.imaging.errors import PreprocessError, is_decoder_panic
 from model.imaging.pixel_module import PixelGeometry
 
 if TYPE_CHECKING:
@@ -45,6 +45,11 @@ def decode_first_frame(ds: Dataset, geometry: PixelGeometry) -> np.ndarray:
             raise
         except Exception:  # noqa: BLE001 - the preferred plugin failed: let pydicom try all
             arr = None
+        except BaseException as exc:
+            # A Rust decoder's panic is a verdict on the data, not a request to stop.
+            if not is_decoder_panic(exc):
+                raise
+            raise _panic_error(ts_name, exc) from exc
     if arr is None:
         try:
             arr = _pixel_array_first_frame(ds, "")
@@ -55,6 +60,10 @@ def decode_first_frame(ds: Dataset, geometry: PixelGeometry) -> np.ndarray:
             raise PreprocessError(
                 f"cannot decode the pixel data ({ts_name}): {reason[:300]}"
             ) from exc
+        except BaseException as exc:
+            if not is_decoder_panic(exc):  # KeyboardInterrupt, SystemExit: not ours to keep
+                raise
+            raise _panic_error(ts_name, exc) from exc
     expected: tuple[int, ...] = (geometry.rows, geometry.columns)
     if geometry.samples_per_pixel == 3:
         expected = (*expected, 3)
@@ -63,6 +72,16 @@ def decode_first_frame(ds: Dataset, geometry: PixelGeometry) -> np.ndarray:
     if not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
     return arr
+
+
+def _panic_error(ts_name: str, exc: BaseException) -> PreprocessError:
+    """The failure of a decoder that panicked: corrupt data (e.g. RLE segment offsets that
+    make pylibjpeg-rle index past its frame, PS3.5 G.5), reported like any decoding error."""
+    reason = " ".join(str(exc).split())
+    return PreprocessError(
+        f"cannot decode the pixel data ({ts_name}): the decoder crashed on corrupt data "
+        f"(PanicException: {reason[:300]})"
+    )
 
 
 def _pixel_array_first_frame(ds: Dataset, plugin: str) -> np.ndarray:

@@ -18,3 +18,19 @@ class PreprocessError(ValueError):
 
 class UnreadablePixelDataError(PreprocessError):
     """The Pixel Data element itself cannot be read (the SCP answers "Cannot understand")."""
+
+
+def is_decoder_panic(exc: BaseException) -> bool:
+    """Whether ``exc`` is a panic of a Rust decoder (``pyo3_runtime.PanicException``).
+
+    pyo3 turns a Rust panic (e.g. pylibjpeg-rle indexing past its frame on corrupt RLE
+    segment offsets) into ``pyo3_runtime.PanicException``, which derives from
+    ``BaseException`` so that ``except Exception`` does not swallow it. It cannot be imported
+    (pyo3 creates the module inside each extension), so it is recognised by its class's
+    module and name. Nothing else derived from ``BaseException`` (KeyboardInterrupt,
+    SystemExit, GeneratorExit) matches.
+    """
+    return any(
+        cls.__module__ == "pyo3_runtime" and cls.__name__ == "PanicException"
+        for cls in type(exc).__mro__
+    )

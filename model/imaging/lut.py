@@ -1,8 +1,13 @@
 """Look-up tables: the Modality LUT and the VOI LUT / window stages (PS3.3 C.11.1, C.11.2).
 
 Each stage is a function of values, so :mod:`model.imaging.render` can evaluate it once per
-possible stored value (a table) or per pixel. Unusable LUTs and windows are logged and
-dropped, as a display would fall back to no transformation, rather than refusing the image.
+possible stored value (a table) or per pixel. Unusable LUT Sequences are logged and
+dropped, as a display would fall back to no transformation. A Window Center/Width pair or a
+Rescale Slope/Intercept that is present but invalid (Window Width below 1, or not above 0 for
+LINEAR_EXACT/SIGMOID, PS3.3 C.11.2.1.2 and C.11.2.1.3; NaN or infinite values; Rescale Slope
+0, which maps every pixel to one value) refuses the image with a :class:`PreprocessError`
+naming the attribute: a substitute rendering would get a probability for an image the
+sender never meant to be seen that way.
 """
 
 from __future__ import annotations
@@ -36,13 +41,14 @@ def modality_function(ds: Dataset) -> tuple[Callable[[np.ndarray], np.ndarray], 
             log.warning("ignoring unusable Modality LUT Sequence: %s", exc)
         else:
             return (lambda v: apply_lut(v, first, table)), False
-    try:
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-    except (ValueError, TypeError) as exc:
-        raise PreprocessError(f"invalid Rescale Slope/Intercept: {exc}") from exc
-    if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0.0:
-        raise PreprocessError(f"invalid Rescale Slope/Intercept {slope}/{intercept}")
+    slope = _decimal(ds, "RescaleSlope", "Rescale Slope (0028,1053)", 1.0)
+    intercept = _decimal(ds, "RescaleIntercept", "Rescale Intercept (0028,1052)", 0.0)
+    if slope == 0.0:
+        # Absent means 1 (an empty value too), but an explicit 0 maps every stored value to
+        # the intercept: a uniform image the network would still give a probability for.
+        raise PreprocessError(
+            "invalid Rescale Slope (0028,1053): 0 maps every pixel to one value (PS3.3 C.11.1)"
+        )
     if slope == 1.0 and intercept == 0.0:
         return (lambda v: v), True
     return (lambda v: v * slope + intercept), True
@@ -81,24 +87,62 @@ def apply_lut(values: np.ndarray, first: int, table: np.ndarray) -> np.ndarray:
     return table[index]
 
 
+def _decimal(ds: Dataset, keyword: str, label: str, default: float) -> float:
+    """A finite number (DS, PS3.5 6.2), ``default`` when absent or empty; else refused.
+
+    The message names the attribute and says what is wrong, without quoting the value: an
+    unparseable text could be anything the sender put there.
+    """
+    try:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return default
+        number = float(value)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise PreprocessError(f"invalid {label}: not a number") from exc
+    if not math.isfinite(number):
+        raise PreprocessError(f"invalid {label}: {number} is not a finite number")
+    return number
+
+
 def first_window(ds: Dataset) -> tuple[float, float, str] | None:
-    """The first Window Center/Width pair and the VOI LUT Function (PS3.3 C.11.2.1.2)."""
+    """The first Window Center/Width pair and the VOI LUT Function (PS3.3 C.11.2.1.2).
+
+    ``None`` when the pair is absent (the rendering then uses no VOI). A pair that is present
+    but unusable is refused with :class:`PreprocessError` rather than ignored: Window Width
+    must be at least 1 (greater than 0 for LINEAR_EXACT and SIGMOID, C.11.2.1.3), and NaN or
+    infinite values are no numbers at all. Such a header says the sender's rendering is
+    broken; classifying a substitute rendering would report a probability for an image
+    nobody was meant to see (the storage SCP still stores the object: see
+    ``dicom_node.validate``).
+    """
     center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-    if center is None or width is None:
+    if center is None or width is None or center == "" or width == "":
         return None
     try:
         c = float(center[0] if _is_multi(center) else center)
         w = float(width[0] if _is_multi(width) else width)
-    except (ValueError, TypeError, IndexError):
-        log.warning("ignoring invalid Window Center/Width %r/%r", center, width)
-        return None
+    except (ValueError, TypeError, IndexError, OverflowError) as exc:
+        raise PreprocessError(
+            "invalid Window Center (0028,1050) / Window Width (0028,1051): not a number"
+        ) from exc
+    if not math.isfinite(c):
+        raise PreprocessError(f"invalid Window Center (0028,1050): {c} is not a finite number")
+    if not math.isfinite(w):
+        raise PreprocessError(f"invalid Window Width (0028,1051): {w} is not a finite number")
     function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
     if function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
         function = "LINEAR"
-    # LINEAR needs a width of at least 1, the others a positive width (C.11.2.1.2).
-    if not (math.isfinite(c) and math.isfinite(w)) or w <= 0 or (function == "LINEAR" and w < 1):
-        log.warning("ignoring invalid Window Center/Width %s/%s", c, w)
-        return None
+    # LINEAR needs a width of at least 1 (C.11.2.1.2.1), the others a positive width.
+    if function == "LINEAR" and w < 1:
+        raise PreprocessError(
+            f"invalid Window Width (0028,1051): {w} (PS3.3 C.11.2.1.2 requires at least 1)"
+        )
+    if w <= 0:
+        raise PreprocessError(
+            f"invalid Window Width (0028,1051): {w} ({function} requires more than 0, "
+            "PS3.3 C.11.2.1.3)"
+        )
     return c, w, function
 
 
