@@ -40,6 +40,8 @@ from dicom_node.handlers import (
     StoreContext,
     handle_aborted,
     handle_accepted,
+    handle_conn_open,
+    handle_dimse_recv,
     handle_echo,
     handle_rejected,
     handle_store,
@@ -120,6 +122,8 @@ class StorageSCP:
             (evt.EVT_ACCEPTED, handle_accepted, [self.context]),
             (evt.EVT_REJECTED, handle_rejected, [self.context]),
             (evt.EVT_ABORTED, handle_aborted, [self.context]),
+            (evt.EVT_DIMSE_RECV, handle_dimse_recv, [self.context]),
+            (evt.EVT_CONN_OPEN, handle_conn_open, [self.context]),
         ]
         self._server = self._start_server(handlers)
         logger.info(

@@ -1,5 +1,6 @@
 """The storage SCP against hostile or broken peers: raw sockets and real associations on
-loopback (``dicom_node.guard``: PDU length bounds, read deadlines, per-peer cap)."""
+loopback (``dicom_node.guard``: PDU length bounds, read deadlines, per-peer cap; requests
+pynetdicom would drop unanswered)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ComputedRadiographyImageStorage,
+    Verification,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.migrations import upgrade
@@ -251,3 +256,30 @@ def test_one_peer_address_cannot_take_every_slot(
         assert echo(scp.port, source="127.0.0.2") == SUCCESS
         assert time.monotonic() - started < 3
     assert "refused a connection from 127.0.0.1: it holds 4 associations" in caplog.text
+
+
+# --- requests pynetdicom would leave unanswered ----------------------------------------------
+
+
+def test_c_store_without_sop_instance_uid_is_answered_at_once(
+    tmp_path: Path, sqlite_db: sessionmaker[Session], dicom_samples: Path
+) -> None:
+    """An empty SOP Instance UID makes pynetdicom's SCU send the C-STORE-RQ without Affected
+    SOP Instance UID (0000,1000): the SCP answers 0x0117 promptly, the association goes on."""
+    sample = dicom_samples / "CR_cspine_MONO1_12b_16x16_tiny.dcm"
+    broken = pydicom.dcmread(sample)
+    broken.SOPInstanceUID = ""
+    with running_scp(tmp_path, sqlite_db) as scp:
+        ae = AE(ae_title="MODALITY")
+        ae.dimse_timeout = 10
+        ae.add_requested_context(ComputedRadiographyImageStorage)
+        assoc = ae.associate("127.0.0.1", scp.port)
+        started = time.monotonic()
+        rsp = assoc.send_c_store(broken)
+        seconds = time.monotonic() - started
+        assert rsp.get("Status") == 0x0117  # Invalid SOP Instance
+        assert "(0000,1000)" in rsp.ErrorComment
+        assert seconds < 5
+        assert assoc.is_established
+        assert assoc.send_c_store(sample).Status == SUCCESS
+        assoc.release()
