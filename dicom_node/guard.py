@@ -137,21 +137,28 @@ class PduGuard:
         """Up to ``size`` bytes before the PDU's deadline, ``b""`` at its end or at EOF."""
         left = self._deadline - time.monotonic()
         try:
-            ready = left > 0 and select.select([self._sock], [], [], left)[0]
-            if not ready:
-                logger.warning(
-                    "peer %s sent no whole PDU within %.0f s: closing",
-                    self._peer,
-                    self._limits.read_timeout,
-                )
-                self._abort()
-                return b""
-            data = self._sock.recv(size)
+            if left <= 0:
+                return self._late()
+            try:  # what has arrived already, without a select() per 4 KiB read
+                data = self._sock.recv(size, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if not select.select([self._sock], [], [], left)[0]:
+                    return self._late()
+                data = self._sock.recv(size)
         except (OSError, ValueError):
             data = b""
         if not data:
             self._closed = True
         return data
+
+    def _late(self) -> bytes:
+        logger.warning(
+            "peer %s sent no whole PDU within %.0f s: closing",
+            self._peer,
+            self._limits.read_timeout,
+        )
+        self._abort()
+        return b""
 
     def _abort(self) -> None:
         with contextlib.suppress(OSError):  # the peer may be gone already
