@@ -18,7 +18,8 @@ PDU-type, reserved, 4-byte big-endian PDU-length of what follows):
 
 Either way the DUL sees the connection close (Evt17) and pynetdicom ends the association.
 :class:`GuardedRequestHandler` also refuses a connection from an address that already holds
-``per_peer`` associations, so one peer cannot take every slot.
+``per_peer`` associations, so one peer cannot take every slot. Plain TCP only, as the node
+serves: under TLS an ``SSLSocket``'s buffered bytes would be invisible to ``select()``.
 """
 
 from __future__ import annotations
