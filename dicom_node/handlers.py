@@ -25,6 +25,8 @@ from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
+from pynetdicom import evt
+from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
@@ -40,6 +42,7 @@ from dicom_node import storage
 from dicom_node.validate import (
     CANNOT_UNDERSTAND,
     IDENTITY_CONFLICT,
+    INVALID_SOP_INSTANCE,
     OUT_OF_RESOURCES,
     SUCCESS,
     CheckedObject,
@@ -139,6 +142,46 @@ def handle_rejected(event: Event, ctx: StoreContext) -> None:
 
 def handle_aborted(event: Event, ctx: StoreContext) -> None:
     logger.warning("association with %s aborted", _peer(event))
+
+
+def handle_conn_open(event: Event, ctx: StoreContext) -> None:
+    """A connection's association is set up, not started: put :func:`handle_dimse_recv` ahead
+    of pynetdicom's own EVT_DIMSE_RECV handlers (the first exception in a handler skips every
+    handler after it)."""
+    assoc = event.assoc
+    bound = cast(list[tuple[Any, Any]], assoc.get_handlers(evt.EVT_DIMSE_RECV))
+    others = [h for h in bound if h[0] is not handle_dimse_recv]
+    for func, _args in others:
+        assoc.unbind(evt.EVT_DIMSE_RECV, func)
+    for func, args in others:
+        assoc.bind(evt.EVT_DIMSE_RECV, func, args)
+
+
+def handle_dimse_recv(event: Event, ctx: StoreContext) -> None:
+    """Answer the C-STORE requests pynetdicom would drop unanswered (EVT_DIMSE_RECV).
+
+    pynetdicom ignores a request lacking a required command element (``is_valid_request``):
+    a C-STORE-RQ with an empty or absent Affected SOP Instance UID (0000,1000), mandatory in
+    PS3.7 Table 9.3-1, gets no response and the peer waits out its own timeout. It is
+    answered here, on the DUL's thread, before pynetdicom discards it. Bound ahead of
+    pynetdicom's own EVT_DIMSE_RECV logging handler, which raises on such a request and so
+    stops the handlers after it (see :func:`handle_conn_open`).
+    """
+    message = event.message
+    if not isinstance(message, C_STORE_RQ) or message.context_id is None:
+        return
+    command = message.command_set
+    if command.get("AffectedSOPInstanceUID") or command.get("MessageID") is None:
+        return  # a request pynetdicom handles, or one that cannot be answered at all
+    logger.warning("C-STORE-RQ from %s without an Affected SOP Instance UID: refused", _peer(event))
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = int(command.MessageID)
+    if command.get("AffectedSOPClassUID"):
+        rsp.AffectedSOPClassUID = command.AffectedSOPClassUID
+    rsp.Status = INVALID_SOP_INSTANCE  # 0x0117 Invalid SOP Instance (PS3.7 C.5.6)
+    # pynetdicom initialises ErrorComment to None without an annotation: mypy infers None.
+    rsp.ErrorComment = "Affected SOP Instance UID (0000,1000) is missing"  # type: ignore[assignment]
+    event.assoc.dimse.send_msg(rsp, message.context_id)
 
 
 # --- received attributes ---------------------------------------------------------------------

@@ -9,6 +9,12 @@ Conformance in short (PS3.2 style):
   decode here (:func:`dicom_node.contexts.supported_transfer_syntaxes`). Other abstract
   syntaxes are refused per presentation context (PS3.8 9.3.3.2 result 3).
 - Maximum PDU received: ``Settings.max_pdu`` (128 KiB by default).
+- PDUs received are bounded before they are read (:mod:`dicom_node.guard`, PS3.8 9.3):
+  P-DATA-TF by the maximum PDU above, association PDUs by 128 KiB; a larger declared
+  length, or a PDU not received whole within ``Settings.dicom_read_timeout_seconds``, gets
+  A-ABORT. One peer address holds at most ``Settings.max_associations_per_peer``
+  associations; timeouts: ``Settings.dicom_acse_timeout_seconds`` (association request,
+  release), ``Settings.dicom_network_timeout_seconds`` (idle association).
 - Calling AE titles: any when ``Settings.allowed_calling_aets`` is empty, otherwise those
   only; others get A-ASSOCIATE-RJ rejected-permanent, service-user, reason 3
   "calling-AE-title-not-recognized" (PS3.8 9.3.4).
@@ -27,13 +33,15 @@ from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import storage
+from dicom_node import guard, storage
 from dicom_node.contexts import STORAGE_SOP_CLASSES, VERIFICATION, supported_transfer_syntaxes
 from dicom_node.handlers import (
     Enqueue,
     StoreContext,
     handle_aborted,
     handle_accepted,
+    handle_conn_open,
+    handle_dimse_recv,
     handle_echo,
     handle_rejected,
     handle_store,
@@ -53,6 +61,8 @@ def build_ae(settings: Settings) -> AE:
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_pdu_size = settings.max_pdu
     ae.maximum_associations = MAX_ASSOCIATIONS
+    ae.acse_timeout = settings.dicom_acse_timeout_seconds
+    ae.network_timeout = settings.dicom_network_timeout_seconds
     # pynetdicom answers A-ASSOCIATE-RJ (1, 1, 3) to any other calling AE title.
     ae.require_calling_aet = list(settings.allowed_calling_aets)
     ae.add_supported_context(VERIFICATION)
@@ -112,9 +122,10 @@ class StorageSCP:
             (evt.EVT_ACCEPTED, handle_accepted, [self.context]),
             (evt.EVT_REJECTED, handle_rejected, [self.context]),
             (evt.EVT_ABORTED, handle_aborted, [self.context]),
+            (evt.EVT_DIMSE_RECV, handle_dimse_recv, [self.context]),
+            (evt.EVT_CONN_OPEN, handle_conn_open, [self.context]),
         ]
-        address = (self.settings.bind_address, self.settings.dicom_port)
-        self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
+        self._server = self._start_server(handlers)
         logger.info(
             "storage SCP %s listening on %s:%d (max PDU %d, calling AEs: %s)",
             self.settings.ae_title,
@@ -124,6 +135,25 @@ class StorageSCP:
             ", ".join(self.settings.allowed_calling_aets) or "any",
         )
         return self
+
+    def _start_server(self, handlers: list[Any]) -> ThreadedAssociationServer:
+        """``AE.start_server(block=False)``, with :mod:`dicom_node.guard`'s request handler."""
+        limits = guard.Limits(
+            max_pdu=self.settings.max_pdu,
+            read_timeout=self.settings.dicom_read_timeout_seconds,
+            per_peer=self.settings.max_associations_per_peer,
+        )
+        server: ThreadedAssociationServer = self.ae.make_server(
+            (self.settings.bind_address, self.settings.dicom_port),
+            evt_handlers=handlers,
+            server_class=ThreadedAssociationServer,
+            request_handler=guard.handler(limits),
+        )
+        thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
+        thread.start()
+        # What start_server does too: the server's shutdown() removes itself from this list.
+        self.ae._servers.append(server)
+        return server
 
     def serve_forever(self) -> None:
         """Start if needed and block until :meth:`shutdown`, Ctrl-C or SIGTERM."""

@@ -25,6 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from fracture_triage import logsafe
 from fracture_triage.settings import Settings
 
 log = logging.getLogger("fracture_triage.cli")
@@ -237,6 +238,9 @@ def _setup_logging(level: str, role: str) -> None:
         format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Peer-supplied text (AE titles, UIDs) reaches log messages, pynetdicom's too: control
+    # characters are escaped so no peer can forge or garble a log line.
+    logsafe.install()
     # highdicom warns about single-component person names by quoting the name, and Celery
     # turns warnings into log lines: a patient name must never reach a log (forked pool
     # processes inherit this filter).

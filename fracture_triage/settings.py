@@ -32,6 +32,18 @@ class Settings(BaseSettings):
     #: Calling AE titles allowed to associate; empty means any. In the environment either a
     #: comma-separated list (``MOD1,PACS``) or a JSON list.
     allowed_calling_aets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: Seconds one PDU may take to arrive once its first byte has: a peer dribbling bytes
+    #: is cut off (between PDUs the idle timeout below applies).
+    dicom_read_timeout_seconds: float = Field(default=30.0, gt=0)
+    #: Seconds from connection to a complete A-ASSOCIATE-RQ, and to an A-RELEASE-RP
+    #: (pynetdicom's ``acse_timeout``).
+    dicom_acse_timeout_seconds: float = Field(default=30.0, gt=0)
+    #: Seconds an established association may stay idle before it is aborted (pynetdicom's
+    #: ``network_timeout``).
+    dicom_network_timeout_seconds: float = Field(default=60.0, gt=0)
+    #: Associations (and connections still negotiating) one peer address may hold at once,
+    #: of the SCP's 16; further connections from it are closed unanswered.
+    max_associations_per_peer: int = Field(default=8, ge=1)
     #: Largest Rows x Columns x Samples accepted, to refuse absurd headers before decoding.
     max_pixels: int = 100_000_000
     #: A SOP Instance UID received again with different content: ``keep-first`` stores

@@ -12,6 +12,7 @@ import logging
 import signal
 import threading
 
+from fracture_triage import logsafe
 from fracture_triage.settings import Settings
 
 
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    logsafe.install()  # control characters escaped in every message (fracture_triage.logsafe)
     from worker.sweeper import run_sweeper
 
     stop = threading.Event()

@@ -1,0 +1,291 @@
+"""The storage SCP against hostile or broken peers: raw sockets and real associations on
+loopback (``dicom_node.guard``: PDU length bounds, read deadlines, per-peer cap; requests
+pynetdicom would drop unanswered)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ComputedRadiographyImageStorage,
+    Verification,
+)
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.migrations import upgrade
+from db.session import make_engine, make_session_factory
+from dicom_node.guard import MAX_ASSOCIATE_PDU, pdu_limit
+from dicom_node.scp import MAX_ASSOCIATIONS, StorageSCP
+from fracture_triage.settings import Settings
+from tests.servers import free_port
+
+pytestmark = pytest.mark.timeout(120)
+
+SUCCESS = 0x0000
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def sqlite_db(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    url = f"sqlite:///{tmp_path / 'net.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+def no_broker(msg: Any) -> None:
+    raise ConnectionError("no broker in this test")
+
+
+@contextmanager
+def running_scp(
+    tmp_path: Path, session_factory: sessionmaker[Session], **overrides: Any
+) -> Iterator[StorageSCP]:
+    settings = Settings(data_dir=tmp_path / "data", dicom_port=free_port(), **overrides)
+    with StorageSCP(settings, session_factory, no_broker) as scp:
+        yield scp
+
+
+def echo(port: int, source: str = "127.0.0.1") -> int | None:
+    """C-ECHO from ``source``: the status, or ``None`` when no association was established."""
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = 10
+    assoc = ae.associate("127.0.0.1", port, bind_address=(source, 0))
+    if not assoc.is_established:
+        return None
+    status = int(assoc.send_c_echo().Status)
+    assoc.release()
+    return status
+
+
+def rss() -> int:
+    """This process's resident set size in bytes (the SCP runs in it)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
+    """Whether the SCP closed ``sock`` within ``timeout`` seconds (anything it sent first,
+    an A-ABORT say, is read and dropped)."""
+    sock.settimeout(timeout)
+    end = time.monotonic() + timeout
+    try:
+        while time.monotonic() < end:
+            if not sock.recv(65536):
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+    return False
+
+
+def flood(sock: socket.socket, header: bytes, body_bytes: int) -> tuple[bool, int]:
+    """Send ``header`` then up to ``body_bytes`` of junk; (whether the SCP cut the connection
+    short, the largest RSS growth seen meanwhile)."""
+    base = rss()
+    growth = 0
+    chunk = b"\x00" * MiB
+    cut = False
+    try:
+        sock.sendall(header)
+        for _ in range(body_bytes // MiB):
+            sock.sendall(chunk)
+            growth = max(growth, rss() - base)
+    except (ConnectionResetError, BrokenPipeError):
+        cut = True
+    time.sleep(0.3)
+    growth = max(growth, rss() - base)
+    return cut or closed_by_peer(sock, 5), growth
+
+
+# --- PDU lengths (PS3.8 9.3) -----------------------------------------------------------------
+
+
+def test_pdu_limits_follow_the_pdu_types() -> None:
+    assert pdu_limit(0x04, 131072) == 131072  # P-DATA-TF: the Maximum Length advertised
+    assert pdu_limit(0x01, 131072) == pdu_limit(0x02, 131072) == MAX_ASSOCIATE_PDU
+    assert all(pdu_limit(t, 131072) == 1024 for t in (0x03, 0x05, 0x06, 0x07))
+    assert pdu_limit(0x09, 131072) is None  # unknown: pynetdicom answers it
+
+
+def test_huge_declared_associate_rq_is_aborted_before_it_is_read(
+    tmp_path: Path, sqlite_db: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An A-ASSOCIATE-RQ header declaring 4 GiB, then 48 MiB of junk: A-ABORT and closed at
+    once, memory flat, the node still answers C-ECHO."""
+    with running_scp(tmp_path, sqlite_db) as scp:
+        sock = socket.create_connection(("127.0.0.1", scp.port))
+        with sock:
+            cut, growth = flood(sock, struct.pack(">BBL", 0x01, 0, 0xFFFFFFFF), 48 * MiB)
+        assert cut, "the connection stayed open"
+        assert growth < 8 * MiB, f"RSS grew by {growth / MiB:.0f} MiB"
+        assert echo(scp.port) == SUCCESS
+    assert "declared a PDU of type 0x01 and 4294967295 bytes" in caplog.text
+
+
+def test_p_data_above_the_advertised_maximum_aborts_the_association(
+    tmp_path: Path, sqlite_db: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    """On an established association, a P-DATA-TF declaring 1 GiB (the node advertised
+    128 KiB) is answered with A-ABORT before its body is read."""
+    with running_scp(tmp_path, sqlite_db) as scp:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", scp.port)
+        assert assoc.is_established
+        raw = assoc.dul.socket.socket  # type: ignore[union-attr]
+        assert raw is not None
+        header = struct.pack(">BBL", 0x04, 0, 1024 * MiB)
+        base = rss()
+        try:
+            raw.sendall(header)
+            for _ in range(32):
+                raw.sendall(b"\x00" * MiB)
+        except OSError:
+            pass
+        deadline = time.monotonic() + 10
+        while not assoc.is_aborted and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert assoc.is_aborted  # the SCU received the A-ABORT
+        assert rss() - base < 8 * MiB
+        assert echo(scp.port) == SUCCESS
+    assert "declared a PDU of type 0x04 and 1073741824 bytes (limit 131072)" in caplog.text
+
+
+# --- slow peers ------------------------------------------------------------------------------
+
+
+class Dribbler:
+    """A raw connection that starts an A-ASSOCIATE-RQ and sends one byte of it at a time."""
+
+    def __init__(self, port: int, interval: float) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.closed = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        pdu = struct.pack(">BBL", 0x01, 0, 200) + b"\x00" * 200
+        for byte in pdu:
+            if self._stop.wait(interval):
+                return
+            try:
+                self.sock.send(bytes([byte]))
+                self.sock.setblocking(False)
+                try:
+                    if self.sock.recv(4096) == b"":
+                        break
+                except BlockingIOError:
+                    pass
+                finally:
+                    self.sock.setblocking(True)
+            except OSError:
+                break
+        self.closed.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+@contextmanager
+def dribblers(port: int, count: int, interval: float = 0.2) -> Iterator[list[Dribbler]]:
+    peers = [Dribbler(port, interval) for _ in range(count)]
+    try:
+        yield peers
+    finally:
+        for peer in peers:
+            peer.stop()
+
+
+def test_dribbling_peers_are_cut_off_and_echo_is_answered(
+    tmp_path: Path, sqlite_db: sessionmaker[Session]
+) -> None:
+    """Every association slot taken by a peer sending a byte every 0.2 s: each is cut off
+    once its PDU is late, and a C-ECHO gets through within seconds."""
+    with (
+        running_scp(
+            tmp_path,
+            sqlite_db,
+            dicom_read_timeout_seconds=1.0,
+            dicom_acse_timeout_seconds=2.0,
+            max_associations_per_peer=MAX_ASSOCIATIONS,
+        ) as scp,
+        dribblers(scp.port, MAX_ASSOCIATIONS) as peers,
+    ):
+        time.sleep(0.5)
+        started = time.monotonic()
+        status = None
+        while status is None and time.monotonic() - started < 10:
+            status = echo(scp.port)
+            if status is None:
+                time.sleep(0.2)
+        assert status == SUCCESS
+        assert time.monotonic() - started < 6
+        assert all(peer.closed.wait(5) for peer in peers)
+
+
+def test_one_peer_address_cannot_take_every_slot(
+    tmp_path: Path, sqlite_db: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    """With a cap of 4 per address, 16 dribblers from 127.0.0.1 hold 4 connections (the rest
+    are closed at once), another C-ECHO from 127.0.0.1 is refused, one from 127.0.0.2 works."""
+    with (
+        running_scp(tmp_path, sqlite_db, max_associations_per_peer=4) as scp,
+        dribblers(scp.port, MAX_ASSOCIATIONS, interval=0.5) as peers,
+    ):
+        deadline = time.monotonic() + 10
+        while sum(p.closed.is_set() for p in peers) < MAX_ASSOCIATIONS - 4:
+            assert time.monotonic() < deadline, "the extra connections were not closed"
+            time.sleep(0.1)
+        time.sleep(1)
+        assert sum(p.closed.is_set() for p in peers) == MAX_ASSOCIATIONS - 4  # 4 still held
+        assert echo(scp.port) is None
+        started = time.monotonic()
+        assert echo(scp.port, source="127.0.0.2") == SUCCESS
+        assert time.monotonic() - started < 3
+    assert "refused a connection from 127.0.0.1: it holds 4 associations" in caplog.text
+
+
+# --- requests pynetdicom would leave unanswered ----------------------------------------------
+
+
+def test_c_store_without_sop_instance_uid_is_answered_at_once(
+    tmp_path: Path, sqlite_db: sessionmaker[Session], dicom_samples: Path
+) -> None:
+    """An empty SOP Instance UID makes pynetdicom's SCU send the C-STORE-RQ without Affected
+    SOP Instance UID (0000,1000): the SCP answers 0x0117 promptly, the association goes on."""
+    sample = dicom_samples / "CR_cspine_MONO1_12b_16x16_tiny.dcm"
+    broken = pydicom.dcmread(sample)
+    broken.SOPInstanceUID = ""
+    with running_scp(tmp_path, sqlite_db) as scp:
+        ae = AE(ae_title="MODALITY")
+        ae.dimse_timeout = 10
+        ae.add_requested_context(ComputedRadiographyImageStorage)
+        assoc = ae.associate("127.0.0.1", scp.port)
+        started = time.monotonic()
+        rsp = assoc.send_c_store(broken)
+        seconds = time.monotonic() - started
+        assert rsp.get("Status") == 0x0117  # Invalid SOP Instance
+        assert "(0000,1000)" in rsp.ErrorComment
+        assert seconds < 5
+        assert assoc.is_established
+        assert assoc.send_c_store(sample).Status == SUCCESS
+        assoc.release()
