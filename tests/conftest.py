@@ -5,11 +5,14 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.servers import OrthancServer, RedisServer, postgres_server, redis_server
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(__import__("os").environ.get("FRACTURE_TRIAGE_SHARED", REPO.parent / "shared"))
@@ -113,6 +116,19 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@pytest.fixture
+def sqlite_db(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    """A migrated SQLite database, for tests about the network rather than the database."""
+    from db.migrations import upgrade
+    from db.session import make_engine, make_session_factory
+
+    url = f"sqlite:///{tmp_path / 'net.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    yield make_session_factory(engine)
+    engine.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -58,6 +58,7 @@ from fracture_triage.settings import Settings
 from fracture_triage.uids import is_valid_uid
 from tests.conftest import REPO
 from tests.servers import RedisServer, free_port, wait_for_port
+from tests.test_worker import _classified
 from worker.queue import CeleryEnqueuer
 
 pytestmark = pytest.mark.timeout(180)
@@ -88,16 +89,6 @@ def db(database_url: str) -> Iterator[sessionmaker[Session]]:
     """The migrated database (SQLite and PostgreSQL)."""
     upgrade(database_url)
     engine = make_engine(database_url)
-    yield make_session_factory(engine)
-    engine.dispose()
-
-
-@pytest.fixture
-def sqlite_db(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    """A migrated SQLite database, for tests about the network rather than the database."""
-    url = f"sqlite:///{tmp_path / 'net.db'}"
-    upgrade(url)
-    engine = make_engine(url)
     yield make_session_factory(engine)
     engine.dispose()
 
@@ -564,7 +555,6 @@ def test_a_conflicting_resend_is_logged_recorded_and_handled_by_the_policy(
     any duplicate), a warning naming the UID, and the conflict counted on the instance with
     its time and digest. keep-first keeps the stored file and its result; keep-newest
     replaces the file, drops the result and queues the instance again."""
-    from db import repository
     from db.models import Result
     from dicom_node.storage import stored_dataset_sha256
 
@@ -584,22 +574,7 @@ def test_a_conflicting_resend_is_logged_recorded_and_handled_by_the_policy(
         stored_path = Path(first.storage_path)
         assert first.content_sha256 == stored_dataset_sha256(stored_path)
         assert first.conflicting_resends == 0
-        with db() as session:  # as the worker would: classified
-            repository.save_result(
-                session,
-                first.id,
-                repository.Classification(
-                    probability=0.2,
-                    threshold=0.5,
-                    fracture=False,
-                    model_name="m",
-                    model_version="1",
-                    model_uid="2.25.1",
-                    preprocess_ms=1.0,
-                    inference_ms=1.0,
-                ),
-            )
-            session.commit()
+        _classified(db, first.id)  # as the worker would
         before = stored_path.stat()
 
         assert assoc.send_c_store(changed).Status == SUCCESS

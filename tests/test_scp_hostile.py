@@ -22,8 +22,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.migrations import upgrade
-from db.session import make_engine, make_session_factory
 from dicom_node.guard import MAX_ASSOCIATE_PDU, pdu_limit
 from dicom_node.scp import MAX_ASSOCIATIONS, StorageSCP
 from fracture_triage.settings import Settings
@@ -33,15 +31,6 @@ pytestmark = pytest.mark.timeout(120)
 
 SUCCESS = 0x0000
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def sqlite_db(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    url = f"sqlite:///{tmp_path / 'net.db'}"
-    upgrade(url)
-    engine = make_engine(url)
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 def no_broker(msg: Any) -> None:

@@ -344,20 +344,26 @@ def test_a_decoder_panic_fails_the_instance_at_once_with_its_reason(
     with pytest.raises(ImageError, match="decoder crashed on corrupt data"):
         classifier.classify_file(corrupt)
 
-    settings = node_settings(tmp_path, database_url, "redis://127.0.0.1:1/0", tiny_model_dir)
+    row = _classify_one_file(tmp_path, database_url, tiny_model_dir, corrupt)
+    assert row.status == InstanceStatus.failed and row.attempts == 1
+    assert row.failure_reason is not None
+    assert "cannot decode or preprocess" in row.failure_reason
+    assert "decoder crashed on corrupt data" in row.failure_reason
+
+
+def _classify_one_file(tmp_path: Path, database_url: str, model_dir: Path, path: Path) -> Instance:
+    """Record ``path`` as the SCP would, run the classify task body on it once (it must end
+    ``failed``), check no result was stored, and return the instance row."""
+    settings = node_settings(tmp_path, database_url, "redis://127.0.0.1:1/0", model_dir)
     sessions = make_sessions(database_url)
-    instance = record(sessions, corrupt, "1.2.826.0.1.2")
-    msg = ClassifyInstance(
-        instance_id=instance.id, sop_instance_uid=instance.sop_instance_uid
-    ).model_dump()
-    assert classify(WorkerState(settings), msg) == "failed"
+    instance = record(sessions, path, "1.2.826.0.1.2")
+    msg = ClassifyInstance(instance_id=instance.id, sop_instance_uid=instance.sop_instance_uid)
+    assert classify(WorkerState(settings), msg.model_dump()) == "failed"
+    assert result_counts(sessions) == {}
     with sessions() as session:
         row = session.get(Instance, instance.id)
-        assert row is not None and row.status == InstanceStatus.failed and row.attempts == 1
-        assert row.failure_reason is not None
-        assert "cannot decode or preprocess" in row.failure_reason
-        assert "decoder crashed on corrupt data" in row.failure_reason
-    assert result_counts(sessions) == {}
+        assert row is not None
+        return row
 
 
 def test_a_window_width_of_zero_is_failed_with_its_reason_not_classified(
@@ -377,18 +383,9 @@ def test_a_window_width_of_zero_is_failed_with_its_reason_not_classified(
     with pytest.raises(ImageError, match=r"invalid Window Width \(0028,1051\): 0.0"):
         Classifier.load(tiny_model_dir).classify_file(path)
 
-    settings = node_settings(tmp_path, database_url, "redis://127.0.0.1:1/0", tiny_model_dir)
-    sessions = make_sessions(database_url)
-    instance = record(sessions, path, "1.2.826.0.1.3")
-    msg = ClassifyInstance(
-        instance_id=instance.id, sop_instance_uid=instance.sop_instance_uid
-    ).model_dump()
-    assert classify(WorkerState(settings), msg) == "failed"
-    with sessions() as session:
-        row = session.get(Instance, instance.id)
-        assert row is not None and row.status == InstanceStatus.failed
-        assert row.failure_reason and "Window Width (0028,1051)" in row.failure_reason
-    assert result_counts(sessions) == {}
+    row = _classify_one_file(tmp_path, database_url, tiny_model_dir, path)
+    assert row.status == InstanceStatus.failed
+    assert row.failure_reason and "Window Width (0028,1051)" in row.failure_reason
 
 
 def test_an_unusable_model_export_leaves_the_instance_queued_and_the_worker_serving(
