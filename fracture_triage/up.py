@@ -6,7 +6,8 @@ processes (``python -m fracture_triage.cli <role>``), each in its own process gr
 Ctrl-C in the terminal reaches only the supervisor, which then stops them in order: the SCP
 first (no new associations), then the API, the sweeper and the worker (a warm Celery shutdown
 finishes the task in hand), Redis last. Children also get SIGTERM if the supervisor itself
-dies (Linux ``PR_SET_PDEATHSIG``), so nothing is left running.
+dies (Linux ``PR_SET_PDEATHSIG``), so nothing is left running. A role that dies on its own
+is started again with backoff (:class:`Restarts`), logged, while the others keep running.
 """
 
 from __future__ import annotations
@@ -193,6 +194,34 @@ class Child:
         return self.proc.wait()
 
 
+@dataclass
+class Restarts:
+    """When a dead role is started again: after 1 s, doubling with each death that follows
+    a short run, up to ``MAX_RESTART_DELAY_S``; a role that ran for ``STABLE_RUN_S`` starts
+    over at 1 s. The node keeps receiving while one role is restarted (the SCP stores and
+    acknowledges with the broker or worker gone; the sweeper queues the waiting work)."""
+
+    count: int = 0
+    started: float = 0.0
+    due: float | None = None
+    _streak: int = 0
+
+    def schedule(self, now: float) -> float:
+        if now - self.started >= STABLE_RUN_S:
+            self._streak = 0
+        delay = min(2.0**self._streak, MAX_RESTART_DELAY_S)
+        self._streak += 1
+        self.count += 1
+        self.due = now + delay
+        return delay
+
+
+#: Longest wait before a dead role is started again.
+MAX_RESTART_DELAY_S = 60.0
+#: A role that ran this long before dying is restarted after the shortest delay again.
+STABLE_RUN_S = 60.0
+
+
 class _Stop(Exception):  # noqa: N818 - a signal to stop, not an error
     pass
 
@@ -292,13 +321,27 @@ def run_up(settings: Settings, options: UpOptions) -> int:
             )
             return 1
         _print_banner(settings, card, redis_binary, options)
+        restarts = {c.role: Restarts() for c in children}
         while True:
+            now = time.monotonic()
             for child in children:
-                if not child.running():
+                plan = restarts[child.role]
+                if plan.due is not None:
+                    if now >= plan.due:
+                        plan.due = None
+                        plan.started = now
+                        child.start(env)
+                        log.warning("%s restarted (restart %d)", child.role, plan.count)
+                elif not child.running():
                     code = child.proc.returncode if child.proc else None
-                    log.error("%s exited unexpectedly (exit status %s): stopping", child.role, code)
-                    exit_code = 1
-                    raise _Stop("child exited")
+                    child.stop()  # what is left of its process group goes too
+                    delay = plan.schedule(now)
+                    log.error(
+                        "%s exited unexpectedly (exit status %s): restarting in %.0f s",
+                        child.role,
+                        code,
+                        delay,
+                    )
             time.sleep(0.25)
     except _Stop as why:
         if exit_code == 0:

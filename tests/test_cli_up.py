@@ -404,6 +404,16 @@ def _role_pids(marker: str, role: str) -> list[int]:
     return pids
 
 
+def _parent_and_name(stat: Path) -> tuple[int, str] | None:
+    """``(parent pid, command name)`` from ``/proc/PID/stat``; ``None`` once it is gone."""
+    try:
+        text = stat.read_text()
+    except OSError:
+        return None
+    name = text[text.index("(") + 1 : text.rindex(")")]
+    return int(text.rsplit(")", 1)[1].split()[1]), name
+
+
 def _wait_until_gone(marker: str, timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
     left = _processes_with(marker)
@@ -415,17 +425,64 @@ def _wait_until_gone(marker: str, timeout: float) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_up_stops_everything_when_a_role_dies(node: dict[str, object]) -> None:
-    """A role that dies takes the node down with exit status 1, not half of it left running."""
+def test_up_restarts_a_role_that_dies(node: dict[str, object], dicom_samples: Path) -> None:
+    """A role that dies (the SCP, then the embedded Redis) is started again with a logged
+    restart instead of taking the node down; the node answers C-ECHO and classifies again,
+    and still stops cleanly."""
     proc = node["proc"]
     assert isinstance(proc, subprocess.Popen)
     _wait_for_banner(node)
     marker = str(node["marker"]).split("=", 1)[1]
+    err = Path(str(node["err"]))
     scp = _role_pids(marker, "scp")
     assert len(scp) == 1, scp
     os.kill(scp[0], signal.SIGKILL)
-    assert proc.wait(timeout=120) == 1
-    assert "scp exited unexpectedly" in Path(str(node["err"])).read_text()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        again = _role_pids(marker, "scp")
+        if again and again != scp and "scp restarted" in err.read_text():
+            break
+        time.sleep(0.25)
+    assert "scp exited unexpectedly" in err.read_text() and "scp restarted" in err.read_text()
+    assert proc.poll() is None, "up stopped instead of restarting the SCP"
+    wait_for_port(int(str(node["port"])), 60)
+    echo = subprocess.run(
+        [dcmtk("echoscu"), "-aec", "FXTRIAGE", "127.0.0.1", str(node["port"])],
+        capture_output=True,
+        timeout=30,
+    )
+    assert echo.returncode == 0, echo.stderr
+
+    # redis-server rewrites its environment for its process title: find it as up's child
+    redis = [
+        int(stat.parent.name)
+        for stat in Path("/proc").glob("[0-9]*/stat")
+        if _parent_and_name(stat) == (proc.pid, "redis-server")
+    ]
+    assert len(redis) == 1, redis
+    os.kill(redis[0], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "redis restarted" not in err.read_text():
+        time.sleep(0.25)
+    assert "redis restarted" in err.read_text()
+    sample = require(dicom_samples / GOOD[4])
+    sent = subprocess.run(
+        [dcmtk("storescu"), "-aec", "FXTRIAGE", "127.0.0.1", str(node["port"]), str(sample)],
+        capture_output=True,
+        timeout=60,
+        env={**os.environ, "TCP_NODELAY": "1"},
+    )
+    assert sent.returncode == 0, sent.stderr
+    deadline = time.monotonic() + 120
+    rows: list[dict[str, object]] = []
+    while time.monotonic() < deadline:
+        rows = _results(Path(str(node["data_dir"])))
+        if rows and all(r["status"] == "done" for r in rows):
+            break
+        time.sleep(0.5)
+    assert rows and all(r["status"] == "done" for r in rows), rows
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 0
     assert _wait_until_gone(marker, 10) == []
 
 
