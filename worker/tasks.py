@@ -14,6 +14,7 @@ import ctypes
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -434,46 +435,20 @@ def register_tasks(app: Celery, settings: Settings) -> WorkerState:
         )
         raise task.retry(exc=exc, countdown=retry_countdown(retries), max_retries=MAX_RETRIES)
 
-    @app.task(
-        name=ClassifyInstance.task,
-        bind=True,
-        acks_late=True,
-        ignore_result=True,
-        Request=AckOrForgetRequest,
-    )
-    def classify_instance(self: Task, payload: dict[str, Any]) -> str:
-        try:
-            return classify(state, payload)
-        except RETRYABLE as exc:
-            _retry(self, exc)
-            raise  # unreachable: retry raises
+    def register(name: str, body: Callable[[WorkerState, Any], str]) -> None:
+        # Every task: acknowledged late (a task whose worker died is redelivered), its
+        # acknowledgement unable to wedge the worker, transient failures retried with backoff.
+        @app.task(
+            name=name, bind=True, acks_late=True, ignore_result=True, Request=AckOrForgetRequest
+        )
+        def task(self: Task, payload: dict[str, Any]) -> str:
+            try:
+                return body(state, payload)
+            except RETRYABLE as exc:
+                _retry(self, exc)
+                raise  # unreachable: retry raises
 
-    @app.task(
-        name=ReportStudy.task,
-        bind=True,
-        acks_late=True,
-        ignore_result=True,
-        Request=AckOrForgetRequest,
-    )
-    def report_study(self: Task, payload: dict[str, Any]) -> str:
-        try:
-            return report(state, payload)
-        except RETRYABLE as exc:
-            _retry(self, exc)
-            raise
-
-    @app.task(
-        name=SendReport.task,
-        bind=True,
-        acks_late=True,
-        ignore_result=True,
-        Request=AckOrForgetRequest,
-    )
-    def send_report(self: Task, payload: dict[str, Any]) -> str:
-        try:
-            return send(state, payload)
-        except RETRYABLE as exc:
-            _retry(self, exc)
-            raise
-
+    register(ClassifyInstance.task, classify)
+    register(ReportStudy.task, report)
+    register(SendReport.task, send)
     return state
