@@ -22,7 +22,9 @@ a C-ECHO is timed and the SCP's VmRSS read. One JSON object is printed; the exit
 only when crashes, hangs, unanswered and missing_or_different are all 0.
 
 Case ``i`` draws from ``random.Random(f"{seed}:{i}")``: a case is reproduced by its seed and
-index alone (``--first i --count 1``).
+index alone (``--first i --count 1``); ``--verbose`` prints one line per case, ``--scp-log
+FILE`` keeps the SCP's log. A Success for a SOP Instance UID stored before (a re-send) must
+leave the first object in place (the node's default ``keep-first``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import hashlib
 import json
 import os
 import random
@@ -323,7 +326,8 @@ BAD_UIDS = (
     "1.2.3 4",
     "1.2.3\\4",
     "a" * 64,
-    "1.2.3\x00",
+    "1.2.3\x00",  # "1.2.3" padded: valid, and the same UID each time (a re-send)
+    "{uid}\x00",  # a fresh UID padded with NUL: valid
     "",
     "1.2.3\n4",
 )
@@ -362,7 +366,7 @@ def mutate_dataset(rng: random.Random, kind: str, sample: Sample, uid: str) -> t
         target = rng.choice(
             ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID")
         )
-        value = rng.choice(BAD_UIDS)
+        value = rng.choice(BAD_UIDS).replace("{uid}", uid)
         setattr(ds, target, value)
         if target == "SOPInstanceUID":  # the command's Affected SOP Instance UID too
             ds.file_meta.MediaStorageSOPInstanceUID = UID(value)
@@ -437,14 +441,24 @@ class Report:
     missing_or_different: int = 0
     max_rss_mb: float = 0.0
     max_echo_s: float = 0.0
+    #: Successes for a SOP Instance UID stored before: the first object must stay (keep-first)
+    duplicate_successes: int = 0
+    #: the sha256 of the data set of each SOP Instance UID's first Success
+    first_stored: dict[str, str] = field(default_factory=dict)
+    #: the longest a raw connection of each PDU kind stayed open
+    pdu_max_open_s: dict[str, float] = field(default_factory=dict)
     echo_failures: int = 0
     #: tracebacks in the SCP's log (pynetdicom logs some for PDUs it cannot decode)
     scp_log_tracebacks: int = 0
     defects: list[dict[str, object]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: called with one line per case (``--verbose``)
+    trace: Callable[[str], None] | None = None
 
     def record(self, index: int, kind: str, outcome: str, detail: str, problem: str = "") -> None:
         with self.lock:
+            if self.trace:
+                self.trace(f"{index} {kind} {outcome} {detail!r} {problem}".rstrip())
             self.outcomes[kind][outcome] += 1
             if problem and len(self.defects) < 50:
                 self.defects.append(
@@ -470,6 +484,8 @@ class Report:
             "missing_or_different": self.missing_or_different,
             "max_rss_mb": round(self.max_rss_mb, 1),
             "max_echo_s": round(self.max_echo_s, 3),
+            "duplicate_successes": self.duplicate_successes,
+            "pdu_max_open_s": {k: round(v, 1) for k, v in sorted(self.pdu_max_open_s.items())},
             "echo_failures": self.echo_failures,
             "scp_log_tracebacks": self.scp_log_tracebacks,
             "outcomes": {k: dict(sorted(v.items())) for k, v in sorted(self.outcomes.items())},
@@ -484,9 +500,9 @@ class Report:
         )
 
 
-def stored_check(data_dir: Path, sop: str, sent: bytes) -> str:
-    """'' when the object is stored byte-exact and recorded, else what is wrong."""
-    offset = dataset_offset(sent)
+def stored_check(data_dir: Path, sop: str, expected_sha256: str) -> str:
+    """'' when the object is recorded and stored with data set ``expected``, else what is
+    wrong (``expected_sha256``: of the data set's bytes)."""
     con = sqlite3.connect(f"file:{data_dir / 'triage.db'}?mode=ro", uri=True, timeout=30)
     try:
         row = con.execute(
@@ -503,7 +519,7 @@ def stored_check(data_dir: Path, sop: str, sent: bytes) -> str:
     if not path.is_file():
         return f"Success but no file {path.relative_to(data_dir)}"
     stored = path.read_bytes()
-    if stored[dataset_offset(stored) :] != sent[offset:]:
+    if hashlib.sha256(stored[dataset_offset(stored) :]).hexdigest() != expected_sha256:
         return "Success but the stored data set differs from the one sent"
     return ""
 
@@ -572,7 +588,11 @@ def run_dataset_case(
         report.success_answers += 1
         # the Affected SOP Instance UID pynetdicom sent: the File Meta's
         sent_sop = str(split_dataset(path)[0].MediaStorageSOPInstanceUID)
-        wrong = stored_check(node.data_dir, sent_sop, data)
+        sent = hashlib.sha256(data[dataset_offset(data) :]).hexdigest()
+        if sent_sop in report.first_stored:  # keep-first: the object stored first stays
+            report.duplicate_successes += 1
+        expected = report.first_stored.setdefault(sent_sop, sent)
+        wrong = stored_check(node.data_dir, sent_sop, expected)
         if wrong:
             report.missing_or_different += 1
             problem = wrong
@@ -653,25 +673,31 @@ def run_pdu_case(
                 sock.sendall(payload)
             if half_close:
                 sock.shutdown(socket.SHUT_WR)
-            sock.settimeout(1.0)
-            while True:
-                if time.monotonic() - started > limit:
-                    outcome = "open (hang)"
-                    break
-                try:
-                    chunk = sock.recv(65536)
-                except TimeoutError:
-                    continue
-                if not chunk:
-                    outcome = "closed"
-                    break
-                answered += chunk
-        except (ConnectionResetError, BrokenPipeError):
-            outcome = "reset"
+        except OSError:  # the SCP closed the connection before all of it was sent
+            outcome = "closed while sending"
+        sock.settimeout(1.0)
+        while not outcome:
+            if time.monotonic() - started > limit:
+                outcome = "open (hang)"
+                break
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                outcome = "reset"
+                break
+            if not chunk:
+                outcome = "closed"
+                break
+            answered += chunk
     if answered:
         names = {0x02: "A-ASSOCIATE-AC", 0x03: "A-ASSOCIATE-RJ", 0x07: "A-ABORT"}
         outcome += f" after {names.get(answered[0], f'PDU 0x{answered[0]:02X}')}"
     problem = ""
+    with report.lock:
+        longest = report.pdu_max_open_s.get(kind, 0.0)
+        report.pdu_max_open_s[kind] = max(longest, time.monotonic() - started)
     if outcome.startswith("open"):
         with report.lock:
             report.hangs += 1
@@ -705,13 +731,16 @@ def probe(node: Node, report: Report) -> None:
 
 def run(
     samples_dir: Path, count: int, seed: int, first: int = 0, scp_timeout: float = SCP_TIMEOUT_S,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None, trace: Callable[[str], None] | None = None,
+    scp_log: Path | None = None,
 ) -> Report:  # fmt: skip
     pynetdicom._config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes as they are
+    # this side writes and reads invalid values on purpose
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 10000))
     samples = load_samples(samples_dir)
-    report = Report()
+    report = Report(trace=trace)
     with tempfile.TemporaryDirectory(prefix="fracture-triage-fuzz-") as tmp:
         node = Node(Path(tmp) / "data", scp_timeout)
         node.start()
@@ -746,6 +775,8 @@ def run(
             node.stop()
             log = node.log_path.read_text(errors="replace") if node.log_path.exists() else ""
             report.scp_log_tracebacks = log.count("Traceback")
+            if scp_log is not None:
+                scp_log.write_text(log)
     return report
 
 
@@ -761,17 +792,25 @@ def main(argv: list[str] | None = None) -> int:
         default=SCP_TIMEOUT_S,
         help=f"the SCP's read and ACSE timeouts, seconds ({SCP_TIMEOUT_S:g})",
     )
+    parser.add_argument("--verbose", action="store_true", help="one line per case on stderr")
+    parser.add_argument("--scp-log", type=Path, default=None, help="keep the SCP's log here")
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error("--count must be at least 1")
     started = time.monotonic()
+
+    def err(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
     report = run(
         args.samples,
         args.count,
         args.seed,
         args.first,
         args.scp_timeout,
-        progress=lambda line: print(line, file=sys.stderr, flush=True),
+        progress=err,
+        trace=err if args.verbose else None,
+        scp_log=args.scp_log,
     )
     print(json.dumps(report.as_json(args.seed, time.monotonic() - started), indent=2))
     return 0 if report.ok() else 1
