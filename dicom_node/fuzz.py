@@ -11,7 +11,9 @@ each with a fresh SOP Instance UID, write the mutated Part 10 file and send its 
 they are (pynetdicom's chunked sending: nothing is decoded or re-encoded) over a fresh
 association. PDU cases write to a raw socket, in a few background threads from another
 loopback address (127.0.0.2) so the idle and truncated ones, which the SCP closes only at
-its timeouts, overlap the other cases.
+its timeouts, overlap the other cases. ``pdu_abort_burst`` (in the foreground) opens 8
+connections from each of two more addresses that the SCP aborts at once, then times a C-ECHO
+from 127.0.0.1: refused is a lockout.
 
 For every case: the outcome; whether the SCP process still runs (a crash restarts it); a
 C-STORE unanswered within 35 s, or a raw connection the SCP neither answers nor closes in
@@ -19,7 +21,8 @@ its timeout plus 10 s, is a hang; a C-STORE whose association ends without a sta
 unanswered. Each Success is checked: the file ``objects/<study>/<series>/<sop>.dcm`` holds
 byte for byte the data set sent, and ``instances`` has the SOP Instance UID. Every 50 cases
 a C-ECHO is timed and the SCP's VmRSS read. One JSON object is printed; the exit status is 0
-only when crashes, hangs, unanswered and missing_or_different are all 0.
+only when crashes, hangs, unanswered, missing_or_different, echo failures and lockouts are
+all 0.
 
 Case ``i`` draws from ``random.Random(f"{seed}:{i}")``: a case is reproduced by its seed and
 index alone (``--first i --count 1``); ``--verbose`` prints one line per case, ``--scp-log
@@ -74,7 +77,7 @@ DATASET_KINDS = (
     "deep_sequence",
     "bad_vr",
 )
-PDU_KINDS = ("pdu_random", "pdu_truncated_rq", "pdu_huge_length", "pdu_idle")
+PDU_KINDS = ("pdu_random", "pdu_truncated_rq", "pdu_huge_length", "pdu_idle", "pdu_abort_burst")
 KINDS = DATASET_KINDS + PDU_KINDS
 
 #: A C-STORE not answered within this many seconds is a hang.
@@ -85,6 +88,11 @@ ECHO_EVERY = 50
 #: Samples larger than this are left out (speed; the large ones add nothing to the parsing).
 MAX_SAMPLE_BYTES = 1_200_000
 PDU_SOURCE = "127.0.0.2"
+#: ``pdu_abort_burst``: from each address, as many connections as the per-peer cap (8), each
+#: a PDU header the SCP answers with A-ABORT and closes at once; then a C-ECHO from
+#: 127.0.0.1 must get through (a refused one is a lockout).
+BURST_SOURCES = ("127.0.0.3", "127.0.0.4")
+BURST_PER_SOURCE = 8
 
 SUCCESS = 0x0000
 EXPLICIT_LONG_VRS = frozenset(
@@ -448,8 +456,12 @@ class Report:
     #: the longest a raw connection of each PDU kind stayed open
     pdu_max_open_s: dict[str, float] = field(default_factory=dict)
     echo_failures: int = 0
+    #: C-ECHOs from 127.0.0.1 refused right after an abort burst from other addresses
+    lockouts: int = 0
     #: tracebacks in the SCP's log (pynetdicom logs some for PDUs it cannot decode)
     scp_log_tracebacks: int = 0
+    #: connections the SCP closed unanswered under its per-address cap (from its log)
+    refused_by_peer_cap: int = 0
     defects: list[dict[str, object]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     #: called with one line per case (``--verbose``)
@@ -487,7 +499,9 @@ class Report:
             "duplicate_successes": self.duplicate_successes,
             "pdu_max_open_s": {k: round(v, 1) for k, v in sorted(self.pdu_max_open_s.items())},
             "echo_failures": self.echo_failures,
+            "lockouts": self.lockouts,
             "scp_log_tracebacks": self.scp_log_tracebacks,
+            "refused_by_peer_cap": self.refused_by_peer_cap,
             "outcomes": {k: dict(sorted(v.items())) for k, v in sorted(self.outcomes.items())},
             "defects": self.defects,
             "wall_s": round(wall_s, 1),
@@ -496,7 +510,7 @@ class Report:
     def ok(self) -> bool:
         return (
             self.crashes == self.hangs == self.unanswered == self.missing_or_different == 0
-            and self.echo_failures == 0
+            and self.echo_failures == self.lockouts == 0
         )
 
 
@@ -719,6 +733,38 @@ def echo(node: Node) -> float | None:
     return seconds if status.get("Status") == SUCCESS else None
 
 
+def run_abort_burst(node: Node, report: Report, index: int, scp_timeout: float) -> None:
+    """Connections the SCP aborts and closes within milliseconds must not keep other peers
+    out: a C-ECHO from 127.0.0.1 right after them is answered."""
+    answers: Counter[str] = Counter()
+    for source in BURST_SOURCES:
+        for _ in range(BURST_PER_SOURCE):
+            try:
+                with socket.create_connection(
+                    ("127.0.0.1", node.port), timeout=5, source_address=(source, 0)
+                ) as sock:
+                    sock.sendall(struct.pack(">BBL", 0x01, 0, 0xFFFFFFFF))
+                    first = sock.recv(1)
+                    answers["A-ABORT" if first == b"\x07" else "closed"] += 1
+            except OSError:
+                answers["reset"] += 1
+    detail = ", ".join(f"{n} {k}" for k, n in sorted(answers.items()))
+    seconds = echo(node)
+    if seconds is not None:
+        report.record(index, "pdu_abort_burst", "echo answered", detail)
+        return
+    report.lockouts += 1
+    # how long other peers stay locked out (then the next cases run against a free node)
+    started = time.monotonic()
+    while echo(node) is None and time.monotonic() - started < scp_timeout + 10:
+        time.sleep(0.1)
+    problem = (
+        f"C-ECHO from 127.0.0.1 refused after {sum(answers.values())} connections the SCP had "
+        f"closed already; refused for {time.monotonic() - started:.1f} s"
+    )
+    report.record(index, "pdu_abort_burst", "echo refused (lockout)", detail, problem)
+
+
 def probe(node: Node, report: Report) -> None:
     seconds = echo(node)
     if seconds is None:
@@ -753,7 +799,9 @@ def run(
                     rng = random.Random(f"{seed}:{index}")
                     report.cases += 1
                     report.kinds[kind] += 1
-                    if kind in PDU_KINDS:
+                    if kind == "pdu_abort_burst":
+                        run_abort_burst(node, report, index, scp_timeout)
+                    elif kind in PDU_KINDS:
                         futures.append(
                             background.submit(
                                 run_pdu_case, node, report, index, kind, rng, scp_timeout
@@ -775,6 +823,7 @@ def run(
             node.stop()
             log = node.log_path.read_text(errors="replace") if node.log_path.exists() else ""
             report.scp_log_tracebacks = log.count("Traceback")
+            report.refused_by_peer_cap = log.count("refused a connection from")
             if scp_log is not None:
                 scp_log.write_text(log)
     return report
