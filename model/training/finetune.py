@@ -145,7 +145,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     sets = {name: [by_key[k] for k in sorted(ks)] for name, ks in keys.items()}
     if args.limit:
         rng = np.random.default_rng(args.seed)
-        sets = {k: [v[i] for i in sorted(rng.permutation(len(v))[: args.limit])] for k, v in sets.items()}
+        sets = {
+            k: [v[i] for i in sorted(rng.permutation(len(v))[: args.limit])]
+            for k, v in sets.items()
+        }
     manifests = {
         name: file_sha256(Path(d) / "manifest.csv")
         for name, d in (

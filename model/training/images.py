@@ -64,9 +64,7 @@ def _build(records: Sequence[Record], side: int, workers: int) -> tuple[Split, d
             rejected[rec.key] = out
         else:
             keep.append((rec, out))
-    images = (
-        np.stack([img for _, img in keep]) if keep else np.zeros((0, side, side), np.uint8)
-    )
+    images = np.stack([img for _, img in keep]) if keep else np.zeros((0, side, side), np.uint8)
     split = Split(
         keys=[r.key for r, _ in keep],
         sources=[r.source for r, _ in keep],
@@ -102,9 +100,7 @@ def load_or_build(
             out = {}
             for name in sets:
                 with np.load(cache_dir / f"{name}.npz", allow_pickle=False) as z:
-                    out[name] = Split(
-                        list(z["keys"]), list(z["sources"]), z["images"], z["labels"]
-                    )
+                    out[name] = Split(list(z["keys"]), list(z["sources"]), z["images"], z["labels"])
             return out, dict(old.get("rejected", {}))
     cache_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
