@@ -45,6 +45,10 @@ class ExportInfo:
     #: largest |export - Keras| probability over the files it was checked on (None: unchecked)
     max_abs_difference: float | None = None
     checked_files: int = 0
+    #: whether the graph also returns the class activation map (exports before it: False)
+    class_activation_map: bool = False
+    #: largest |export - Keras| map value over the checked files (logit units)
+    max_abs_map_difference: float | None = None
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,57 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+EXPORT_HEADING = "## Inference export (what the node loads)"
+
+
+def export_section(card: ModelCard) -> list[str]:
+    """The card's export section (markdown lines, starting with a blank line); empty
+    without an export record."""
+    e = card.export
+    if e is None:
+        return []
+    lines = [
+        "",
+        EXPORT_HEADING,
+        "",
+        f"- `{e.file}` ({e.format}), sha256 `{e.sha256}`: made from `best_model.keras` by "
+        f"`python -m model.training.export`; input {e.input_size} px, test-time augmentation "
+        f"`{e.test_time_augmentation}` inside the graph (for d4: one batch of 8 views).",
+        f"- Largest |export - Keras| probability over {e.checked_files} files: "
+        + (f"{e.max_abs_difference:.2g}" if e.max_abs_difference is not None else "not checked"),
+    ]
+    if e.class_activation_map:
+        lines.append(
+            "- Returns the class activation map beside the probability (last feature maps "
+            "weighted by the dense unit, each view's map turned back to the image's "
+            "orientation, then averaged); largest |export - Keras| map value: "
+            + (
+                f"{e.max_abs_map_difference:.2g}"
+                if e.max_abs_map_difference is not None
+                else "not checked"
+            )
+        )
+    return lines
+
+
+def refresh_export_section(model_dir: Path, card: ModelCard) -> None:
+    """Rewrite the export section of ``model_dir/model_card.md`` from ``card`` (after an
+    export), leaving the rest of the page as it is; nothing when there is no page."""
+    path = Path(model_dir) / "model_card.md"
+    if not path.is_file():
+        return
+    lines = path.read_text().split("\n")
+    if EXPORT_HEADING in lines:
+        start = lines.index(EXPORT_HEADING) - 1  # the blank line before it
+        end = next(
+            (i for i in range(start + 2, len(lines)) if lines[i].startswith("## ")),
+            len(lines),
+        )
+        end -= 1  # keep the blank line before the next heading
+        lines[start:end] = export_section(card)
+    path.write_text("\n".join(lines))
+
+
 def markdown(card: ModelCard) -> str:
     x = card.extra
     m = x["metrics"]
@@ -241,20 +292,7 @@ def markdown(card: ModelCard) -> str:
             "",
             f"```\n{json.dumps(x['classify_throughput'], indent=1)}\n```",
         ]
-    if card.export is not None:
-        e = card.export
-        lines += [
-            "",
-            "## Inference export (what the node loads)",
-            "",
-            f"- `{e.file}` ({e.format}), sha256 `{e.sha256}`: made from `best_model.keras` by "
-            f"`python -m model.training.export`; input {e.input_size} px, test-time augmentation "
-            f"`{e.test_time_augmentation}` inside the graph (for d4: one batch of 8 views).",
-            f"- Largest |export - Keras| probability over {e.checked_files} files: "
-            + (
-                f"{e.max_abs_difference:.2g}" if e.max_abs_difference is not None else "not checked"
-            ),
-        ]
+    lines += export_section(card)
     lines += ["", "## Reproduce", "", "```sh", *REPRODUCE, "```"]
     lines += [
         "",
