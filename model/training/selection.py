@@ -81,8 +81,9 @@ def paired_gain(
 
 
 def predictions(model_dir: Path, split: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Labels, probabilities and sources of ``split`` through ``model_dir``'s export, cached
-    beside the export as ``predictions-<split>.json`` (keyed by the export's sha256)."""
+    """Labels, probabilities and sources of ``split`` through ``model_dir``'s export, kept in
+    ``--predictions-dir`` when given (keyed by the export's sha256, so a re-export is
+    predicted again)."""
     from model.artifact import read_card
     from model.inference import Classifier, ImageError
     from model.training.data import integrity_problem, read_all
@@ -90,8 +91,12 @@ def predictions(model_dir: Path, split: str, args: argparse.Namespace) -> dict[s
 
     card = read_card(model_dir)
     sha = (card.extra.get("export") or {}).get("sha256")
-    cache = Path(model_dir) / f"predictions-{split}.json"
-    if cache.is_file():
+    cache = (
+        Path(args.predictions_dir) / f"{(sha or 'none')[:16]}-{split}.json"
+        if args.predictions_dir
+        else None
+    )
+    if cache is not None and cache.is_file():
         saved = json.loads(cache.read_text())
         if saved.get("export_sha256") == sha and sha:
             return {k: np.array(saved[k]) for k in ("y", "p", "sources")}
@@ -108,7 +113,10 @@ def predictions(model_dir: Path, split: str, args: argparse.Namespace) -> dict[s
             continue
         y.append(rec.label)
         src.append(rec.source)
-    cache.write_text(json.dumps({"export_sha256": sha, "y": y, "p": p, "sources": src}) + "\n")
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        saved = {"export_sha256": sha, "y": y, "p": p, "sources": src}
+        cache.write_text(json.dumps(saved) + "\n")
     return {"y": np.array(y), "p": np.array(p), "sources": np.array(src)}
 
 
@@ -154,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--incumbent", type=Path, required=True)
     parser.add_argument("--candidate", type=Path, action="append", required=True)
     add_data_arguments(parser)
+    parser.add_argument("--predictions-dir", type=Path, default=None)
     args = parser.parse_args(argv)
     print(json.dumps(compare(args.incumbent, args.candidate, args), indent=1))
     return 0
