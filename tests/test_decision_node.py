@@ -56,7 +56,8 @@ def test_a_study_between_the_thresholds_is_doubt_everywhere(
     card = read_card(tmp_path / "model")
 
     with running_node(tmp_path, tmp_path / "model") as node:
-        _wait_for_banner(node)
+        banner = _wait_for_banner(node)
+        assert f"thresholds {card.threshold} / {card.upper}: doubt between" in banner
         port = int(str(node["port"]))
         send = subprocess.run(
             [dcmtk("storescu"), "-aec", "FXTRIAGE", "127.0.0.1", str(port), *map(str, files)],
