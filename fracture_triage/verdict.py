@@ -34,11 +34,6 @@ class Decision(enum.StrEnum):
     doubt = "doubt"
     no_fracture = "no fracture"
 
-    @property
-    def rank(self) -> int:
-        """Worklist rank: 0 for fracture, 1 for doubt, 2 for no fracture (lower = first)."""
-        return DECISION_ORDER.index(self)
-
 
 #: The levels from the most to the least urgent: the study decision is the first of these
 #: that any of its images has, and the worklist lists studies in this order.
