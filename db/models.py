@@ -21,6 +21,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from fracture_triage.verdict import Decision
+
 
 class Base(DeclarativeBase):
     pass
@@ -131,7 +133,13 @@ class Instance(Base):
 
 
 class Result(Base):
-    """One classification: exactly one per (instance, model version)."""
+    """One classification: exactly one per (instance, model version).
+
+    ``threshold`` and ``upper_threshold`` are the model card's two thresholds when it was
+    classified, ``decision`` the level they gave (:func:`fracture_triage.verdict.decide`)
+    and ``fracture`` the flag ``probability >= threshold``. Results of revisions before 0004
+    were given upper = lower and the decision that makes (fracture or no fracture).
+    """
 
     __tablename__ = "results"
     __table_args__ = (UniqueConstraint("instance_id", "model_version", name="uq_result_model"),)
@@ -144,6 +152,18 @@ class Result(Base):
     probability: Mapped[float] = mapped_column(Float)
     threshold: Mapped[float] = mapped_column(Float)
     fracture: Mapped[bool] = mapped_column(Boolean)
+    upper_threshold: Mapped[float] = mapped_column(Float)
+    # The value ("no fracture"), not the member name, in a VARCHAR(16) without CHECK
+    # constraint, like ``instances.status``.
+    decision: Mapped[Decision] = mapped_column(
+        Enum(
+            Decision,
+            name="decision",
+            native_enum=False,
+            length=16,
+            values_callable=lambda members: [m.value for m in members],
+        )
+    )
     preprocess_ms: Mapped[float] = mapped_column(Float)
     inference_ms: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -368,6 +368,10 @@ def _print_banner(settings: Settings, card: object, redis_binary: str, options: 
     name = getattr(card, "name", "?")
     version = getattr(card, "version", "?")
     threshold = getattr(card, "threshold", "?")
+    upper = getattr(card, "upper_threshold", None)
+    thresholds = f"threshold {threshold}"
+    if upper is not None and upper != threshold:
+        thresholds = f"thresholds {threshold} / {upper}: doubt between, fracture above"
     lines = [
         "fracture-triage is up",
         f"  DICOM SCP    AE title {settings.ae_title} on {settings.bind_address}:"
@@ -375,7 +379,7 @@ def _print_banner(settings: Settings, card: object, redis_binary: str, options: 
         f"  data dir     {settings.data_dir}",
         f"  database     {mask_url(settings.resolved_database_url)}",
         f"  broker       {mask_url(settings.broker_url)} (embedded {redis_binary})",
-        f"  model        {name} {version} (threshold {threshold}) from {settings.model_dir}",
+        f"  model        {name} {version} ({thresholds}) from {settings.model_dir}",
         f"  workers      {options.workers} Celery worker process(es); sweeper every "
         f"{settings.sweeper_interval_seconds:g} s; studies reported after "
         f"{settings.study_stable_seconds:g} s without new images",

@@ -91,12 +91,20 @@ def _results(data_dir: Path) -> list[dict[str, object]]:
 
 @pytest.fixture
 def node(tmp_path: Path, tiny_model_dir: Path) -> Iterator[dict[str, object]]:
+    with running_node(tmp_path, tiny_model_dir) as info:
+        yield info
+
+
+@contextlib.contextmanager
+def running_node(tmp_path: Path, model_dir: Path) -> Iterator[dict[str, object]]:
+    """``fracture-triage up`` with ``model_dir``, in ``tmp_path``; killed, with everything it
+    started, when the block ends."""
     marker = f"FXT_TEST_MARKER={uuid.uuid4().hex}"
     data_dir = tmp_path / "data"
     dicom_port, http_port = free_port(), free_port()
     env = {
         **os.environ,
-        "FRACTURE_TRIAGE_MODEL_DIR": str(tiny_model_dir),
+        "FRACTURE_TRIAGE_MODEL_DIR": str(model_dir),
         "FRACTURE_TRIAGE_STUDY_STABLE_SECONDS": "1",
         "FRACTURE_TRIAGE_SWEEPER_INTERVAL_SECONDS": "0.5",
         "FXT_TEST_MARKER": marker.split("=", 1)[1],

@@ -306,7 +306,8 @@ def classify(state: WorkerState, payload: Any) -> str:
     release_freed_memory()
     c = repository.Classification(
         probability=prediction.probability,
-        threshold=classifier.threshold,
+        threshold=card.threshold,
+        upper_threshold=card.upper_threshold,
         fracture=prediction.fracture,
         model_name=classifier.card.name,
         model_version=classifier.card.version,
@@ -316,10 +317,10 @@ def classify(state: WorkerState, payload: Any) -> str:
     )
     in_transaction(sessions, lambda session: repository.save_result(session, msg.instance_id, c))
     log.info(
-        "instance %s classified: p=%.3f fracture=%s (%.0f ms + %.0f ms)",
+        "instance %s classified: p=%.3f decision=%s (%.0f ms + %.0f ms)",
         msg.sop_instance_uid,
         c.probability,
-        c.fracture,
+        c.decision.value,
         c.preprocess_ms,
         c.inference_ms,
     )
