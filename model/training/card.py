@@ -330,7 +330,7 @@ def old_training_lines(tr: dict[str, Any]) -> list[str]:
 
 def operating_lines(card: ModelCard) -> list[str]:
     """The threshold lines: one threshold (1.x), or the two of the three levels."""
-    upper = getattr(card, "upper_threshold", None) or card.extra.get("upper_threshold")
+    upper = card.upper_threshold
     op = card.extra.get("operating_point")
     if upper is None or op is None:
         target = card.extra["training"]["target_sensitivity"]

@@ -179,12 +179,9 @@ def choose(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     extra = dict(card.extra)
     extra["operating_point"] = section
     extra["metrics"] = {**extra.get("metrics", {}), "val": binary_metrics(y, p, lower)}
-    new = dataclasses.replace(card, threshold=round(lower, 6), extra=extra)
-    if "upper_threshold" in {f.name for f in dataclasses.fields(new)}:
-        upper_field: dict[str, Any] = {"upper_threshold": round(upper, 6)}
-        new = dataclasses.replace(new, **upper_field)
-    else:  # cards before three levels: kept in extra until the field exists
-        new.extra["upper_threshold"] = round(upper, 6)
+    new = dataclasses.replace(
+        card, threshold=round(lower, 6), upper_threshold=round(upper, 6), extra=extra
+    )
     write_card(model_dir, new)
     return {"threshold": round(lower, 6), "upper_threshold": round(upper, 6), **section}
 
