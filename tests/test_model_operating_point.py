@@ -39,9 +39,13 @@ def test_upper_threshold_reaches_the_ppv_bound_above_the_lower_one() -> None:
     y = np.array([1] * 150 + [0] * 280)
     src = np.array(["a"] * 430)
     lower, _ = lower_threshold(y, p, src, target=0.9)
-    upper, bound, reached = upper_threshold(y, p, src, lower, target=0.9)
+    upper, bound, reached = upper_threshold(y, p, lower, target=0.9)
     assert reached and upper > lower and bound >= 0.9
     assert float(y[p >= upper].mean()) >= 0.9  # the point PPV at least the bound
+    # a handful of fractured images above a threshold is no evidence of a high PPV
+    few = np.array([0.99] * 5 + [0.1] * 100)
+    _, few_bound, few_reached = upper_threshold(np.array([1] * 5 + [0] * 100), few, 0.05)
+    assert not few_reached and few_bound < 0.6
 
 
 def test_upper_threshold_says_when_the_ppv_cannot_be_reached() -> None:
@@ -50,7 +54,7 @@ def test_upper_threshold_says_when_the_ppv_cannot_be_reached() -> None:
     y = rng.integers(0, 2, size=300)
     src = np.array(["a"] * 300)
     lower, _ = lower_threshold(y, p, src, target=0.9)
-    upper, _bound, reached = upper_threshold(y, p, src, lower, target=0.95)
+    upper, _bound, reached = upper_threshold(y, p, lower, target=0.95)
     assert not reached and upper == p.max()
 
 

@@ -225,6 +225,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         uid=f"2.25.{uuid.uuid4().int}",
         threshold=0.5,  # replaced by model.training.operating_point through the export
         input_size=args.size,
+        # trained on all eight D4 views, so the node averages over them (in the export)
+        test_time_augmentation="d4",
         extra={
             "architecture": "MobileNetV2 (alpha 1.0, ImageNet) + global average pool + dropout "
             f"{args.dropout} + sigmoid; input 0..255 RGB, rescaled inside the network",

@@ -14,10 +14,9 @@ here on the validation split only, through the export the node loads (every file
   keeps sensitivity >= target is its k-th highest positive score (k = ceil(target * n)), so the
   bound is exactly the ``1 - confidence`` quantile of those thresholds.
 * **upper** (``upper_threshold``): a *fracture* must be likely. It is the lowest threshold above
-  the lower one at which the lower ``confidence`` bound of the positive predictive value over
-  the whole validation split (resampled within each source and label, so prevalence stays
-  that of the split) is at least ``target_ppv``. When no threshold reaches it, upper = the
-  highest validation score, and the card says so.
+  the lower one at which the one-sided ``confidence`` lower bound (Clopper-Pearson) of the
+  positive predictive value over the whole validation split is at least ``target_ppv``. When
+  no threshold reaches it, upper = the highest validation score, and the card says so.
 
 The card gets both thresholds and an ``operating_point`` section: the rule, the bounds reached,
 and per-source figures at each threshold; ``metrics.val`` is rewritten at the lower threshold.
@@ -72,37 +71,27 @@ def lower_threshold(
 
 
 def ppv_lower_bounds(
-    y: np.ndarray,
-    p: np.ndarray,
-    sources: np.ndarray,
-    thresholds: np.ndarray,
-    confidence: float = CONFIDENCE,
-    n_boot: int = N_BOOT,
-    seed: int = 1,
+    y: np.ndarray, p: np.ndarray, thresholds: np.ndarray, confidence: float = CONFIDENCE
 ) -> np.ndarray:
-    """Lower ``confidence`` bound of PPV at each threshold (stratified bootstrap); NaN where a
-    resample has no image above the threshold is treated as PPV 0 (no evidence)."""
-    rng = np.random.default_rng(seed)
+    """One-sided Clopper-Pearson lower bound of the PPV at each threshold.
+
+    Exact binomial rather than bootstrap: above a high threshold only a handful of images
+    remain, and a bootstrap of five fractured images says PPV 1.0 for certain; the exact bound
+    of 5 of 5 is 0.55.
+    """
+    from scipy.stats import beta
+
     y = np.asarray(y).astype(bool)
-    counts = np.zeros((n_boot, len(y)))
-    for src in set(np.asarray(sources).tolist()):
-        for label in (False, True):
-            idx = np.nonzero((sources == src) & (y == label))[0]
-            if len(idx):
-                picks = rng.choice(idx, size=(n_boot, len(idx)), replace=True)
-                for b in range(n_boot):
-                    np.add.at(counts[b], picks[b], 1)
-    above = np.asarray(p)[None, :] >= np.asarray(thresholds)[:, None]  # (t, n)
-    tp = counts @ (above & y[None, :]).T  # (b, t)
-    allp = counts @ above.T
-    ppv = np.where(allp > 0, tp / np.maximum(allp, 1), 0.0)
-    return np.quantile(ppv, 1 - confidence, axis=0)
+    above = np.asarray(p)[None, :] >= np.asarray(thresholds)[:, None]
+    tp = (above & y[None, :]).sum(axis=1)
+    fp = (above & ~y[None, :]).sum(axis=1)
+    bound = beta.ppf(1 - confidence, tp, fp + 1)
+    return np.where(tp > 0, np.nan_to_num(bound), 0.0)
 
 
 def upper_threshold(
     y: np.ndarray,
     p: np.ndarray,
-    sources: np.ndarray,
     lower: float,
     target: float = TARGET_PPV,
     confidence: float = CONFIDENCE,
@@ -111,7 +100,7 @@ def upper_threshold(
     cands = np.unique(np.asarray(p)[np.asarray(p) >= lower])
     if len(cands) == 0:
         return lower, 0.0, False
-    bounds = ppv_lower_bounds(y, p, sources, cands, confidence)
+    bounds = ppv_lower_bounds(y, p, cands, confidence)
     ok = np.nonzero(bounds >= target)[0]
     if len(ok):
         return float(cands[ok[0]]), float(bounds[ok[0]]), True
@@ -155,11 +144,12 @@ def choose(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     v = validation_predictions(model_dir, args)
     y, p, s = v["y"], v["p"], v["sources"]
     lower, per_source = lower_threshold(y, p, s, args.target_sensitivity, args.confidence)
-    upper, ppv_bound, reached = upper_threshold(y, p, s, lower, args.target_ppv, args.confidence)
+    upper, ppv_bound, reached = upper_threshold(y, p, lower, args.target_ppv, args.confidence)
     section = {
         "rule": "lower: highest threshold whose one-sided bootstrap lower bound of sensitivity "
         "is >= target on every source; upper: lowest threshold above it whose bootstrap lower "
-        "bound of PPV on validation is >= target (model.training.operating_point)",
+        "bound (Clopper-Pearson) of PPV on validation is >= target "
+        "(model.training.operating_point)",
         "split": "val",
         "n_boot": N_BOOT,
         "confidence": args.confidence,
