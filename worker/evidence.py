@@ -60,11 +60,11 @@ def decision_text(probability: float, threshold: float) -> str:
 
 
 def series_description(card: ModelCard) -> str:
-    """Series Description (LO, at most 64 characters): the algorithm and its status."""
-    text = f"{card.name} {card.version} heat map - not for primary diagnosis"
-    if len(text) > 64:
-        text = f"{card.name[:20]} heat map - not for primary diagnosis"
-    return text[:64]
+    """Series Description (LO, at most 64 characters): the algorithm and its status; a long
+    model name is cut, never the status."""
+    status = " - not for primary diagnosis"
+    algorithm = f"{card.name} {card.version}"
+    return algorithm[: 64 - len(status)] + status
 
 
 def evidence_series_uid(study_instance_uid: str, model_uid: str) -> str:
