@@ -22,7 +22,7 @@ from fracture_triage.results import collect_results
 from fracture_triage.settings import Settings
 from model.artifact import read_card, resolve_model_dir
 from tests.conftest import require
-from tests.servers import free_port
+from tests.servers import OrthancServer, free_port, orthanc_server
 from tests.test_sr import assert_valid_sr, dciodvfy
 from tests.test_worker import make_sessions, record
 from worker.sr import build_study_report
@@ -34,6 +34,12 @@ TINY = "CR_cspine_MONO1_12b_16x16_tiny.dcm"  # 16 x 16 pixels
 TWO_PIXELS = "DX_ForProcessing_GE_XR220_MONO1_10b_2x2px.dcm"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 STUDY = "1.2.826.0.1.3680043.10.1.77"
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
+    with orthanc_server(tmp_path_factory.mktemp("orthanc")) as server:
+        yield server
 
 
 def _settings(tmp_path: Path, **kw: object) -> Settings:
@@ -265,3 +271,84 @@ def test_evidence_series_is_one_per_study_and_model() -> None:
     a = evidence_series_uid(STUDY, "2.25.1")
     assert is_valid_uid(a) and a == evidence_series_uid(STUDY, "2.25.1")
     assert a != evidence_series_uid(STUDY + ".1", "2.25.1") != evidence_series_uid(STUDY, "2.25.2")
+
+
+# --- the real worker, the sweeper and Orthanc as the SR destination ------------------------
+
+
+@pytest.mark.slow  # redis-server, a Celery worker, Orthanc
+def test_the_worker_stores_the_captures_and_sends_them_with_the_sr(
+    tmp_path: Path, dicom_samples: Path, orthanc: OrthancServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two radiographs and one 16x16 image of a study through the real worker: each
+    radiograph gets a capture in the data directory, recorded, referenced by the SR and
+    stored in Orthanc with the SR; the tiny image gets its probability and "not produced"."""
+    from tests.test_sr_send import orthanc_instance
+    from tests.test_worker import (
+        _all_reported,
+        celery_worker,
+        redis_node,
+        scp_store,
+        sweeper_thread,
+        wait_until,
+    )
+
+    database_url = f"sqlite:///{tmp_path / 'triage.db'}"
+    # the worker process reads its destination from the environment, like the other settings
+    monkeypatch.setenv("FRACTURE_TRIAGE_SR_DESTINATION_HOST", "127.0.0.1")
+    monkeypatch.setenv("FRACTURE_TRIAGE_SR_DESTINATION_PORT", str(orthanc.dicom_port))
+    monkeypatch.setenv("FRACTURE_TRIAGE_SR_DESTINATION_AE_TITLE", orthanc.ae_title)
+    with redis_node(
+        tmp_path,
+        database_url,
+        resolve_model_dir(None),
+        study_stable_seconds=1.0,
+        sr_destination_host="127.0.0.1",
+        sr_destination_port=orthanc.dicom_port,
+        sr_destination_ae_title=orthanc.ae_title,
+    ) as (settings, sessions, enqueuer):
+        samples = [RG3, HIP, TINY]
+        for name in samples:
+            assert scp_store(sessions, enqueuer, require(dicom_samples / name), STUDY)
+        with celery_worker(settings, tmp_path / "worker.log"), sweeper_thread(settings):
+
+            def sent() -> bool:
+                with sessions() as session:
+                    docs = session.scalars(select(SRDocument)).all()
+                    return _all_reported(sessions, 1) and all(d.send_status == "sent" for d in docs)
+
+            wait_until(sent, 120, "the study's SR sent")
+            with sessions() as session:
+                evidence = {
+                    Path(e.result.instance.storage_path).name: e
+                    for e in session.scalars(select(Evidence))
+                }
+                doc = session.scalars(select(SRDocument)).one()
+                produced = [evidence[RG3], evidence[HIP]]
+                for e in produced:
+                    assert e.state == EvidenceState.produced
+                    assert Path(e.path or "").is_file()
+                    assert (e.send_status, e.send_attempts, e.send_error) == ("sent", 1, None)
+                    tags = orthanc_instance(orthanc, e.sop_instance_uid or "")
+                    assert tags is not None, "the capture is not in Orthanc"
+                    assert tags["StudyInstanceUID"] == STUDY
+                    assert tags["SOPClassUID"] == SECONDARY_CAPTURE
+                tiny = evidence[TINY]
+                assert tiny.state == EvidenceState.not_produced and tiny.send_status == "none"
+                assert tiny.reason and "16x16" in tiny.reason
+                assert orthanc_instance(orthanc, doc.sop_instance_uid) is not None
+                sr = pydicom.dcmread(doc.path)
+                referenced = {
+                    item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                    for group in sr.ContentSequence
+                    if group.ValueType == "CONTAINER"
+                    for sub in getattr(group, "ContentSequence", [])
+                    for item in getattr(sub, "ContentSequence", [])
+                    if item.ValueType == "IMAGE"
+                    and item.ConceptNameCodeSequence[0].CodeValue == "121200"
+                }
+                assert referenced == {e.sop_instance_uid for e in produced}
+        rows = {
+            Path(r["evidence_path"]).name for r in collect_results(sessions()) if r["evidence_path"]
+        }
+        assert rows == {f"{e.sop_instance_uid}.dcm" for e in produced}
