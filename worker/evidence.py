@@ -177,6 +177,8 @@ class MadeEvidence:
     record: EvidenceRecord
     path: Path | None
     ms: float
+    #: of ``ms``, writing the file durably (fsync of the file and its folder)
+    write_ms: float = 0.0
 
 
 def _not_produced(reason: str, t0: float) -> MadeEvidence:
@@ -235,6 +237,7 @@ def make_evidence(
             t0,
         )
     target = settings.evidence_dir / study_uid / f"{sop_uid}.dcm"
+    t_write = time.perf_counter()
     try:
         write_atomic(target, [content])
     except OSError as exc:
@@ -246,4 +249,7 @@ def make_evidence(
         series_instance_uid=series_uid,
         send_status=SendStatus.pending if settings.sr_destination else SendStatus.none,
     )
-    return MadeEvidence(record=record, path=target, ms=(time.perf_counter() - t0) * 1000)
+    t1 = time.perf_counter()
+    return MadeEvidence(
+        record=record, path=target, ms=(t1 - t0) * 1000, write_ms=(t1 - t_write) * 1000
+    )
