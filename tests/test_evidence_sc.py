@@ -23,7 +23,7 @@ from fracture_triage.settings import Settings
 from model.artifact import read_card, resolve_model_dir
 from tests.conftest import require
 from tests.servers import OrthancServer, free_port, orthanc_server
-from tests.test_sr import assert_valid_sr, dciodvfy
+from tests.test_sr import assert_valid_sr, dciodvfy, measurement_groups
 from tests.test_worker import make_sessions, record
 from worker.sr import build_study_report
 from worker.tasks import WorkerState, classify
@@ -118,7 +118,7 @@ def test_the_capture_is_valid_references_its_radiograph_and_the_sr_references_it
     sr = assert_valid_sr(Path(doc.path))
     images = [
         item
-        for group in sr.content.get_image_measurement_groups()  # type: ignore[union-attr]
+        for group in measurement_groups(sr)
         for item in group[0].ContentSequence
         if item.ValueType == "IMAGE" and item.ConceptNameCodeSequence[0].CodeValue == "121200"
     ]
@@ -199,6 +199,7 @@ def picky_destination() -> Iterator[tuple[int, list[str]]]:
     server = ae.start_server(
         ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
     )
+    assert server is not None
     try:
         yield port, offered
     finally:

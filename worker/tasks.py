@@ -166,6 +166,12 @@ class WorkerState:
                 self._classifier = Classifier.load(
                     self.model_dir(), num_threads=self.settings.inference_threads
                 )
+                if not self._classifier.has_map:
+                    log.warning(
+                        "the export in %s returns no class activation map: evidence captures "
+                        "will be recorded as not produced; export it again",
+                        self.model_dir(),
+                    )
                 self._card = self._classifier.card
             return self._classifier
 
