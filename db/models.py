@@ -1,4 +1,5 @@
-"""Typed tables: studies, series, instances, results and produced SR documents.
+"""Typed tables: studies, series, instances, results, their evidence Secondary Captures and
+produced SR documents.
 
 Patient and study attributes are stored for the worklist; they must never be logged.
 """
@@ -54,6 +55,17 @@ class SendStatus(enum.StrEnum):
     pending = "pending"
     sent = "sent"
     failed = "failed"
+
+
+class EvidenceState(enum.StrEnum):
+    """Whether the evidence Secondary Capture of a result was made.
+
+    produced: written at ``path``. not produced: ``reason`` says why (an image too small or
+    uniform to show a map on, an export without maps, ...); the result itself stands.
+    """
+
+    produced = "produced"
+    not_produced = "not produced"
 
 
 class Study(Base):
@@ -169,6 +181,44 @@ class Result(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     instance: Mapped[Instance] = relationship(back_populates="results")
+    evidence: Mapped[Evidence | None] = relationship(back_populates="result")
+
+
+class Evidence(Base):
+    """The evidence Secondary Capture of one result (the radiograph with the network's class
+    activation map and the result burned in), or why there is none; at most one per result.
+
+    Sent to the SR destination with the study's SR (``send_*`` as on ``sr_documents``).
+    """
+
+    __tablename__ = "evidence"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), unique=True)
+    # the enum's values in a VARCHAR (no CHECK constraint), like ``instances.status``
+    state: Mapped[EvidenceState] = mapped_column(
+        Enum(
+            EvidenceState,
+            name="evidence_state",
+            native_enum=False,
+            length=16,
+            values_callable=lambda e: [m.value for m in e],
+        )
+    )
+    reason: Mapped[str | None] = mapped_column(Text)
+    path: Mapped[str | None] = mapped_column(Text)
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64), unique=True)
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    send_status: Mapped[SendStatus] = mapped_column(
+        Enum(SendStatus, name="send_status", native_enum=False, length=16),
+        default=SendStatus.none,
+    )
+    send_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    send_error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    result: Mapped[Result] = relationship(back_populates="evidence")
 
 
 class SRDocument(Base):

@@ -16,7 +16,7 @@ from typing import Any, TextIO
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import Instance, Result, Series, SRDocument, Study
+from db.models import Evidence, Instance, Result, Series, SRDocument, Study
 from db.repository import as_utc
 from db.worklist import decision_of_rank, latest_results, study_levels
 from fracture_triage.attributes import PATIENT_IDENTIFIERS
@@ -32,12 +32,13 @@ def collect_results(
     latest_result_id = latest_results()
     levels = study_levels()
     query = (
-        select(Instance, Series, Study, Result, levels.c.rank)
+        select(Instance, Series, Study, Result, Evidence, levels.c.rank)
         .join(Series, Instance.series_id == Series.id)
         .join(Study, Series.study_id == Study.id)
         .outerjoin(latest_result_id, latest_result_id.c.instance_id == Instance.id)
         .outerjoin(Result, Result.id == latest_result_id.c.result_id)
         .outerjoin(levels, levels.c.study_id == Study.id)
+        .outerjoin(Evidence, Evidence.result_id == Result.id)
         .order_by(Instance.id)
     )
     if study_instance_uid:
@@ -51,7 +52,7 @@ def collect_results(
         latest_sr[doc.study_id] = doc
 
     rows: list[dict[str, Any]] = []
-    for instance, series, study, result, rank in session.execute(query).tuples():
+    for instance, series, study, result, evidence, rank in session.execute(query).tuples():
         sr = latest_sr.get(study.id)
         study_decision = decision_of_rank(rank)
         row: dict[str, Any] = {
@@ -71,6 +72,10 @@ def collect_results(
             "model_name": None if result is None else result.model_name,
             "model_version": None if result is None else result.model_version,
             "failure_reason": instance.failure_reason,
+            # The result's evidence Secondary Capture (heat map): its file, or why none.
+            "evidence_path": None if evidence is None else evidence.path,
+            "evidence_state": None if evidence is None else evidence.state.value,
+            "evidence_reason": None if evidence is None else evidence.reason,
             "sr_path": None if sr is None else sr.path,
             "sr_sop_instance_uid": None if sr is None else sr.sop_instance_uid,
             "study_fracture": None if sr is None else bool(sr.fracture),

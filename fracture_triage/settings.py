@@ -104,6 +104,11 @@ class Settings(BaseSettings):
         return self.data_dir / "sr"
 
     @property
+    def evidence_dir(self) -> Path:
+        """Evidence Secondary Captures (heat maps) produced by the node."""
+        return self.data_dir / "evidence"
+
+    @property
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url

@@ -270,7 +270,13 @@ def run_up(settings: Settings, options: UpOptions) -> int:
         return 2
 
     # The schema was migrated by the entry point (fracture_triage.cli) before this ran.
-    for folder in (data_dir, settings.storage_dir, settings.sr_dir, data_dir / "redis"):
+    for folder in (
+        data_dir,
+        settings.storage_dir,
+        settings.sr_dir,
+        settings.evidence_dir,
+        data_dir / "redis",
+    ):
         folder.mkdir(parents=True, exist_ok=True)
 
     redis_port = options.redis_port or free_port()

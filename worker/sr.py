@@ -16,6 +16,10 @@ The document follows IHE AI Results (AIR):
   two thresholds it lies between), no fracture SCT 272519000 Absent) and the probability as
   a TID 300 numeric measurement (DCM 122157 "Probability", UCUM "1" no units); the TID 4019
   algorithm parameters give the two thresholds the decision was made with;
+- an image whose evidence Secondary Capture was produced (``worker.evidence``: the radiograph
+  with the network's class activation map) references it from its group as an IMAGE item
+  (DCM 121200 "Illustration of ROI"), and the capture is listed in the Current Requested
+  Procedure Evidence Sequence with the radiographs (PS3.3 C.17.2.3);
 - an image that could not be classified keeps its group: "Fracture" = Undetermined and a
   TEXT comment giving the reason, so nothing received is silently left out;
 - a report that replaces an earlier one of the same study lists it in the Predecessor
@@ -43,7 +47,8 @@ from pydicom.valuerep import PersonName, validate_value
 from sqlalchemy.orm import Session
 
 from db import reports, repository
-from db.models import Instance, InstanceStatus, SendStatus, SRDocument, Study
+from db.evidence import evidence_of_result
+from db.models import EvidenceState, Instance, InstanceStatus, SendStatus, SRDocument, Study
 from fracture_triage.attributes import STUDY_ATTRIBUTES
 from fracture_triage.files import write_atomic
 from fracture_triage.settings import Settings
@@ -74,6 +79,9 @@ NO_UNITS = hd.sr.CodedConcept.from_code(codes.UCUM.NoUnits)
 PLAIN_RADIOGRAPHY = hd.sr.CodedConcept("168537006", "SCT", "Plain radiography")
 #: DCM 121106 "Comment": free-text reason why an image has no result.
 COMMENT = hd.sr.CodedConcept.from_code(codes.DCM.Comment)
+#: DCM 121200 "Illustration of ROI": the evidence capture showing where the network looked.
+ILLUSTRATION = hd.sr.CodedConcept.from_code(codes.DCM.IllustrationOfROI)
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SERIES_DESCRIPTION = "AI fracture triage"
@@ -157,6 +165,9 @@ class ImageFinding:
     model_version: str | None = None
     #: Why there is no result ("decode failed: ..."); no patient identifiers.
     reason: str | None = None
+    #: The evidence Secondary Capture of the result (SOP Instance and Series Instance UID).
+    evidence_sop_instance_uid: str | None = None
+    evidence_series_instance_uid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -279,6 +290,16 @@ def _thresholds(finding: ImageFinding, card: ModelCard) -> tuple[float, float]:
     return finding.threshold, finding.threshold if upper is None else upper
 
 
+def _capture(header: Dataset, finding: ImageFinding) -> Dataset:
+    """An image's evidence Secondary Capture as highdicom evidence (same study)."""
+    ds = Dataset()
+    ds.StudyInstanceUID = header.StudyInstanceUID
+    ds.SeriesInstanceUID = finding.evidence_series_instance_uid
+    ds.SOPInstanceUID = finding.evidence_sop_instance_uid
+    ds.SOPClassUID = SECONDARY_CAPTURE
+    return ds
+
+
 def _algorithm(finding: ImageFinding, card: ModelCard) -> hd.sr.AlgorithmIdentification:
     # TID 4019 row 3, Algorithm Parameters: what the decision was made with.
     lower, upper = _thresholds(finding, card)
@@ -361,6 +382,15 @@ def _measurement_group(
         group[0].ContentSequence.append(
             _comment(f"Source image UID is not a valid UID: {finding.sop_instance_uid[:80]}")
         )
+    if finding.evidence_sop_instance_uid is not None:
+        group[0].ContentSequence.append(
+            hd.sr.ImageContentItem(
+                name=ILLUSTRATION,
+                referenced_sop_class_uid=SECONDARY_CAPTURE,
+                referenced_sop_instance_uid=finding.evidence_sop_instance_uid,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
     return group
 
 
@@ -399,6 +429,7 @@ def build_sr(
     )
     referencable = [f for f in findings.images if _referencable(f)]
     evidence = [_evidence(header, f, first=i == 0) for i, f in enumerate(referencable)]
+    evidence += [_capture(header, f) for f in findings.images if f.evidence_sop_instance_uid]
     if not evidence:  # highdicom needs one dataset to take patient and study from
         evidence = [_evidence(header, findings.images[0], first=True)]
     equipment = hd.ContributingEquipment(
@@ -465,6 +496,8 @@ def _finding(session: Session, instance: Instance, card: ModelCard) -> ImageFind
         instance.series.series_instance_uid,
     )
     if result is not None:
+        evidence = evidence_of_result(session, result.id)
+        produced = evidence is not None and evidence.state == EvidenceState.produced
         return ImageFinding(
             *uids,
             probability=result.probability,
@@ -474,6 +507,10 @@ def _finding(session: Session, instance: Instance, card: ModelCard) -> ImageFind
             decision=result.decision,
             model_name=result.model_name,
             model_version=result.model_version,
+            evidence_sop_instance_uid=evidence.sop_instance_uid if produced and evidence else None,
+            evidence_series_instance_uid=(
+                evidence.series_instance_uid if produced and evidence else None
+            ),
         )
     if instance.status == InstanceStatus.failed:
         reason = instance.failure_reason or "failed"

@@ -43,15 +43,16 @@ PROBABILITY_OUTPUT = "probability"
 MAP_OUTPUT = "map"
 
 
-def cam_parts(model: Any) -> tuple[Any, Any, Any]:
+def cam_parts(model: Any) -> tuple[Any, Any, Any] | None:
     """The network split for its class activation map (CAM, Zhou et al. 2016): a model from
     the image to the last feature maps (the base's output), the global average pool and the
     sigmoid dense unit.
 
     For base -> GlobalAveragePooling2D -> Dropout -> Dense(1, sigmoid) the logit is
     ``mean_ij(F_ij) . w + b = mean_ij(F_ij . w + b)``, so ``CAM_ij = F_ij . w + b`` is exact
-    (no gradients) and its mean is the logit. Raises ``ValueError`` for any other head (an
-    ensemble of several heads, say), whose map would not be exact.
+    (no gradients) and its mean is the logit. None for any other head (an ensemble of
+    several heads, say), whose map would not be exact: such a network is exported without
+    a map.
     """
     import keras
 
@@ -67,10 +68,7 @@ def cam_parts(model: Any) -> tuple[Any, Any, Any]:
             for la in model.layers[model.layers.index(pools[0]) + 1 : -1]
         )
     ):
-        raise ValueError(
-            f"network {model.name!r} is not base + global average pooling + Dense(1, sigmoid): "
-            "its class activation map would not be exact"
-        )
+        return None
     features = keras.Model(model.inputs, pools[0].input, name="last_feature_maps")
     return features, pools[0], dense
 
@@ -80,7 +78,8 @@ def keras_forward(model_dir: Path, card: ModelCard | None = None) -> Any:
     traced ``tf.function`` over ``(1, size, size, 3)`` images 0..255 returning a dict:
     ``probability`` ``(1,)`` and ``map`` ``(1, h, w)``, the class activation map (logit units,
     see :func:`cam_parts`; 7x7 at 224 px) in the input image's orientation. The graph that is
-    exported, and the reference it is checked against.
+    exported, and the reference it is checked against. A network :func:`cam_parts` cannot
+    split (an ensemble) returns the probability alone.
 
     For ``d4`` the probability is the mean over the 8 views, as before; each view's map is
     turned back (the inverse of its rotation, then of its mirroring) before the 8 are
@@ -91,9 +90,17 @@ def keras_forward(model_dir: Path, card: ModelCard | None = None) -> Any:
 
     card = card or read_card(model_dir)
     model = keras.models.load_model(Path(model_dir) / MODEL_FILE, compile=False)
-    features, pool, dense = cam_parts(model)
+    parts = cam_parts(model)
     size = card.input_size
     spec = tf.TensorSpec((1, size, size, 3), tf.float32, name="image")
+    if parts is None:
+        print(
+            f"warning: network {model.name!r} is not base + global average pooling + "
+            "Dense(1, sigmoid): exported without a class activation map",
+            file=sys.stderr,
+        )
+        return _probability_only(model, card, spec)
+    features, pool, dense = parts
 
     def heads(batch: Any) -> tuple[Any, Any]:
         # one pass through the base serves both: probability = dense(pool(F)) as in the
@@ -131,6 +138,26 @@ def keras_forward(model_dir: Path, card: ModelCard | None = None) -> Any:
     return tf.function(forward, input_signature=[spec])
 
 
+def _probability_only(model: Any, card: ModelCard, spec: Any) -> Any:
+    """The forward pass of a network without an exact map: the probability alone."""
+    import tensorflow as tf
+
+    if card.test_time_augmentation == "d4":
+
+        def forward(x: Any) -> Any:
+            mirrored = tf.reverse(x, [2])
+            views = [tf.image.rot90(v, k) for v in (x, mirrored) for k in range(4)]
+            p = model(tf.concat(views, 0), training=False)
+            return {PROBABILITY_OUTPUT: tf.reduce_mean(tf.reshape(p, (8, -1)), axis=0)}
+
+    else:
+
+        def forward(x: Any) -> Any:
+            return {PROBABILITY_OUTPUT: tf.reshape(model(x, training=False), (-1,))}
+
+    return tf.function(forward, input_signature=[spec])
+
+
 def export(model_dir: Path) -> ModelCard:
     """Write ``model_dir/model.tflite`` from the Keras network and record it in the card."""
     import tensorflow as tf
@@ -154,17 +181,17 @@ def export(model_dir: Path) -> ModelCard:
         sha256=file_sha256(target),
         input_size=card.input_size,
         test_time_augmentation=card.test_time_augmentation,
-        class_activation_map=True,
+        class_activation_map=MAP_OUTPUT in forward.get_concrete_function().structured_outputs,
     )
     card = dataclasses.replace(card, export=info)
     write_card(model_dir, card)
     return card
 
 
-def max_differences(model_dir: Path, files: Sequence[Path]) -> tuple[float, float, int]:
+def max_differences(model_dir: Path, files: Sequence[Path]) -> tuple[float, float | None, int]:
     """Largest |export - Keras| probability and class activation map value over ``files``
-    (unreadable ones skipped), and the number of files compared; both see the same
-    preprocessed input."""
+    (unreadable ones skipped; the map's None for an export without one), and the number of
+    files compared; both see the same preprocessed input."""
     from model.inference import Classifier, ImageError
 
     clf = Classifier.load(model_dir)
@@ -177,12 +204,15 @@ def max_differences(model_dir: Path, files: Sequence[Path]) -> tuple[float, floa
             continue
         out = forward(image[np.newaxis].astype(np.float32))
         keras_p = float(np.asarray(out[PROBABILITY_OUTPUT])[0])
-        keras_map = np.asarray(out[MAP_OUTPUT])[0]
-        probability, cam = clf.predict_with_map(image)
+        if clf.has_map:
+            probability, cam = clf.predict_with_map(image)
+            keras_map = np.asarray(out[MAP_OUTPUT])[0]
+            worst_map = max(worst_map, float(np.abs(cam - keras_map).max()))
+        else:
+            probability = clf.predict(image)
         worst = max(worst, abs(probability - keras_p))
-        worst_map = max(worst_map, float(np.abs(cam - keras_map).max()))
         n += 1
-    return worst, worst_map, n
+    return worst, (worst_map if clf.has_map else None), n
 
 
 def max_difference(model_dir: Path, files: Sequence[Path]) -> tuple[float, int]:
