@@ -25,7 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from fracture_triage import logsafe
+from fracture_triage import at_rest, logsafe
 from fracture_triage.settings import Settings
 
 log = logging.getLogger("fracture_triage.cli")
@@ -442,7 +442,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return 2
+    # Before anything is created: the database, its journal, folders and logs are private.
+    at_rest.set_umask()
     try:
+        on_sqlite = settings.resolved_database_url.startswith("sqlite")
+        if args.command in MIGRATING_COMMANDS or (args.command == "db" and on_sqlite):
+            at_rest.protect(settings.data_dir)
         if args.command in MIGRATING_COMMANDS:
             _migrate(settings)
         return handler(args, settings)
