@@ -168,6 +168,12 @@ def build_parser(with_model_commands: bool = True) -> argparse.ArgumentParser:
     echo.add_argument("--ae-title", default=argparse.SUPPRESS, help="called AE title")
     echo.add_argument("--calling-ae-title", default="FXECHO")
     echo.add_argument("--timeout", type=float, default=10.0)
+    echo.add_argument(
+        "--tls",
+        action="store_true",
+        help="over TLS to FRACTURE_TRIAGE_TLS_PORT, offering the node's certificate "
+        "(the default when FRACTURE_TRIAGE_DICOM_PORT is 0)",
+    )
     echo.set_defaults(handler=cmd_echo)
 
     results = sub.add_parser("results", help="print the stored results")
@@ -350,9 +356,24 @@ def cmd_echo(args: argparse.Namespace, settings: Settings) -> int:
     ae = AE(ae_title=args.calling_ae_title)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
-    assoc = ae.associate(host, settings.dicom_port, ae_title=settings.ae_title)
+    port, tls_args = settings.dicom_port, None
+    if args.tls or settings.dicom_port == 0:
+        if not settings.tls_enabled:
+            print("error: --tls needs FRACTURE_TRIAGE_TLS_CERT and _KEY", file=sys.stderr)
+            return 2
+        import ssl
+
+        from fracture_triage.tls_context import client_context
+
+        # A liveness check of this node: its own certificate is offered (trusted by
+        # FRACTURE_TRIAGE_TLS_CA when that is set); the server's is not verified.
+        context = client_context(None, settings.tls_cert, settings.tls_key)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        port, tls_args = settings.tls_port, (context, host)
+    assoc = ae.associate(host, port, ae_title=settings.ae_title, tls_args=tls_args)
     if not assoc.is_established:
-        print(f"no association with {settings.ae_title}@{host}:{settings.dicom_port}")
+        print(f"no association with {settings.ae_title}@{host}:{port}")
         return 1
     try:
         status = assoc.send_c_echo()
@@ -360,9 +381,9 @@ def cmd_echo(args: argparse.Namespace, settings: Settings) -> int:
         assoc.release()
     # 0x0000 Success is the only answer a Verification SCP gives when it works.
     if status is not None and int(status.get("Status", -1)) == 0x0000:
-        print(f"{settings.ae_title}@{host}:{settings.dicom_port} answered C-ECHO: Success")
+        print(f"{settings.ae_title}@{host}:{port} answered C-ECHO: Success")
         return 0
-    print(f"{settings.ae_title}@{host}:{settings.dicom_port}: C-ECHO failed ({status!r})")
+    print(f"{settings.ae_title}@{host}:{port}: C-ECHO failed ({status!r})")
     return 1
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -26,7 +26,8 @@ class Settings(BaseSettings):
     # DICOM storage SCP
     ae_title: str = "FXTRIAGE"
     bind_address: str = "127.0.0.1"
-    dicom_port: int = 11112
+    #: The plain DICOM port; 0: none (only the TLS port, which must then be configured).
+    dicom_port: int = Field(default=11112, ge=0, le=65535)
     #: 128 KiB: pynetdicom's 16 KiB default halves throughput on large radiographs.
     max_pdu: int = 131072
     #: Calling AE titles allowed to associate; empty means any. In the environment either a
@@ -71,6 +72,19 @@ class Settings(BaseSettings):
 
     http_port: int = 8080
 
+    # DICOM over TLS (PS3.15 Annex B; dicom_node.tls)
+    #: The node's certificate chain and private key (PEM): both set serve TLS on ``tls_port``.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: 2762: IANA's port for DICOM over TLS. ``dicom_port`` 0 leaves only this one open.
+    tls_port: int = Field(default=2762, ge=0, le=65535)
+    #: CA certificates (PEM) client certificates must chain to; set: mutual TLS, required.
+    tls_ca: Path | None = None
+    #: Send SRs to their destination over TLS, verifying its certificate against
+    #: ``sr_destination_tls_ca`` (or the system's CAs) and offering ``tls_cert`` when set.
+    sr_destination_tls: bool = False
+    sr_destination_tls_ca: Path | None = None
+
     @field_validator("ae_title", "sr_destination_ae_title")
     @classmethod
     def _check_ae_title(cls, value: str | None) -> str | None:
@@ -92,6 +106,24 @@ class Settings(BaseSettings):
                 return json.loads(text)
             return [v.strip() for v in text.split(",") if v.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("FRACTURE_TRIAGE_TLS_CERT and FRACTURE_TRIAGE_TLS_KEY go together")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ValueError("FRACTURE_TRIAGE_TLS_CA needs FRACTURE_TRIAGE_TLS_CERT and _KEY")
+        if self.dicom_port == 0 and self.tls_cert is None:
+            raise ValueError(
+                "FRACTURE_TRIAGE_DICOM_PORT=0 turns the plain port off: it needs TLS "
+                "(FRACTURE_TRIAGE_TLS_CERT and FRACTURE_TRIAGE_TLS_KEY)"
+            )
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        """Whether the SCP serves DICOM over TLS on ``tls_port``."""
+        return self.tls_cert is not None and self.tls_key is not None
 
     @property
     def storage_dir(self) -> Path:

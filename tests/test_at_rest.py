@@ -33,16 +33,22 @@ def open_to_others(root: Path) -> list[str]:
 
 
 @contextmanager
-def scp_role(data_dir: Path, broker_url: str, log: Path) -> Iterator[int]:
+def scp_role(
+    data_dir: Path, broker_url: str, log: Path, env: dict[str, str] | None = None
+) -> Iterator[int]:
     """``fracture-triage scp`` as its own process, started from a shell whose umask is 0o022
-    (the usual default); yields its DICOM port."""
+    (the usual default), with ``env`` added to its environment; yields the port it listens
+    on (``FRACTURE_TRIAGE_TLS_PORT`` when ``env`` sets it and turns the plain port off)."""
     port = free_port()
     env = {
         **os.environ,
         "FRACTURE_TRIAGE_DATA_DIR": str(data_dir),
         "FRACTURE_TRIAGE_BROKER_URL": broker_url,
         "FRACTURE_TRIAGE_DICOM_PORT": str(port),
+        **(env or {}),
     }
+    if env["FRACTURE_TRIAGE_DICOM_PORT"] == "0":
+        port = int(env["FRACTURE_TRIAGE_TLS_PORT"])
     old = os.umask(0o022)
     try:
         with open(log, "wb") as out:
