@@ -15,9 +15,13 @@ Conformance in short (PS3.2 style):
   A-ABORT. One peer address holds at most ``Settings.max_associations_per_peer``
   associations; timeouts: ``Settings.dicom_acse_timeout_seconds`` (association request,
   release), ``Settings.dicom_network_timeout_seconds`` (idle association).
-- Calling AE titles: any when ``Settings.allowed_calling_aets`` is empty, otherwise those
-  only; others get A-ASSOCIATE-RJ rejected-permanent, service-user, reason 3
-  "calling-AE-title-not-recognized" (PS3.8 9.3.4).
+- Called AE title: the node's own, unless ``Settings.accept_any_called_aet``; otherwise
+  A-ASSOCIATE-RJ rejected-permanent, service-user, reason 7 "called-AE-title-not-recognized".
+  Calling AE titles: any when neither ``Settings.allowed_peers`` (AE title and address
+  pairs) nor ``Settings.allowed_calling_aets`` is set, otherwise those only; others get
+  reason 3 "calling-AE-title-not-recognized" (PS3.8 9.3.4; :mod:`dicom_node.peers`).
+- DICOM over TLS on ``Settings.tls_port`` when a certificate is configured
+  (:mod:`dicom_node.tls`, PS3.15 Annex B).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import guard, storage, tls
+from dicom_node import guard, peers, storage, tls
 from dicom_node.contexts import STORAGE_SOP_CLASSES, VERIFICATION, supported_transfer_syntaxes
 from dicom_node.handlers import (
     Enqueue,
@@ -64,8 +68,7 @@ def build_ae(settings: Settings) -> AE:
     ae.maximum_associations = MAX_ASSOCIATIONS
     ae.acse_timeout = settings.dicom_acse_timeout_seconds
     ae.network_timeout = settings.dicom_network_timeout_seconds
-    # pynetdicom answers A-ASSOCIATE-RJ (1, 1, 3) to any other calling AE title.
-    ae.require_calling_aet = list(settings.allowed_calling_aets)
+    # Calling and called AE titles are checked by dicom_node.peers (EVT_REQUESTED).
     ae.add_supported_context(VERIFICATION)
     syntaxes = supported_transfer_syntaxes()
     for sop_class in STORAGE_SOP_CLASSES:
@@ -91,6 +94,7 @@ class StorageSCP:
         self.settings = settings
         self.context = StoreContext(settings, session_factory, enqueue)
         self.ae = build_ae(settings)
+        self.peers = peers.policy(settings)
         self._server: ThreadedAssociationServer | None = None
         self._tls_server: ThreadedAssociationServer | None = None
         self._validation_mode = pydicom_config.settings.reading_validation_mode
@@ -134,6 +138,7 @@ class StorageSCP:
             (evt.EVT_ABORTED, handle_aborted, [self.context]),
             (evt.EVT_DIMSE_RECV, handle_dimse_recv, [self.context]),
             (evt.EVT_CONN_OPEN, handle_conn_open, [self.context]),
+            (evt.EVT_REQUESTED, peers.handle_requested, [self.peers]),
         ]
         servers = self._start_servers(handlers)
         self._server = servers[0] if self.settings.dicom_port else None
@@ -145,12 +150,13 @@ class StorageSCP:
             verify = "client certificates required" if self.settings.tls_ca else "no client CA"
             ports.append(f"{self.tls_port} (TLS, {verify})")
         logger.info(
-            "storage SCP %s listening on %s port %s (max PDU %d, calling AEs: %s)",
+            "storage SCP %s listening on %s port %s (max PDU %d, called AE: %s, peers: %s)",
             self.settings.ae_title,
             self.settings.bind_address,
             " and ".join(ports),
             self.settings.max_pdu,
-            ", ".join(self.settings.allowed_calling_aets) or "any",
+            "any" if self.settings.accept_any_called_aet else self.settings.ae_title,
+            ", ".join(str(p) for p in self.peers.peers) or "any",
         )
         return self
 

@@ -456,6 +456,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(getattr(args, "log_level", "INFO"), role)
     try:
         settings = settings_from_args(args)
+        if args.command in ("up", "scp"):
+            from dicom_node.peers import policy
+
+            policy(settings)  # a malformed FRACTURE_TRIAGE_ALLOWED_PEERS entry is named here
     except Exception as exc:  # noqa: BLE001 - a bad setting is a usage error, not a crash
         print(f"error: invalid settings: {exc}", file=sys.stderr)
         return 2

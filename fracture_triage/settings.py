@@ -33,6 +33,13 @@ class Settings(BaseSettings):
     #: Calling AE titles allowed to associate; empty means any. In the environment either a
     #: comma-separated list (``MOD1,PACS``) or a JSON list.
     allowed_calling_aets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: Peers allowed to associate as ``AE_TITLE@ADDRESS`` or ``AE_TITLE@NETWORK/PREFIX``
+    #: (an AE title alone: from any address), listed like ``allowed_calling_aets`` (which
+    #: adds its titles from any address); both empty: anyone (``dicom_node.peers``).
+    allowed_peers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: Accept associations whatever called AE title they name (compatibility with senders
+    #: configured with another); otherwise only ``ae_title`` (A-ASSOCIATE-RJ reason 7).
+    accept_any_called_aet: bool = False
     #: Seconds one PDU may take to arrive once its first byte has: a peer dribbling bytes
     #: is cut off (between PDUs the idle timeout below applies).
     dicom_read_timeout_seconds: float = Field(default=30.0, gt=0)
@@ -95,7 +102,7 @@ class Settings(BaseSettings):
             raise ValueError(f"AE title must be 1-16 characters without backslash: {value!r}")
         return value.strip()
 
-    @field_validator("allowed_calling_aets", mode="before")
+    @field_validator("allowed_calling_aets", "allowed_peers", mode="before")
     @classmethod
     def _split_aets(cls, value: object) -> object:
         if isinstance(value, str):
