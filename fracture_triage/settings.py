@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     #: Associations (and connections still negotiating) one peer address may hold at once,
     #: of the SCP's 16; further connections from it are closed unanswered.
     max_associations_per_peer: int = Field(default=8, ge=1)
+    #: The reserve of free space kept on the data directory's file system: the smaller of
+    #: these (0 turns one off); a C-STORE that would go below it is answered 0xA700 Out of
+    #: Resources (``fracture_triage.disk``).
+    min_free_bytes: int = Field(default=5 * 1024**3, ge=0)
+    min_free_percent: float = Field(default=10.0, ge=0, le=100)
     #: Largest Rows x Columns x Samples accepted, to refuse absurd headers before decoding.
     max_pixels: int = 100_000_000
     #: A SOP Instance UID received again with different content: ``keep-first`` stores

@@ -271,7 +271,8 @@ def test_up_receives_classifies_reports_and_stops_cleanly(
 
     # The query API serves the same results, one worklist entry per study.
     http_port = int(str(node["http_port"]))
-    assert get(http_port, "/health") == (200, {"status": "ok"})
+    status, health = get(http_port, "/health")
+    assert (status, health["status"], health["storage"]["status"]) == (200, "ok", "ok")
     status, studies_list = get(http_port, "/worklist")
     assert status == 200
     assert {s["study_instance_uid"] for s in studies_list} >= studies
