@@ -20,6 +20,8 @@ Conformance in short (PS3.2 style):
   Calling AE titles: any when neither ``Settings.allowed_peers`` (AE title and address
   pairs) nor ``Settings.allowed_calling_aets`` is set, otherwise those only; others get
   reason 3 "calling-AE-title-not-recognized" (PS3.8 9.3.4; :mod:`dicom_node.peers`).
+- A data set larger than ``Settings.max_object_bytes`` (256 MiB) aborts its association
+  while it arrives (:mod:`dicom_node.object_size`).
 - DICOM over TLS on ``Settings.tls_port`` when a certificate is configured
   (:mod:`dicom_node.tls`, PS3.15 Annex B).
 """
@@ -37,7 +39,7 @@ from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import guard, peers, storage, tls
+from dicom_node import guard, object_size, peers, storage, tls
 from dicom_node.contexts import STORAGE_SOP_CLASSES, VERIFICATION, supported_transfer_syntaxes
 from dicom_node.handlers import (
     Enqueue,
@@ -95,6 +97,7 @@ class StorageSCP:
         self.context = StoreContext(settings, session_factory, enqueue)
         self.ae = build_ae(settings)
         self.peers = peers.policy(settings)
+        self.object_limit = object_size.ObjectSizeLimit(settings.max_object_bytes)
         self._server: ThreadedAssociationServer | None = None
         self._tls_server: ThreadedAssociationServer | None = None
         self._validation_mode = pydicom_config.settings.reading_validation_mode
@@ -139,6 +142,7 @@ class StorageSCP:
             (evt.EVT_DIMSE_RECV, handle_dimse_recv, [self.context]),
             (evt.EVT_CONN_OPEN, handle_conn_open, [self.context]),
             (evt.EVT_REQUESTED, peers.handle_requested, [self.peers]),
+            (evt.EVT_DATA_RECV, object_size.handle_data_recv, [self.object_limit]),
         ]
         servers = self._start_servers(handlers)
         self._server = servers[0] if self.settings.dicom_port else None

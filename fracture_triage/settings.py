@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     #: Resources (``fracture_triage.disk``).
     min_free_bytes: int = Field(default=5 * 1024**3, ge=0)
     min_free_percent: float = Field(default=10.0, ge=0, le=100)
+    #: Largest data set received in one C-STORE (pynetdicom holds it in memory until it is
+    #: whole): more and the association is aborted (``dicom_node.object_size``).
+    max_object_bytes: int = Field(default=256 * 1024**2, ge=1)
     #: Largest Rows x Columns x Samples accepted, to refuse absurd headers before decoding.
     max_pixels: int = 100_000_000
     #: A SOP Instance UID received again with different content: ``keep-first`` stores
