@@ -266,7 +266,11 @@ def tls_echo(pki: Pki, port: int, source: str = "127.0.0.1") -> int | None:
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = 10
     assoc = ae.associate(
-        "127.0.0.1", port, bind_address=(source, 0), tls_args=(context, "127.0.0.1")
+        "127.0.0.1",
+        port,
+        ae_title="FXTRIAGE",
+        bind_address=(source, 0),
+        tls_args=(context, "127.0.0.1"),
     )
     if not assoc.is_established:
         return None
