@@ -35,7 +35,7 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 
 #: Commands that run a node role: the schema is migrated before they start (``up``'s
 #: children are told it was done already).
-MIGRATING_COMMANDS = ("up", "scp", "worker", "sweeper", "api")
+MIGRATING_COMMANDS = ("up", "scp", "worker", "sweeper", "api", "purge")
 
 #: Commands that ``model.cli.add_commands`` registers (imported only when one of them runs,
 #: or for the full ``--help``).
@@ -186,6 +186,15 @@ def build_parser(with_model_commands: bool = True) -> argparse.ArgumentParser:
         help="add patient id, name, birth date and accession number (off by default)",
     )
     results.set_defaults(handler=cmd_results)
+
+    purge = sub.add_parser(
+        "purge",
+        help="delete stored objects and SRs past FRACTURE_TRIAGE_RETENTION_DAYS / "
+        "_SR_RETENTION_DAYS (database rows stay, marked purged)",
+    )
+    _common(purge, broker=False)
+    purge.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    purge.set_defaults(handler=cmd_purge)
 
     db = sub.add_parser("db", help="database maintenance")
     db_sub = db.add_subparsers(dest="db_command", metavar="DB_COMMAND", required=True)
@@ -413,6 +422,26 @@ def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
         write_json_lines(rows, sys.stdout)
     else:
         write_table(rows, sys.stdout)
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
+    """Retention (``fracture_triage.retention``): run daily from cron or a timer."""
+    from db.session import make_engine, make_session_factory
+    from fracture_triage.retention import purge, retention_configured
+
+    if not retention_configured(settings):
+        print(
+            "retention is off (FRACTURE_TRIAGE_RETENTION_DAYS and _SR_RETENTION_DAYS unset): "
+            "nothing is deleted"
+        )
+        return 0
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        done = purge(make_session_factory(engine), settings, dry_run=args.dry_run)
+    finally:
+        engine.dispose()
+    print(done.summary())
     return 0
 
 

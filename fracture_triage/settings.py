@@ -87,6 +87,13 @@ class Settings(BaseSettings):
 
     http_port: int = 8080
 
+    # Retention (fracture_triage.retention, ``fracture-triage purge``)
+    #: Days after its study's SR was sent (or produced, with no destination) that a received
+    #: object's file is deleted (refused objects: after they arrived); unset: kept for ever.
+    retention_days: float | None = Field(default=None, gt=0)
+    #: Days after sending (or producing) that the node's own SR files are deleted.
+    sr_retention_days: float | None = Field(default=None, gt=0)
+
     # DICOM over TLS (PS3.15 Annex B; dicom_node.tls)
     #: The node's certificate chain and private key (PEM): both set serve TLS on ``tls_port``.
     tls_cert: Path | None = None
