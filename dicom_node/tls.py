@@ -253,6 +253,11 @@ class TlsRequestHandler(RequestHandler):
             tls = self.context.wrap_socket(raw, server_side=True)
             tls.settimeout(None)
             return tls
+        except (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError) as exc:
+            # Closed before saying anything (a port probe such as `up`'s start-up check).
+            logger.info("connection from %s closed during the TLS handshake: %s", peer, exc)
+            _close(raw)
+            return None
         except (OSError, ValueError) as exc:  # ssl.SSLError, TimeoutError are OSErrors
             reason = getattr(exc, "reason", None) or type(exc).__name__
             if isinstance(exc, TimeoutError):
