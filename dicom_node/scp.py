@@ -202,6 +202,10 @@ class StorageSCP:
             server_class=ThreadedAssociationServer,
             request_handler=request_handler,
         )
+        # A TLS connection's own thread does its handshake (up to the ACSE timeout):
+        # socketserver must not join such threads at shutdown.
+        server.daemon_threads = True
+        server.block_on_close = False
         thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
         thread.start()
         # What start_server does too: the server's shutdown() removes itself from this list.
