@@ -3,7 +3,10 @@
 Standard library only (``http.server``), JSON out, bound to ``Settings.bind_address`` and
 ``Settings.http_port``. Endpoints:
 
-- ``GET /health``: 200 ``{"status": "ok"}`` when the database answers, else 503.
+- ``GET /health``: 200 ``{"status": "ok", "storage": {...}}`` when the database answers
+  and the data directory is above its free-space watermark (``fracture_triage.disk``);
+  503 with ``"status": "storage low"`` while C-STOREs are refused for space, or when the
+  database does not answer.
 - ``GET /results[?study=UID]``: what ``fracture-triage results --json`` prints, as a list.
 - ``GET /worklist``: one entry per study in the order of :mod:`db.worklist` (fracture, then
   doubt, then no fracture, each by highest probability; unclassified last).
@@ -27,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.worklist import worklist as worklist_order
 from fracture_triage.attributes import PATIENT_IDENTIFIERS
+from fracture_triage.disk import storage_health
 from fracture_triage.results import collect_results
 from fracture_triage.settings import Settings
 from fracture_triage.verdict import study_verdict
@@ -107,7 +111,12 @@ class _Handler(BaseHTTPRequestHandler):
             if url.path == "/health":
                 with self.server.sessions() as session:
                     session.execute(text("SELECT 1"))
-                self._send(HTTPStatus.OK, {"status": "ok"})
+                storage = storage_health(self.server.settings)
+                if storage["status"] == "ok":
+                    self._send(HTTPStatus.OK, {"status": "ok", "storage": storage})
+                else:  # the SCP refuses C-STOREs (fracture_triage.disk)
+                    body = {"status": f"storage {storage['status']}", "storage": storage}
+                    self._send(HTTPStatus.SERVICE_UNAVAILABLE, body)
             elif url.path == "/results":
                 study = query.get("study", [None])[0]
                 with self.server.sessions() as session:
@@ -131,8 +140,11 @@ class _Handler(BaseHTTPRequestHandler):
 class QueryServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], sessions: sessionmaker[Session]) -> None:
+    def __init__(
+        self, address: tuple[str, int], sessions: sessionmaker[Session], settings: Settings
+    ) -> None:
         self.sessions = sessions
+        self.settings = settings
         super().__init__(address, _Handler)
 
 
@@ -141,7 +153,9 @@ def run_api(settings: Settings, stop_event: threading.Event) -> None:
     from db.session import make_engine, make_session_factory
 
     engine = make_engine(settings.resolved_database_url)
-    server = QueryServer((settings.bind_address, settings.http_port), make_session_factory(engine))
+    server = QueryServer(
+        (settings.bind_address, settings.http_port), make_session_factory(engine), settings
+    )
     thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
     thread.start()
     log.info("query API on http://%s:%d/", settings.bind_address, settings.http_port)

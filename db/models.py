@@ -139,6 +139,9 @@ class Instance(Base):
     conflicting_resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     last_conflict_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_conflict_sha256: Mapped[str | None] = mapped_column(String(64))
+    #: When retention deleted the stored file (``fracture-triage purge``); the row and its
+    #: results stay.
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     series: Mapped[Series] = relationship(back_populates="instances")
     results: Mapped[list[Result]] = relationship(back_populates="instance")
@@ -247,5 +250,7 @@ class SRDocument(Base):
     send_attempts: Mapped[int] = mapped_column(Integer, default=0)
     send_error: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: When retention deleted the SR file; the row stays.
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     study: Mapped[Study] = relationship(back_populates="reports")

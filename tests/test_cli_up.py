@@ -25,6 +25,7 @@ import pytest
 from fracture_triage.up import find_redis_server
 from tests.conftest import require
 from tests.servers import free_port, wait_for_port
+from tests.test_at_rest import open_to_others
 from tests.test_cli_api import get
 from tests.test_cli_results import cli
 
@@ -273,9 +274,13 @@ def test_up_receives_classifies_reports_and_stops_cleanly(
         dump = subprocess.run([dcmtk("dsrdump"), sr_path], capture_output=True, timeout=60)
         assert dump.returncode == 0, dump.stderr
 
+    # Patient data at rest: objects, SRs, database, Redis' files, folders: private.
+    assert open_to_others(data_dir) == []
+
     # The query API serves the same results, one worklist entry per study.
     http_port = int(str(node["http_port"]))
-    assert get(http_port, "/health") == (200, {"status": "ok"})
+    status, health = get(http_port, "/health")
+    assert (status, health["status"], health["storage"]["status"]) == (200, "ok", "ok")
     status, studies_list = get(http_port, "/worklist")
     assert status == 200
     assert {s["study_instance_uid"] for s in studies_list} >= studies

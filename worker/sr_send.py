@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.evidence import evidence_to_send, record_evidence_send
 from db.models import SendStatus, SRDocument
 from db.repository import utcnow
+from fracture_triage import tls_context
 from fracture_triage.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,14 @@ def send_files(settings: Settings, paths: list[str | Path]) -> list[str | None]:
     ae.connection_timeout = TIMEOUT_S
     for sop_class in (Comprehensive3DSRStorage, SecondaryCaptureImageStorage):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(host, port, ae_title=called_aet, max_pdu=settings.max_pdu)
+    tls_args = None
+    if settings.sr_destination_tls:  # PS3.15 Annex B; the node's certificate when it has one
+        tls_args = tls_context.client_tls_args(
+            host, settings.sr_destination_tls_ca, settings.tls_cert, settings.tls_key
+        )
+    assoc = ae.associate(
+        host, port, ae_title=called_aet, max_pdu=settings.max_pdu, tls_args=tls_args
+    )
     if not assoc.is_established:
         raise SendError(f"association with {called_aet}@{host}:{port} not established")
     errors: list[str | None] = []
