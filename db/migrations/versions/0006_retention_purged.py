@@ -1,7 +1,7 @@
 """instances and sr_documents: when retention purged the file (the row stays).
 
 Revision ID: 0006
-Revises: 0003
+Revises: 0005
 Create Date: 2026-12-02 06:00:00
 """
 
