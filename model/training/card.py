@@ -481,12 +481,12 @@ REPRODUCE_END_TO_END = [
     "   # warm-up + end to end; exports at the end",
     "python -m model.training.export --model RUN --check-split val   # LiteRT + CAM, vs Keras",
     "python -m model.training.operating_point --model RUN   # both thresholds on val files",
-    "python -m model.training.selection --incumbent model/artifacts/1.1.0 --candidate RUN"
+    "python -m model.training.selection --incumbent model/artifacts/1.2.0 --candidate RUN"
     "   # the rule; test once per candidate",
     "python -m model.training.manifests --out-dir EVAL",
     "fracture-triage evaluate --model RUN --manifest EVAL/leakage_free_test.csv --out OUT_HONEST",
     "python -m model.training.card --artifact RUN --honest-eval OUT_HONEST "
-    "--notebook-from model/artifacts/1.1.0 --audit AUDIT.json --selection-note ...",
+    "--notebook-from PREVIOUS_ARTIFACT --audit AUDIT.json --selection-note ...",
     "python -m model.benchmark -n 64",
 ]
 
