@@ -22,8 +22,12 @@ def collect_results(
     session: Session,
     study_instance_uid: str | None = None,
     include_patient: bool = False,
+    *,
+    limit: int | None = None,
+    offset: int = 0,
 ) -> list[dict[str, Any]]:
-    """Every instance (optionally of one study), oldest first, as JSON-ready dicts."""
+    """Every instance (optionally of one study), oldest first, as JSON-ready dicts; ``limit``
+    and ``offset`` page through them in SQL (``GET /api/v1/results``)."""
     latest_result_id = (
         select(Result.instance_id, func.max(Result.id).label("result_id"))
         .group_by(Result.instance_id)
@@ -39,6 +43,8 @@ def collect_results(
     )
     if study_instance_uid:
         query = query.where(Study.study_instance_uid == study_instance_uid)
+    if limit is not None:
+        query = query.limit(limit).offset(offset)
 
     # The latest report of each study: the newest SR that nothing supersedes.
     latest_sr: dict[int, SRDocument] = {}

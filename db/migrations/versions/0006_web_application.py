@@ -1,0 +1,90 @@
+"""The web application: users, API tokens, browser sessions, radiologists' verdicts, the audit
+trail, and the indexes the worklist's filters use.
+
+Revision ID: 0006
+Revises: 0003
+Create Date: 2026-12-02 05:30:00
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0006"
+down_revision: str | Sequence[str] | None = "0003"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+_TZ = sa.DateTime(timezone=True)
+
+
+def upgrade() -> None:
+    op.create_table(
+        "users",
+        sa.Column("id", sa.Integer(), primary_key=True),
+        sa.Column("name", sa.String(64), nullable=False, unique=True),
+        sa.Column("role", sa.String(16), nullable=False),
+        sa.Column("password_hash", sa.String(255), nullable=False),
+        sa.Column("created_at", _TZ, nullable=False),
+        sa.Column("disabled_at", _TZ, nullable=True),
+    )
+    op.create_table(
+        "api_tokens",
+        sa.Column("id", sa.Integer(), primary_key=True),
+        sa.Column("name", sa.String(64), nullable=False, unique=True),
+        sa.Column("role", sa.String(16), nullable=False),
+        sa.Column("token_sha256", sa.String(64), nullable=False, unique=True),
+        sa.Column("created_at", _TZ, nullable=False),
+        sa.Column("revoked_at", _TZ, nullable=True),
+        sa.Column("last_used_at", _TZ, nullable=True),
+    )
+    op.create_table(
+        "web_sessions",
+        sa.Column("id", sa.Integer(), primary_key=True),
+        sa.Column("session_sha256", sa.String(64), nullable=False, unique=True),
+        sa.Column("user_id", sa.Integer(), sa.ForeignKey("users.id"), nullable=False),
+        sa.Column("csrf_token", sa.String(64), nullable=False),
+        sa.Column("created_at", _TZ, nullable=False),
+        sa.Column("expires_at", _TZ, nullable=False),
+    )
+    op.create_index("ix_web_sessions_user_id", "web_sessions", ["user_id"])
+    op.create_table(
+        "radiologist_verdicts",
+        sa.Column("id", sa.Integer(), primary_key=True),
+        sa.Column("study_id", sa.Integer(), sa.ForeignKey("studies.id"), nullable=False),
+        sa.Column("fracture", sa.Boolean(), nullable=True),
+        sa.Column("comment", sa.Text(), nullable=True),
+        sa.Column("read", sa.Boolean(), nullable=False),
+        sa.Column("author", sa.String(64), nullable=False),
+        sa.Column("author_kind", sa.String(8), nullable=False),
+        sa.Column("created_at", _TZ, nullable=False),
+    )
+    op.create_index("ix_radiologist_verdicts_study_id", "radiologist_verdicts", ["study_id"])
+    op.create_table(
+        "audit_events",
+        sa.Column("id", sa.Integer(), primary_key=True),
+        sa.Column("at", _TZ, nullable=False),
+        sa.Column("actor", sa.String(80), nullable=False),
+        sa.Column("action", sa.String(32), nullable=False),
+        sa.Column("study_instance_uid", sa.String(64), nullable=True),
+        sa.Column("detail", sa.Text(), nullable=True),
+        sa.Column("client_address", sa.String(64), nullable=True),
+    )
+    for column in ("at", "actor", "action", "study_instance_uid"):
+        op.create_index(f"ix_audit_events_{column}", "audit_events", [column])
+    op.create_index("ix_studies_last_received_at", "studies", ["last_received_at"])
+    op.create_index("ix_studies_study_date", "studies", ["study_date"])
+    op.create_index("ix_series_modality", "series", ["modality"])
+    op.create_index("ix_series_body_part_examined", "series", ["body_part_examined"])
+    op.create_index("ix_instances_series_status", "instances", ["series_id", "status"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_instances_series_status", "instances")
+    op.drop_index("ix_series_body_part_examined", "series")
+    op.drop_index("ix_series_modality", "series")
+    op.drop_index("ix_studies_study_date", "studies")
+    op.drop_index("ix_studies_last_received_at", "studies")
+    for table in ("audit_events", "radiologist_verdicts", "web_sessions", "api_tokens", "users"):
+        op.drop_table(table)
