@@ -30,11 +30,12 @@ def get_settings(request: Request) -> Settings:
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    """One session (one transaction) per request, committed when the route returns."""
+    """One session per request. A route that writes commits itself before it answers:
+    FastAPI finishes a ``yield`` dependency after the response is sent, so a commit here
+    could fail after a success was answered, or land after the client's next request."""
     sessions: sessionmaker[Session] = request.app.state.sessions
     with sessions() as session:
         yield session
-        session.commit()
 
 
 DbSession = Annotated[Session, Depends(get_session)]
@@ -58,7 +59,9 @@ def current_principal(request: Request, session: DbSession) -> Principal | None:
     silently replaced by the cookie: the caller asked to be that token."""
     token = bearer_token(request)
     if token is not None:
-        return token_principal(session, token)
+        principal = token_principal(session, token)
+        session.commit()  # its last use
+        return principal
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie:
         return session_principal(session, cookie)

@@ -47,6 +47,7 @@ def worklist(
     found = worklist_page(session, criteria, page=page, page_size=PAGE_SIZE, include_patient=True)
     uids = [e["study_instance_uid"] for e in found.entries]
     audit_patient_view(session, user, request, audit.WORKLIST_VIEW, uids, f"worklist page {page}")
+    session.commit()
     pages = max(1, -(-found.total // PAGE_SIZE))
     query = {k: v for k, v in request.query_params.items() if k != "page" and v}
     return render(
@@ -73,6 +74,7 @@ def study_page(
         raise HTTPException(404, f"no study {study_uid}")
     detail = reviews.study_detail(session, study, include_patient=True)
     audit_patient_view(session, user, request, audit.STUDY_VIEW, [study_uid], "study page")
+    session.commit()
     return render(request, "study.html", {"user": user, "study": detail})
 
 
@@ -94,6 +96,7 @@ def verdict_form(
     give_verdict(
         session, user, request, study, VerdictIn(fracture=said, comment=comment or None, read=True)
     )
+    session.commit()
     return RedirectResponse(f"/studies/{study_uid}#verdicts", status_code=303)
 
 

@@ -107,6 +107,7 @@ def get_worklist(
         audit_patient_view(
             session, principal, request, audit.WORKLIST_VIEW, uids, f"API worklist page {page}"
         )
+        session.commit()
     return {
         "page": found.page,
         "page_size": found.page_size,
@@ -131,9 +132,11 @@ def get_study(
     include_patient: bool = False,
 ) -> dict[str, Any]:
     study = _study_or_404(session, study_uid)
+    detail = reviews.study_detail(session, study, include_patient=include_patient)
     if include_patient:
         audit_patient_view(session, principal, request, audit.STUDY_VIEW, [study_uid], "API study")
-    return reviews.study_detail(session, study, include_patient=include_patient)
+        session.commit()
+    return detail
 
 
 @router.get("/studies/{study_uid}/images/{sop_uid}/preview.png", response_class=FileResponse)
@@ -182,6 +185,7 @@ def post_verdict(
     check_csrf(principal, x_csrf_token)
     study = _study_or_404(session, study_uid)
     verdict = give_verdict(session, principal, request, study, body)
+    session.commit()
     return {
         "verdict": verdict_dict(verdict),
         "history": [verdict_dict(v) for v in reviews.verdict_history(session, study)],

@@ -4,7 +4,9 @@ line."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -26,6 +28,17 @@ def get(port: int, path: str, token: str | None = None) -> tuple[int, Any]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     r = httpx.get(f"http://127.0.0.1:{port}{path}", headers=headers, timeout=30)
     return r.status_code, r.json()
+
+
+def listening_addresses(port: int) -> list[str]:
+    """IPv4 addresses with a socket listening on ``port`` (from /proc/net/tcp)."""
+    found = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if int(hex_port, 16) == port and state == "0A":  # 0A: LISTEN
+            found.append(str(ipaddress.IPv4Address(bytes.fromhex(address)[::-1])))
+    return found
 
 
 def test_accounts_from_the_command_line(tmp_path: Path) -> None:
@@ -108,12 +121,15 @@ def test_api_role_serves_tokens_and_stops_on_sigterm(database_url: str, tmp_path
 
     port = free_port()
     proc = subprocess.Popen(
-        [*cli(), "api", "--http-port", str(port), "--http-bind-address", "127.0.0.1", *db_args],
+        [*cli(), "api", "--http-port", str(port), *db_args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        # The SCP open to the modalities does not open the web application with it.
+        env={**os.environ, "FRACTURE_TRIAGE_BIND_ADDRESS": "0.0.0.0"},
     )
     try:
         wait_for_port(port, timeout=60)
+        assert listening_addresses(port) == ["127.0.0.1"]
         assert get(port, "/health") == (200, {"status": "ok"})
         assert get(port, "/api/v1/worklist")[0] == 401
         assert get(port, "/api/v1/worklist?include_patient=true")[0] == 401
