@@ -1,0 +1,129 @@
+"""A real headless Chromium (Debian's ``chromium`` driven through ``chromium-driver`` by
+Selenium) against the web application on loopback: the login refuses a wrong password,
+unauthenticated pages go to the login, the worklist shows the likely fracture first, the
+study page shows its image, a verdict is recorded and shows up in the admin's audit trail,
+logout ends the session. Screenshots are kept as test artefacts (``FRACTURE_TRIAGE_ARTIFACTS``
+or the test's temporary folder)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.test_api_worklist import STUDY_A, STUDY_D, STUDY_E, populate_worklist
+from tests.test_cli_results import PATIENT_NAME
+from tests.webapp import ADMIN_PASSWORD, PASSWORD, WebApp, serve
+
+pytestmark = pytest.mark.slow
+
+
+def _driver_paths() -> tuple[str, str]:
+    browser = shutil.which("chromium")
+    driver = shutil.which("chromedriver")
+    if browser is None or driver is None:
+        pytest.fail("Debian's chromium and chromium-driver are needed (apt-get install -y ...)")
+    return browser, driver
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[object]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver = _driver_paths()
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    options.add_argument("--window-size=1400,1000")
+    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
+    chrome = webdriver.Chrome(service=Service(driver), options=options)
+    chrome.implicitly_wait(5)
+    try:
+        yield chrome
+    finally:
+        chrome.quit()
+
+
+@pytest.fixture
+def app(tmp_path: Path, dicom_samples: Path) -> Iterator[WebApp]:
+    url = f"sqlite:///{tmp_path / 'triage.db'}"
+    populate_worklist(url, tmp_path / "objects", dicom_samples)
+    with serve(url, tmp_path / "data") as served:
+        yield served
+
+
+def _artifacts(tmp_path: Path) -> Path:
+    folder = Path(os.environ.get("FRACTURE_TRIAGE_ARTIFACTS", tmp_path / "artifacts"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _log_in(chrome: object, name: str, password: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    chrome.find_element(By.ID, "name").send_keys(name)  # type: ignore[attr-defined]
+    chrome.find_element(By.ID, "password").send_keys(password)  # type: ignore[attr-defined]
+    chrome.find_element(By.ID, "login").click()  # type: ignore[attr-defined]
+
+
+@pytest.mark.timeout(300)
+def test_radiologist_reads_the_worklist_in_chromium(
+    app: WebApp, browser: object, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    chrome: object = browser
+    shots = _artifacts(tmp_path)
+    c: object = chrome
+
+    c.get(f"{app.url}/worklist")  # type: ignore[attr-defined]
+    assert c.current_url.startswith(f"{app.url}/login?next=/worklist")  # type: ignore[attr-defined]
+    _log_in(c, "rad", "not the password")
+    error = c.find_element(By.CSS_SELECTOR, "p.error")  # type: ignore[attr-defined]
+    assert "Wrong name or password" in error.text
+    _log_in(c, "rad", PASSWORD)
+    assert c.current_url == f"{app.url}/worklist"  # type: ignore[attr-defined]
+    rows = c.find_elements(By.CSS_SELECTOR, "#worklist tr.study")  # type: ignore[attr-defined]
+    hrefs = [r.get_attribute("data-href") for r in rows]
+    assert hrefs[:2] == [f"/studies/{STUDY_A}", f"/studies/{STUDY_D}"]
+    assert "likely fracture" in rows[0].text and PATIENT_NAME in rows[0].text
+    c.save_screenshot(str(shots / "worklist.png"))  # type: ignore[attr-defined]
+
+    # Keyboard: j moves to the first row, Enter opens it.
+    body = c.find_element(By.TAG_NAME, "body")  # type: ignore[attr-defined]
+    body.send_keys("j")
+    c.switch_to.active_element.send_keys(Keys.ENTER)  # type: ignore[attr-defined]
+    assert c.current_url == f"{app.url}/studies/{STUDY_A}"  # type: ignore[attr-defined]
+
+    c.get(f"{app.url}/studies/{STUDY_E}")  # type: ignore[attr-defined]
+    image = c.find_element(By.CSS_SELECTOR, ".image img")  # type: ignore[attr-defined]
+    # Rendered on the first request (a second or two for a large radiograph).
+    loaded = WebDriverWait(c, 60).until(
+        lambda d: d.execute_script(
+            "const i = arguments[0]; return i.complete && i.naturalWidth;", image
+        )
+    )
+    assert int(loaded) > 100, "the preview image did not load"
+    c.find_element(By.ID, "comment").send_keys("scaphoid")  # type: ignore[attr-defined]
+    c.find_element(By.ID, "verdict-fracture").click()  # type: ignore[attr-defined]
+    history = c.find_element(By.ID, "history")  # type: ignore[attr-defined]
+    assert "scaphoid" in history.text and "rad" in history.text
+    c.save_screenshot(str(shots / "study.png"))  # type: ignore[attr-defined]
+
+    c.find_element(By.ID, "logout").click()  # type: ignore[attr-defined]
+    assert "/login" in c.current_url  # type: ignore[attr-defined]
+    c.get(f"{app.url}/worklist")  # type: ignore[attr-defined]
+    assert "/login" in c.current_url  # type: ignore[attr-defined]
+
+    _log_in(c, "boss", ADMIN_PASSWORD)
+    c.get(f"{app.url}/admin")  # type: ignore[attr-defined]
+    trail = c.find_element(By.ID, "audit").text  # type: ignore[attr-defined]
+    assert "verdict" in trail and STUDY_E in trail and "login_failed" in trail
+    c.save_screenshot(str(shots / "admin.png"))  # type: ignore[attr-defined]
