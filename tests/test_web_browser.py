@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from selenium.webdriver.chrome.webdriver import WebDriver
 
 from tests.test_api_worklist import STUDY_A, STUDY_D, STUDY_E, populate_worklist
 from tests.test_cli_results import PATIENT_NAME
@@ -30,7 +31,7 @@ def _driver_paths() -> tuple[str, str]:
 
 
 @pytest.fixture
-def browser(tmp_path: Path) -> Iterator[object]:
+def browser(tmp_path: Path) -> Iterator[WebDriver]:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -63,47 +64,46 @@ def _artifacts(tmp_path: Path) -> Path:
     return folder
 
 
-def _log_in(chrome: object, name: str, password: str) -> None:
+def _log_in(chrome: WebDriver, name: str, password: str) -> None:
     from selenium.webdriver.common.by import By
 
-    chrome.find_element(By.ID, "name").send_keys(name)  # type: ignore[attr-defined]
-    chrome.find_element(By.ID, "password").send_keys(password)  # type: ignore[attr-defined]
-    chrome.find_element(By.ID, "login").click()  # type: ignore[attr-defined]
+    chrome.find_element(By.ID, "name").send_keys(name)
+    chrome.find_element(By.ID, "password").send_keys(password)
+    chrome.find_element(By.ID, "login").click()
 
 
 @pytest.mark.timeout(300)
 def test_radiologist_reads_the_worklist_in_chromium(
-    app: WebApp, browser: object, tmp_path: Path
+    app: WebApp, browser: WebDriver, tmp_path: Path
 ) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    chrome: object = browser
+    c = browser
     shots = _artifacts(tmp_path)
-    c: object = chrome
 
-    c.get(f"{app.url}/worklist")  # type: ignore[attr-defined]
-    assert c.current_url.startswith(f"{app.url}/login?next=/worklist")  # type: ignore[attr-defined]
+    c.get(f"{app.url}/worklist")
+    assert c.current_url.startswith(f"{app.url}/login?next=/worklist")
     _log_in(c, "rad", "not the password")
-    error = c.find_element(By.CSS_SELECTOR, "p.error")  # type: ignore[attr-defined]
+    error = c.find_element(By.CSS_SELECTOR, "p.error")
     assert "Wrong name or password" in error.text
     _log_in(c, "rad", PASSWORD)
-    assert c.current_url == f"{app.url}/worklist"  # type: ignore[attr-defined]
-    rows = c.find_elements(By.CSS_SELECTOR, "#worklist tr.study")  # type: ignore[attr-defined]
+    assert c.current_url == f"{app.url}/worklist"
+    rows = c.find_elements(By.CSS_SELECTOR, "#worklist tr.study")
     hrefs = [r.get_attribute("data-href") for r in rows]
     assert hrefs[:2] == [f"/studies/{STUDY_A}", f"/studies/{STUDY_D}"]
     assert "likely fracture" in rows[0].text and PATIENT_NAME in rows[0].text
-    c.save_screenshot(str(shots / "worklist.png"))  # type: ignore[attr-defined]
+    c.save_screenshot(str(shots / "worklist.png"))
 
     # Keyboard: j moves to the first row, Enter opens it.
-    body = c.find_element(By.TAG_NAME, "body")  # type: ignore[attr-defined]
+    body = c.find_element(By.TAG_NAME, "body")
     body.send_keys("j")
-    c.switch_to.active_element.send_keys(Keys.ENTER)  # type: ignore[attr-defined]
-    assert c.current_url == f"{app.url}/studies/{STUDY_A}"  # type: ignore[attr-defined]
+    c.switch_to.active_element.send_keys(Keys.ENTER)
+    assert c.current_url == f"{app.url}/studies/{STUDY_A}"
 
-    c.get(f"{app.url}/studies/{STUDY_E}")  # type: ignore[attr-defined]
-    image = c.find_element(By.CSS_SELECTOR, ".image img")  # type: ignore[attr-defined]
+    c.get(f"{app.url}/studies/{STUDY_E}")
+    image = c.find_element(By.CSS_SELECTOR, ".image img")
     # Rendered on the first request (a second or two for a large radiograph).
     loaded = WebDriverWait(c, 60).until(
         lambda d: d.execute_script(
@@ -111,19 +111,19 @@ def test_radiologist_reads_the_worklist_in_chromium(
         )
     )
     assert int(loaded) > 100, "the preview image did not load"
-    c.find_element(By.ID, "comment").send_keys("scaphoid")  # type: ignore[attr-defined]
-    c.find_element(By.ID, "verdict-fracture").click()  # type: ignore[attr-defined]
-    history = c.find_element(By.ID, "history")  # type: ignore[attr-defined]
+    c.find_element(By.ID, "comment").send_keys("scaphoid")
+    c.find_element(By.ID, "verdict-fracture").click()
+    history = c.find_element(By.ID, "history")
     assert "scaphoid" in history.text and "rad" in history.text
-    c.save_screenshot(str(shots / "study.png"))  # type: ignore[attr-defined]
+    c.save_screenshot(str(shots / "study.png"))
 
-    c.find_element(By.ID, "logout").click()  # type: ignore[attr-defined]
-    assert "/login" in c.current_url  # type: ignore[attr-defined]
-    c.get(f"{app.url}/worklist")  # type: ignore[attr-defined]
-    assert "/login" in c.current_url  # type: ignore[attr-defined]
+    c.find_element(By.ID, "logout").click()
+    assert "/login" in c.current_url
+    c.get(f"{app.url}/worklist")
+    assert "/login" in c.current_url
 
     _log_in(c, "boss", ADMIN_PASSWORD)
-    c.get(f"{app.url}/admin")  # type: ignore[attr-defined]
-    trail = c.find_element(By.ID, "audit").text  # type: ignore[attr-defined]
+    c.get(f"{app.url}/admin")
+    trail = c.find_element(By.ID, "audit").text
     assert "verdict" in trail and STUDY_E in trail and "login_failed" in trail
-    c.save_screenshot(str(shots / "admin.png"))  # type: ignore[attr-defined]
+    c.save_screenshot(str(shots / "admin.png"))
