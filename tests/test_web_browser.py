@@ -78,18 +78,19 @@ def test_radiologist_reads_the_worklist_in_chromium(
 ) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as EC  # noqa: N812
     from selenium.webdriver.support.ui import WebDriverWait
 
     c = browser
     shots = _artifacts(tmp_path)
+    wait = WebDriverWait(c, 30)
 
     c.get(f"{app.url}/worklist")
     assert c.current_url.startswith(f"{app.url}/login?next=/worklist")
     _log_in(c, "rad", "not the password")
-    error = c.find_element(By.CSS_SELECTOR, "p.error")
-    assert "Wrong name or password" in error.text
+    wait.until(EC.text_to_be_present_in_element((By.CSS_SELECTOR, "p.error"), "Wrong name"))
     _log_in(c, "rad", PASSWORD)
-    assert c.current_url == f"{app.url}/worklist"
+    wait.until(EC.url_to_be(f"{app.url}/worklist"))
     rows = c.find_elements(By.CSS_SELECTOR, "#worklist tr.study")
     hrefs = [r.get_attribute("data-href") for r in rows]
     assert hrefs[:2] == [f"/studies/{STUDY_A}", f"/studies/{STUDY_D}"]
@@ -97,15 +98,18 @@ def test_radiologist_reads_the_worklist_in_chromium(
     c.save_screenshot(str(shots / "worklist.png"))
 
     # Keyboard: j moves to the first row, Enter opens it.
-    body = c.find_element(By.TAG_NAME, "body")
-    body.send_keys("j")
+    wait.until(lambda d: d.execute_script("return document.readyState") == "complete")
+    c.find_element(By.TAG_NAME, "body").send_keys("j")
+    first_row = f'tr[data-href="/studies/{STUDY_A}"]'
+    wait.until(lambda d: d.switch_to.active_element.get_attribute("data-href") is not None)
+    assert c.switch_to.active_element == c.find_element(By.CSS_SELECTOR, first_row)
     c.switch_to.active_element.send_keys(Keys.ENTER)
-    assert c.current_url == f"{app.url}/studies/{STUDY_A}"
+    wait.until(EC.url_to_be(f"{app.url}/studies/{STUDY_A}"))
 
     c.get(f"{app.url}/studies/{STUDY_E}")
     image = c.find_element(By.CSS_SELECTOR, ".image img")
     # Rendered on the first request (a second or two for a large radiograph).
-    loaded = WebDriverWait(c, 60).until(
+    loaded = wait.until(
         lambda d: d.execute_script(
             "const i = arguments[0]; return i.complete && i.naturalWidth;", image
         )
@@ -113,16 +117,18 @@ def test_radiologist_reads_the_worklist_in_chromium(
     assert int(loaded) > 100, "the preview image did not load"
     c.find_element(By.ID, "comment").send_keys("scaphoid")
     c.find_element(By.ID, "verdict-fracture").click()
-    history = c.find_element(By.ID, "history")
-    assert "scaphoid" in history.text and "rad" in history.text
+    wait.until(EC.url_contains("#verdicts"))
+    wait.until(EC.text_to_be_present_in_element((By.ID, "history"), "scaphoid"))
+    assert "rad" in c.find_element(By.ID, "history").text
     c.save_screenshot(str(shots / "study.png"))
 
     c.find_element(By.ID, "logout").click()
-    assert "/login" in c.current_url
+    wait.until(EC.url_to_be(f"{app.url}/login"))
     c.get(f"{app.url}/worklist")
-    assert "/login" in c.current_url
+    wait.until(EC.url_contains("/login?next="))
 
     _log_in(c, "boss", ADMIN_PASSWORD)
+    wait.until(EC.url_to_be(f"{app.url}/worklist"))
     c.get(f"{app.url}/admin")
     trail = c.find_element(By.ID, "audit").text
     assert "verdict" in trail and STUDY_E in trail and "login_failed" in trail
