@@ -22,7 +22,8 @@ from db import audit, reviews
 from db.accounts import Principal
 from db.models import AuditEvent, InstanceStatus, RadiologistVerdict, Study
 from db.repository import as_utc
-from db.worklist import Priority, WorklistFilter, verdict_dict, worklist_page
+from db.triage import Priority
+from db.worklist import WorklistFilter, verdict_dict, worklist_page
 from fracture_triage.results import collect_results
 
 log = logging.getLogger(__name__)

@@ -278,3 +278,36 @@ Index("ix_studies_study_date", Study.study_date)
 Index("ix_series_modality", Series.modality)
 Index("ix_series_body_part_examined", Series.body_part_examined)
 Index("ix_instances_series_status", Instance.series_id, Instance.status)
+
+
+class StudyTriage(Base):
+    """Per study, what the worklist sorts and filters by, kept up to date by the repository
+    writes that change it (``db.triage.refresh_study``), so that the worklist's first page is
+    an index scan rather than an aggregate over every instance."""
+
+    __tablename__ = "study_triage"
+
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), primary_key=True)
+    #: ``db.triage.Priority``: higher is read first.
+    priority: Mapped[int] = mapped_column(Integer)
+    #: Highest probability of the classified images; None when none is classified.
+    max_probability: Mapped[float | None] = mapped_column(Float)
+    #: Copy of ``studies.last_received_at`` (the tie-break of the order, in the same index).
+    last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    instances: Mapped[int] = mapped_column(Integer)
+    classified: Mapped[int] = mapped_column(Integer)
+    failed: Mapped[int] = mapped_column(Integer)
+    first_received_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_result_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part_examined: Mapped[str | None] = mapped_column(String(64))
+
+
+# The worklist order (db.triage.priority_order) walks this index backwards.
+Index(
+    "ix_study_triage_order",
+    StudyTriage.priority,
+    StudyTriage.max_probability,
+    StudyTriage.last_received_at,
+    StudyTriage.study_id,
+)

@@ -1,107 +1,38 @@
 """The radiologists' worklist in SQL: one row per study, likely fractures first.
 
 Filtering, ordering and paging run in the database (``GET /api/v1/worklist`` and the worklist
-page both call :func:`worklist_page`); no request loads every result into Python. The order
-is :func:`priority_order` alone, the one place the triage order is written: flagged studies
-by their highest probability, then the others by highest probability, unclassified studies
-last (newest received first within a tie). The study flag is the rule of
-``fracture_triage.verdict.study_verdict`` written as SQL aggregates: a study is flagged when
-any classified image is, its probability is the highest image probability, and images
-without a result count neither way.
+page both call :func:`worklist_page`) over the per-study summary ``study_triage`` that the
+repository keeps current (``db.triage``); the order is ``db.triage.priority_order`` alone:
+flagged studies by their highest probability, then the others by highest probability,
+unclassified studies last (newest received first within a tie).
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
-    Select,
-    Subquery,
-    and_,
-    case,
     exists,
     func,
     select,
 )
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.elements import UnaryExpression
 
 from db.models import (
     Instance,
     InstanceStatus,
     RadiologistVerdict,
-    Result,
     Series,
     SRDocument,
     Study,
+    StudyTriage,
 )
 from db.repository import as_utc
+from db.triage import Priority, priority_order
 from fracture_triage.attributes import PATIENT_IDENTIFIERS
-
-
-class Priority(enum.IntEnum):
-    """The worklist's levels, in the order they are read."""
-
-    fracture = 0
-    no_fracture = 1
-    unclassified = 2
-
-
-def study_summary() -> Subquery:
-    """Per study: instance counts by state, the highest probability and the flag, from the
-    latest result of each classified instance."""
-    latest = (
-        select(Result.instance_id, func.max(Result.id).label("result_id"))
-        .group_by(Result.instance_id)
-        .subquery("latest_result")
-    )
-    done = Instance.status == InstanceStatus.done
-    counted_probability = case((done, Result.probability))
-    counted_flag = case((and_(done, Result.id.is_not(None)), case((Result.fracture, 1), else_=0)))
-    return (
-        select(
-            Series.study_id.label("study_id"),
-            func.count(Instance.id).label("instances"),
-            func.sum(case((done, 1), else_=0)).label("classified"),
-            func.sum(case((Instance.status == InstanceStatus.failed, 1), else_=0)).label("failed"),
-            func.max(counted_probability).label("max_probability"),
-            func.max(counted_flag).label("flagged"),
-            func.min(Instance.received_at).label("first_received_at"),
-            func.max(case((done, Result.created_at))).label("last_result_at"),
-            func.max(Series.modality).label("modality"),
-            func.max(Series.body_part_examined).label("body_part_examined"),
-        )
-        .select_from(Instance)
-        .join(Series, Instance.series_id == Series.id)
-        .outerjoin(latest, latest.c.instance_id == Instance.id)
-        .outerjoin(Result, Result.id == latest.c.result_id)
-        .group_by(Series.study_id)
-        .subquery("study_summary")
-    )
-
-
-def priority_rank(summary: Subquery) -> ColumnElement[int]:
-    """:class:`Priority` of a study, from its summary row."""
-    return case(
-        (summary.c.max_probability.is_(None), int(Priority.unclassified)),
-        (summary.c.flagged == 1, int(Priority.fracture)),
-        else_=int(Priority.no_fracture),
-    )
-
-
-def priority_order(summary: Subquery) -> list[UnaryExpression[Any]]:
-    """THE worklist order (the one place it is written): level, then probability, highest
-    first, then the newest study; the id makes pages stable."""
-    return [
-        priority_rank(summary).asc(),
-        summary.c.max_probability.desc(),
-        Study.last_received_at.desc(),
-        Study.id.desc(),
-    ]
 
 
 @dataclass(frozen=True)
@@ -122,38 +53,48 @@ class WorklistFilter:
     reviewed: bool | None = None
 
 
-def _filtered(criteria: WorklistFilter, summary: Subquery) -> Select[Any]:
-    query: Select[Any] = select(Study, summary).join(summary, summary.c.study_id == Study.id)
+def _conditions(criteria: WorklistFilter) -> tuple[list[ColumnElement[bool]], bool]:
+    """The WHERE terms of ``criteria`` over ``study_triage``, and whether they need the
+    ``studies`` row too (only the study date does: counting the rest joins nothing)."""
+    study = StudyTriage.study_id
+    terms: list[ColumnElement[bool]] = []
     if criteria.status is not None:
-        query = query.where(
+        terms.append(
             exists()
-            .where(Series.study_id == Study.id, Instance.series_id == Series.id)
+            .where(Series.study_id == study, Instance.series_id == Series.id)
             .where(Instance.status == criteria.status)
         )
     if criteria.priority is not None:
-        query = query.where(priority_rank(summary) == int(criteria.priority))
+        terms.append(StudyTriage.priority == int(criteria.priority))
     if criteria.modality:
-        query = query.where(
-            exists().where(Series.study_id == Study.id, Series.modality == criteria.modality)
-        )
+        terms.append(exists().where(Series.study_id == study, Series.modality == criteria.modality))
     if criteria.body_part:
-        query = query.where(
+        terms.append(
             exists().where(
-                Series.study_id == Study.id, Series.body_part_examined == criteria.body_part
+                Series.study_id == study, Series.body_part_examined == criteria.body_part
             )
         )
     if criteria.received_from is not None:
-        query = query.where(Study.last_received_at >= criteria.received_from)
+        terms.append(StudyTriage.last_received_at >= criteria.received_from)
     if criteria.received_to is not None:
-        query = query.where(Study.last_received_at <= criteria.received_to)
+        terms.append(StudyTriage.last_received_at <= criteria.received_to)
+    needs_study = bool(criteria.study_date_from or criteria.study_date_to)
     if criteria.study_date_from:
-        query = query.where(Study.study_date >= criteria.study_date_from)
+        terms.append(Study.study_date >= criteria.study_date_from)
     if criteria.study_date_to:
-        query = query.where(Study.study_date <= criteria.study_date_to)
+        terms.append(Study.study_date <= criteria.study_date_to)
     if criteria.reviewed is not None:
-        has_verdict = exists().where(RadiologistVerdict.study_id == Study.id)
-        query = query.where(has_verdict if criteria.reviewed else ~has_verdict)
-    return query
+        has_verdict = exists().where(RadiologistVerdict.study_id == study)
+        terms.append(has_verdict if criteria.reviewed else ~has_verdict)
+    return terms, needs_study
+
+
+def count_studies(session: Session, criteria: WorklistFilter) -> int:
+    terms, needs_study = _conditions(criteria)
+    query = select(func.count()).select_from(StudyTriage)
+    if needs_study:
+        query = query.join(Study, Study.id == StudyTriage.study_id)
+    return int(session.scalar(query.where(*terms)) or 0)
 
 
 @dataclass(frozen=True)
@@ -177,12 +118,13 @@ def worklist_page(
     include_patient: bool = False,
 ) -> WorklistPage:
     """One page of the worklist (``page`` counts from 1) and the number of matching studies."""
-    summary = study_summary()
-    query = _filtered(criteria, summary)
-    total = int(session.scalar(select(func.count()).select_from(query.subquery())) or 0)
+    terms, _ = _conditions(criteria)
+    total = count_studies(session, criteria)
     rows = session.execute(
-        query.add_columns(priority_rank(summary).label("priority"))
-        .order_by(*priority_order(summary))
+        select(Study, StudyTriage)
+        .join(StudyTriage, StudyTriage.study_id == Study.id)
+        .where(*terms)
+        .order_by(*priority_order())
         .limit(page_size)
         .offset((page - 1) * page_size)
     ).all()
@@ -192,22 +134,25 @@ def worklist_page(
     entries = []
     for row in rows:
         study: Study = row.Study
+        summary: StudyTriage = row.StudyTriage
         verdict = latest_verdicts.get(study.id)
         report = latest_reports.get(study.id)
-        first, last_result = row.first_received_at, row.last_result_at
+        first, last_result = summary.first_received_at, summary.last_result_at
         entry: dict[str, Any] = {
             "study_instance_uid": study.study_instance_uid,
-            "priority": Priority(row.priority).name,
-            "fracture": None if row.max_probability is None else bool(row.flagged),
+            "priority": Priority(summary.priority).name,
+            "fracture": None
+            if summary.priority == Priority.unclassified
+            else summary.priority == Priority.fracture,
             "max_probability": None
-            if row.max_probability is None
-            else round(float(row.max_probability), 6),
-            "instances": int(row.instances),
-            "classified": int(row.classified or 0),
-            "failed": int(row.failed or 0),
-            "waiting": int(row.instances) - int(row.classified or 0) - int(row.failed or 0),
-            "modality": row.modality,
-            "body_part_examined": row.body_part_examined,
+            if summary.max_probability is None
+            else round(float(summary.max_probability), 6),
+            "instances": summary.instances,
+            "classified": summary.classified,
+            "failed": summary.failed,
+            "waiting": summary.instances - summary.classified - summary.failed,
+            "modality": summary.modality,
+            "body_part_examined": summary.body_part_examined,
             "study_date": study.study_date,
             "study_description": study.study_description,
             "first_received_at": _iso(first),

@@ -1,5 +1,6 @@
 """The web application: users, API tokens, browser sessions, radiologists' verdicts, the audit
-trail, and the indexes the worklist's filters use.
+trail, the worklist's per-study summary (filled from the studies already stored) and the
+indexes the worklist's filters use.
 
 Revision ID: 0006
 Revises: 0003
@@ -78,9 +79,61 @@ def upgrade() -> None:
     op.create_index("ix_series_modality", "series", ["modality"])
     op.create_index("ix_series_body_part_examined", "series", ["body_part_examined"])
     op.create_index("ix_instances_series_status", "instances", ["series_id", "status"])
+    op.create_table(
+        "study_triage",
+        sa.Column("study_id", sa.Integer(), sa.ForeignKey("studies.id"), primary_key=True),
+        sa.Column("priority", sa.Integer(), nullable=False),
+        sa.Column("max_probability", sa.Float(), nullable=True),
+        sa.Column("last_received_at", _TZ, nullable=False),
+        sa.Column("instances", sa.Integer(), nullable=False),
+        sa.Column("classified", sa.Integer(), nullable=False),
+        sa.Column("failed", sa.Integer(), nullable=False),
+        sa.Column("first_received_at", _TZ, nullable=True),
+        sa.Column("last_result_at", _TZ, nullable=True),
+        sa.Column("modality", sa.String(16), nullable=True),
+        sa.Column("body_part_examined", sa.String(64), nullable=True),
+    )
+    op.create_index(
+        "ix_study_triage_order",
+        "study_triage",
+        ["priority", "max_probability", "last_received_at", "study_id"],
+    )
+    # The summary of what is stored already, as db.triage computes it at this revision
+    # (written out here: a migration must not change when the application code does).
+    op.execute(_BACKFILL)
+
+
+_DONE_PROBABILITY = "CASE WHEN i.status = 'done' THEN r.probability END"
+_BACKFILL = f"""
+INSERT INTO study_triage (study_id, priority, max_probability, last_received_at, instances,
+    classified, failed, first_received_at, last_result_at, modality, body_part_examined)
+SELECT se.study_id,
+    CASE WHEN MAX({_DONE_PROBABILITY}) IS NULL THEN 0
+         WHEN MAX(CASE WHEN i.status = 'done' AND r.id IS NOT NULL
+                       THEN CASE WHEN r.fracture THEN 1 ELSE 0 END END) = 1 THEN 3
+         ELSE 1 END,
+    MAX({_DONE_PROBABILITY}),
+    MAX(st.last_received_at),
+    COUNT(i.id),
+    SUM(CASE WHEN i.status = 'done' THEN 1 ELSE 0 END),
+    SUM(CASE WHEN i.status = 'failed' THEN 1 ELSE 0 END),
+    MIN(i.received_at),
+    MAX(CASE WHEN i.status = 'done' THEN r.created_at END),
+    MAX(se.modality),
+    MAX(se.body_part_examined)
+FROM instances i
+JOIN series se ON i.series_id = se.id
+JOIN studies st ON st.id = se.study_id
+LEFT JOIN (SELECT instance_id, MAX(id) AS result_id FROM results GROUP BY instance_id) lr
+    ON lr.instance_id = i.id
+LEFT JOIN results r ON r.id = lr.result_id
+GROUP BY se.study_id
+"""
 
 
 def downgrade() -> None:
+    op.drop_index("ix_study_triage_order", "study_triage")
+    op.drop_table("study_triage")
     op.drop_index("ix_instances_series_status", "instances")
     op.drop_index("ix_series_body_part_examined", "series")
     op.drop_index("ix_series_modality", "series")
