@@ -23,7 +23,7 @@ from api.routes_api import (
     worklist_filter,
 )
 from api.templating import render
-from db import accounts, audit, node_state, reviews
+from db import accounts, audit, node_state, performance, reviews
 from db.worklist import WorklistFilter, worklist_page
 
 router = APIRouter(include_in_schema=False)
@@ -98,6 +98,13 @@ def verdict_form(
     )
     session.commit()
     return RedirectResponse(f"/studies/{study_uid}#verdicts", status_code=303)
+
+
+@router.get("/performance")
+def performance_page(request: Request, session: DbSession, user: PageUser) -> Response:
+    return render(
+        request, "performance.html", {"user": user, "report": performance.report(session)}
+    )
 
 
 @router.get("/admin")

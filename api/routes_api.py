@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from api.deps import ApiAdmin, ApiPrincipal, AppSettings, DbSession, check_csrf, client_address
 from api.preview import PreprocessError, render_preview
-from db import audit, reviews
+from db import audit, performance, reviews
 from db.accounts import Principal
 from db.models import AuditEvent, InstanceStatus, RadiologistVerdict, Study
 from db.repository import as_utc
@@ -231,6 +231,13 @@ def get_results(
     """What ``fracture-triage results --json`` prints (without patient identifiers), paged."""
     rows = collect_results(session, study, limit=page_size, offset=(page - 1) * page_size)
     return {"page": page, "page_size": page_size, "results": rows}
+
+
+@router.get("/performance")
+def get_performance(session: DbSession, principal: ApiPrincipal) -> dict[str, Any]:
+    """The model's flags against the radiologists' verdicts at this site (``db.performance``):
+    sensitivity, specificity and PPV with 95 % intervals, overall, by week and by body part."""
+    return performance.report(session)
 
 
 @router.get("/audit")

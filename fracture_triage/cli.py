@@ -35,7 +35,17 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 
 #: Commands that run a node role: the schema is migrated before they start (``up``'s
 #: children are told it was done already).
-MIGRATING_COMMANDS = ("up", "scp", "worker", "sweeper", "api", "user", "token", "audit")
+MIGRATING_COMMANDS = (
+    "up",
+    "scp",
+    "worker",
+    "sweeper",
+    "api",
+    "user",
+    "token",
+    "audit",
+    "calibrate",
+)
 
 #: Commands that ``model.cli.add_commands`` registers (imported only when one of them runs,
 #: or for the full ``--help``).

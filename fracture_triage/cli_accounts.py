@@ -1,6 +1,7 @@
-"""``fracture-triage user``, ``token`` and ``audit``: accounts, API tokens and the audit trail
-of the web application, managed on the node's machine (whoever can run these can read the
-database anyway). Secrets are printed once and stored as hashes only (``db.accounts``).
+"""``fracture-triage user``, ``token``, ``audit`` and ``calibrate``: accounts, API tokens, the
+audit trail and the site threshold proposal of the web application, run on the node's
+machine (whoever can run these can read the database anyway). Secrets are printed once and
+stored as hashes only (``db.accounts``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from fracture_triage.settings import Settings
 
 #: The commands this module adds (their database is migrated first, like the roles').
-COMMANDS = ("user", "token", "audit")
+COMMANDS = ("user", "token", "audit", "calibrate")
 
 
 def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -64,6 +65,15 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None]) ->
     audit.add_argument("--study", metavar="STUDY_INSTANCE_UID")
     audit.add_argument("--json", action="store_true", help="one JSON object per line")
     audit.set_defaults(handler=cmd_audit)
+
+    calibrate = sub.add_parser(
+        "calibrate",
+        help="propose a site threshold from the radiologists' verdicts (shown, not applied)",
+    )
+    common(calibrate)
+    calibrate.add_argument("--target-sensitivity", type=float, default=0.95)
+    calibrate.add_argument("--json", action="store_true")
+    calibrate.set_defaults(handler=cmd_calibrate)
 
 
 def _in_session(settings: Settings, work: Callable[[Any], int]) -> int:
@@ -224,3 +234,45 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
         return 0
 
     return _in_session(settings, work)
+
+
+def cmd_calibrate(args: argparse.Namespace, settings: Settings) -> int:
+    """The highest study threshold keeping the target sensitivity on the reviewed studies,
+    beside the model's own figures. Nothing is changed: the threshold is the model card's."""
+    from db import performance
+
+    if not 0 < args.target_sensitivity <= 1:
+        print("error: --target-sensitivity must be in (0, 1]", file=sys.stderr)
+        return 2
+
+    def work(session: Any) -> int:
+        found = performance.cases(session)
+        current = performance.confusion(found)
+        proposal = performance.propose_threshold(found, args.target_sensitivity)
+        if args.json:
+            print(json.dumps({"current": current, "proposal": proposal}))
+            return 0 if proposal else 1
+        print(f"{current['cases']} reviewed studies with a model decision")
+        print(f"model as configured: {_rates(current)}")
+        if proposal is None:
+            print("no verdict of fracture yet: no threshold can be proposed")
+            return 1
+        print(
+            f"proposed threshold {proposal['threshold']:.4f} for sensitivity >= "
+            f"{args.target_sensitivity:g}: {_rates(proposal)}"
+        )
+        print("not applied: the node keeps the model card's threshold")
+        return 0
+
+    return _in_session(settings, work)
+
+
+def _rates(c: dict[str, Any]) -> str:
+    def one(name: str) -> str:
+        r = c[name]
+        if r["value"] is None:
+            return f"{name} -"
+        return f"{name} {r['value']:.3f} ({r['low']:.3f}-{r['high']:.3f})"
+
+    parts = [one("sensitivity"), one("specificity"), one("ppv")]
+    return ", ".join(parts) + f" [TP {c['tp']} FP {c['fp']} TN {c['tn']} FN {c['fn']}]"
