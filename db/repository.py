@@ -165,11 +165,11 @@ def record_received(session: Session, rec: ReceivedInstance) -> tuple[Instance, 
     _take_received(session, instance, rec)
     session.add(instance)
     session.flush()
-    _refresh_triage(session, instance.series.study_id)
+    refresh_triage(session, instance.series.study_id)
     return instance, True
 
 
-def _refresh_triage(session: Session, *study_ids: int | None) -> None:
+def refresh_triage(session: Session, *study_ids: int | None) -> None:
     """Bring the worklist summary of these studies up to date (``db.triage``), in the
     writer's transaction: every write below that changes a study's images calls it."""
     session.flush()
@@ -188,7 +188,7 @@ def reopen_refused(session: Session, instance: Instance, rec: ReceivedInstance) 
     before = instance.series.study_id if instance.series is not None else None
     _take_received(session, instance, rec)
     session.flush()
-    _refresh_triage(session, before, instance.series.study_id)
+    refresh_triage(session, before, instance.series.study_id)
     return instance
 
 
@@ -213,7 +213,7 @@ def replace_conflicting(session: Session, instance: Instance, rec: ReceivedInsta
     if before is not None and before.study_instance_uid != rec.study_instance_uid:
         before.revision = (before.revision or 0) + 1
     session.flush()
-    _refresh_triage(session, before.id if before else None, instance.series.study_id)
+    refresh_triage(session, before.id if before else None, instance.series.study_id)
     return instance
 
 
@@ -231,7 +231,7 @@ def mark_failed(session: Session, instance_id: int, reason: str) -> None:
         return
     instance.status = InstanceStatus.failed
     instance.failure_reason = reason[:2000]
-    _refresh_triage(session, instance.series.study_id)
+    refresh_triage(session, instance.series.study_id)
 
 
 def pending_instances(session: Session, limit: int = 500) -> Sequence[Instance]:
@@ -304,7 +304,7 @@ def save_result(session: Session, instance_id: int, c: Classification) -> Result
         instance.status = InstanceStatus.done
         instance.failure_reason = None
     if instance is not None:
-        _refresh_triage(session, instance.series.study_id)
+        refresh_triage(session, instance.series.study_id)
     return existing
 
 

@@ -196,3 +196,22 @@ def test_login_page_refuses_open_redirects(app: WebApp) -> None:
         page = c.get("/login?next=//evil.example/")
         assert 'name="next" value="/worklist"' in page.text
         assert json.dumps("//evil.example/") not in page.text
+
+
+def test_an_expired_session_goes_back_to_the_login(app: WebApp) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from db.models import WebSession
+    from db.repository import utcnow
+
+    client, _ = login(app)
+    engine = make_engine(app.settings.resolved_database_url)
+    with make_session_factory(engine)() as s:
+        s.execute(update(WebSession).values(expires_at=utcnow() - timedelta(seconds=1)))
+        s.commit()
+    engine.dispose()
+    with closing(client):
+        assert client.get("/worklist").headers["location"] == "/login?next=/worklist"
+        assert client.get("/api/v1/worklist").status_code == 401
