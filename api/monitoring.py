@@ -48,9 +48,30 @@ def is_loopback(address: str | None) -> bool:
 class NodeCollector(Collector):
     """The node's state as gauges, read when scraped."""
 
-    def __init__(self, sessions: sessionmaker[Session], data_dir_free: Iterator[float]) -> None:
+    def __init__(
+        self, sessions: sessionmaker[Session], data_dir_free: Iterator[float], broker_url: str
+    ) -> None:
         self.sessions = sessions
         self.data_dir_free = data_dir_free
+        self.broker_url = broker_url
+
+    def queue_depth(self) -> int | None:
+        """Messages waiting on the node's queue, or None when the broker does not answer
+        within half a second (a scrape must not hang on it)."""
+        import redis
+
+        from fracture_triage.messages import QUEUE
+
+        try:
+            client = redis.Redis.from_url(
+                self.broker_url, socket_timeout=0.5, socket_connect_timeout=0.5
+            )
+            try:
+                return int(client.llen(QUEUE))
+            finally:
+                client.close()
+        except (redis.RedisError, OSError, ValueError):
+            return None
 
     def collect(self) -> Iterator[Metric]:
         with self.sessions() as session:
@@ -58,6 +79,7 @@ class NodeCollector(Collector):
             reports = node_state.sr_counts(session)
             studies = node_state.study_count(session)
             report_failures = node_state.report_failures(session)
+            refused = node_state.refused_count(session)
         by_status = GaugeMetricFamily(
             "fracture_triage_instances", "Received instances by state", labels=["status"]
         )
@@ -77,6 +99,19 @@ class NodeCollector(Collector):
             value=report_failures,
         )
         yield GaugeMetricFamily(
+            "fracture_triage_refused_instances",
+            "Objects the SCP refused (counted among the failed instances)",
+            value=refused,
+        )
+        depth = self.queue_depth()
+        yield GaugeMetricFamily(
+            "fracture_triage_broker_up", "Whether the broker answered", value=int(depth is not None)
+        )
+        if depth is not None:
+            yield GaugeMetricFamily(
+                "fracture_triage_queue_depth", "Messages waiting on the queue", value=depth
+            )
+        yield GaugeMetricFamily(
             "fracture_triage_data_dir_free_bytes",
             "Free bytes of the data directory's file system",
             value=next(self.data_dir_free),
@@ -91,7 +126,7 @@ def _free_bytes(settings: AppSettings) -> Iterator[float]:
 
 def make_registry(sessions: sessionmaker[Session], settings: AppSettings) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NodeCollector(sessions, _free_bytes(settings)))
+    registry.register(NodeCollector(sessions, _free_bytes(settings), settings.broker_url))
     return registry
 
 

@@ -6,6 +6,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.models import Instance, InstanceStatus, SendStatus, SRDocument, Study
+from db.repository import REFUSED_PREFIX
 
 
 def instance_counts(session: Session) -> dict[str, int]:
@@ -37,6 +38,18 @@ def report_failures(session: Session) -> int:
     return int(
         session.scalar(
             select(func.count()).select_from(Study).where(Study.report_failure.is_not(None))
+        )
+        or 0
+    )
+
+
+def refused_count(session: Session) -> int:
+    """Objects the SCP refused (recorded as failed with the SCP's reason)."""
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(Instance)
+            .where(Instance.failure_reason.startswith(REFUSED_PREFIX))
         )
         or 0
     )

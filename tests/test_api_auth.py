@@ -215,3 +215,31 @@ def test_an_expired_session_goes_back_to_the_login(app: WebApp) -> None:
     with closing(client):
         assert client.get("/worklist").headers["location"] == "/login?next=/worklist"
         assert client.get("/api/v1/worklist").status_code == 401
+
+
+def test_metrics_count_the_broker_queue(tmp_path: Path, redis: object) -> None:
+    import redis as redis_client
+
+    from fracture_triage.messages import QUEUE
+
+    url = getattr(redis, "url")  # noqa: B009 - the fixture's RedisServer
+    with serve(f"sqlite:///{tmp_path / 'triage.db'}", tmp_path, broker_url=url) as app:
+        r = redis_client.Redis.from_url(url)
+        r.delete(QUEUE)
+        r.rpush(QUEUE, b"a", b"b", b"c")
+        with app.client() as c:
+            text = c.get("/metrics").text
+        r.delete(QUEUE)
+        r.close()
+    assert "fracture_triage_broker_up 1.0" in text
+    assert "fracture_triage_queue_depth 3.0" in text
+
+
+def test_metrics_without_a_broker_say_so(tmp_path: Path) -> None:
+    from tests.servers import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    db = f"sqlite:///{tmp_path / 'triage.db'}"
+    with serve(db, tmp_path, broker_url=url) as app, app.client() as c:
+        text = c.get("/metrics").text
+    assert "fracture_triage_broker_up 0.0" in text and "queue_depth" not in text
