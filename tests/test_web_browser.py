@@ -58,6 +58,24 @@ def app(tmp_path: Path, dicom_samples: Path) -> Iterator[WebApp]:
         yield served
 
 
+STUDY_NEW = "1.2.826.0.1.3680043.8.498.600"
+
+
+def _add_flagged_study(app: WebApp, study: str, probability: float) -> None:
+    from db import repository as repo
+    from db.session import make_engine, make_session_factory
+    from tests.test_cli_results import _rec
+
+    engine = make_engine(app.settings.resolved_database_url)
+    with make_session_factory(engine)() as s:
+        inst, _ = repo.record_received(s, _rec(study, 1))
+        repo.save_result(
+            s, inst.id, repo.Classification(probability, 0.5, True, "mnv2", "1.0", "2.25.7", 1, 1)
+        )
+        s.commit()
+    engine.dispose()
+
+
 def _artifacts(tmp_path: Path) -> Path:
     folder = Path(os.environ.get("FRACTURE_TRIAGE_ARTIFACTS", tmp_path / "artifacts"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -97,14 +115,26 @@ def test_radiologist_reads_the_worklist_in_chromium(
     assert "likely fracture" in rows[0].text and PATIENT_NAME in rows[0].text
     c.save_screenshot(str(shots / "worklist.png"))
 
+    # A study classified now appears at the top without a reload (the page refreshes its
+    # table every 20 s in place).
+    marker = c.execute_script("window.fxtMarker = 1; return window.fxtMarker;")
+    _add_flagged_study(app, STUDY_NEW, 0.99)
+    WebDriverWait(c, 60).until(
+        lambda d: (
+            d.find_element(By.CSS_SELECTOR, "#worklist tr.study").get_attribute("data-href")
+            == f"/studies/{STUDY_NEW}"
+        )
+    )
+    assert c.execute_script("return window.fxtMarker;") == marker  # the same page, not reloaded
+
     # Keyboard: j moves to the first row, Enter opens it.
     wait.until(lambda d: d.execute_script("return document.readyState") == "complete")
     c.find_element(By.TAG_NAME, "body").send_keys("j")
-    first_row = f'tr[data-href="/studies/{STUDY_A}"]'
+    first_row = f'tr[data-href="/studies/{STUDY_NEW}"]'
     wait.until(lambda d: d.switch_to.active_element.get_attribute("data-href") is not None)
     assert c.switch_to.active_element == c.find_element(By.CSS_SELECTOR, first_row)
     c.switch_to.active_element.send_keys(Keys.ENTER)
-    wait.until(EC.url_to_be(f"{app.url}/studies/{STUDY_A}"))
+    wait.until(EC.url_to_be(f"{app.url}/studies/{STUDY_NEW}"))
 
     c.get(f"{app.url}/studies/{STUDY_E}")
     image = c.find_element(By.CSS_SELECTOR, ".image img")
