@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import socket
 import statistics
 import sys
 import tempfile
@@ -128,16 +129,18 @@ def measure(url: str, token: str, requests: int) -> dict[str, Any]:
     import uvicorn
 
     from api.server import make_server
-    from fracture_triage.up import free_port, wait_for_port
 
-    port = free_port()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
     settings = Settings(data_dir=Path(tempfile.mkdtemp()), database_url=url, http_port=port)
     server = make_server(settings)
     assert isinstance(server, uvicorn.Server)
     server.config.access_log = False
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    wait_for_port("127.0.0.1", port, 30, [])
+    while not server.started:
+        time.sleep(0.05)
     figures: dict[str, Any] = {}
     cases = {
         "first_page": {},
