@@ -20,20 +20,27 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.deps import AppSettings, MaybePrincipal, client_address
 from db import node_state
+from fracture_triage.disk import storage_health
 
 router = APIRouter(include_in_schema=False)
 
 
 @router.get("/health")
-def health(request: Request) -> Response:
-    """200 when the database answers, else 503 (no credentials: for load balancers)."""
+def health(request: Request, settings: AppSettings) -> Response:
+    """200 ``{"status": "ok", "storage": {...}}`` when the database answers and the data
+    directory is above its free-space watermark (``fracture_triage.disk``); 503 with
+    ``"status": "storage low"`` while the SCP refuses C-STOREs for space, or when the
+    database does not answer (no credentials: for load balancers)."""
     sessions: sessionmaker[Session] = request.app.state.sessions
     try:
         with sessions() as session:
             session.execute(text("SELECT 1"))
     except Exception:  # noqa: BLE001 - any database failure is "unavailable"
         return JSONResponse({"status": "unavailable", "error": "database unavailable"}, 503)
-    return JSONResponse({"status": "ok"})
+    storage = storage_health(settings)
+    if storage["status"] != "ok":
+        return JSONResponse({"status": f"storage {storage['status']}", "storage": storage}, 503)
+    return JSONResponse({"status": "ok", "storage": storage})
 
 
 def is_loopback(address: str | None) -> bool:

@@ -2,7 +2,8 @@
 
 Each study with a radiologist's verdict that says fracture or no fracture (the newest such
 verdict counts) and a model decision (at least one classified image) is one case: the model's
-flag (``study_triage.priority``) against the verdict. Sensitivity, specificity and PPV come
+flag (``study_triage.priority`` fracture or doubt: flagged at the lower threshold) against
+the verdict. Sensitivity, specificity and PPV come
 with 95 % Wilson score intervals (Wilson 1927; exact enough for the small counts of a site),
 overall, by ISO week of the verdict and by body part. :func:`propose_threshold` suggests the
 highest study-probability threshold that keeps a target sensitivity on these cases; it is
@@ -54,7 +55,7 @@ def cases(session: Session) -> list[Case]:
     return [
         Case(
             study_id=v.study_id,
-            model_flag=t.priority == int(Priority.fracture),
+            model_flag=t.priority >= int(Priority.doubt),
             probability=float(t.max_probability or 0.0),
             truth=bool(v.fracture),
             body_part=t.body_part_examined,

@@ -8,11 +8,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import Instance, RadiologistVerdict, Result, Series, SRDocument, Study
+from db.models import (
+    Evidence,
+    Instance,
+    RadiologistVerdict,
+    Result,
+    Series,
+    SRDocument,
+    Study,
+)
 from db.repository import as_utc, utcnow
+from db.triage import latest_results
 from db.worklist import verdict_dict
 from fracture_triage.attributes import PATIENT_IDENTIFIERS, STUDY_FIELDS
 from fracture_triage.verdict import study_verdict
@@ -72,26 +81,25 @@ def verdict_history(session: Session, study: Study) -> list[RadiologistVerdict]:
 
 
 def study_detail(session: Session, study: Study, *, include_patient: bool) -> dict[str, Any]:
-    """The study, its images (probability, decision, failure reason), its SRs and verdicts."""
-    latest = (
-        select(Result.instance_id, func.max(Result.id).label("result_id"))
-        .group_by(Result.instance_id)
-        .subquery()
-    )
+    """The study, its images (probability, decision, failure reason, evidence Secondary
+    Capture), its SRs and verdicts. The study's ``decision`` is ``verdict.study_verdict``'s,
+    the rule ``db.triage`` ranks the worklist by."""
+    latest = latest_results()
     rows = session.execute(
-        select(Instance, Series, Result)
+        select(Instance, Series, Result, Evidence)
         .join(Series, Instance.series_id == Series.id)
         .outerjoin(latest, latest.c.instance_id == Instance.id)
         .outerjoin(Result, Result.id == latest.c.result_id)
+        .outerjoin(Evidence, Evidence.result_id == Result.id)
         .where(Series.study_id == study.id)
         .order_by(Series.id, Instance.id)
     ).tuples()
     images: list[dict[str, Any]] = []
-    scores: list[tuple[float | None, bool | None]] = []
-    for instance, series, result in rows:
+    scores: list[tuple[float | None, bool | None, str | None]] = []
+    for instance, series, result, evidence in rows:
         counted = result is not None and instance.status.value == "done"
         if counted and result is not None:
-            scores.append((result.probability, result.fracture))
+            scores.append((result.probability, result.fracture, result.decision.value))
         images.append(
             {
                 "sop_instance_uid": instance.sop_instance_uid,
@@ -105,10 +113,13 @@ def study_detail(session: Session, study: Study, *, include_patient: bool) -> di
                 "failure_reason": instance.failure_reason,
                 "probability": None if result is None else round(float(result.probability), 6),
                 "fracture": None if result is None else bool(result.fracture),
+                "decision": None if result is None else result.decision.value,
                 "threshold": None if result is None else float(result.threshold),
+                "upper_threshold": None if result is None else float(result.upper_threshold),
                 "model": None if result is None else f"{result.model_name} {result.model_version}",
-                # No evidence maps yet (the model produces none); the field is kept for them.
-                "evidence": None,
+                # The result's evidence Secondary Capture (heat map): produced at its path,
+                # or why not; None while there is no result (or it predates evidence).
+                "evidence": None if evidence is None else evidence_dict(evidence),
             }
         )
     verdict = study_verdict(scores)
@@ -120,6 +131,7 @@ def study_detail(session: Session, study: Study, *, include_patient: bool) -> di
         **{k: getattr(study, k) for k in STUDY_FIELDS if k not in PATIENT_IDENTIFIERS},
         "last_received_at": as_utc(study.last_received_at).isoformat(),
         "fracture": verdict.fracture if verdict.assessed else None,
+        "decision": None if verdict.decision is None else verdict.decision.value,
         "max_probability": verdict.probability,
         "report_failure": study.report_failure,
         "images": images,
@@ -142,3 +154,14 @@ def study_detail(session: Session, study: Study, *, include_patient: bool) -> di
         for name in PATIENT_IDENTIFIERS:
             detail[name] = getattr(study, name)
     return detail
+
+
+def evidence_dict(evidence: Evidence) -> dict[str, Any]:
+    """The evidence Secondary Capture of one result as the study page and API show it."""
+    return {
+        "state": evidence.state.value,
+        "path": evidence.path,
+        "reason": evidence.reason,
+        "sop_instance_uid": evidence.sop_instance_uid,
+        "send_status": evidence.send_status.value,
+    }

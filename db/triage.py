@@ -7,9 +7,12 @@ so two writers of one study cannot leave a stale summary. :func:`priority_order`
 place the triage order is written: highest :class:`Priority` first, then the highest
 probability, then the newest study.
 
-The study flag is the rule of ``fracture_triage.verdict.study_verdict`` as SQL aggregates: a
-study is flagged when any classified image is, its probability is the highest image
-probability, and images without a result count neither way. Imports only ``db.models``.
+A study's priority is its decision, ``fracture_triage.verdict.study_decision`` as an SQL
+aggregate: the highest level among the latest results of its classified images (fracture >
+doubt > no fracture), unclassified when none is classified; its probability is the highest
+image probability. Images without a result (failed, waiting) count neither way.
+``fracture-triage results`` takes each study's decision from :func:`study_priorities`, the
+same expression computed now, so the worklist and the results never disagree.
 """
 
 from __future__ import annotations
@@ -17,45 +20,61 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, case, delete, func, insert, select
+from sqlalchemy import ColumnElement, Select, Subquery, and_, case, delete, func, insert, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import UnaryExpression
 
 from db.models import Instance, InstanceStatus, Result, Series, Study, StudyTriage
+from fracture_triage.verdict import Decision
 
 
 class Priority(enum.IntEnum):
-    """The worklist's levels; higher is read first. (Room is left at 2 for a "doubt" level
-    between the two once the model reports three.)"""
+    """The worklist's levels; higher is read first: a study's decision, or unclassified."""
 
     unclassified = 0
     no_fracture = 1
+    doubt = 2
     fracture = 3
 
 
-def _aggregate() -> Select[*tuple[Any, ...]]:
-    """Per study: counts by state, highest probability, flag, times, modality, body part."""
-    latest = (
+#: The priority of each decision level: their order is ``verdict.DECISION_ORDER``'s (a test
+#: holds the two equal), so the highest priority of a study's images is its study decision.
+DECISION_PRIORITY: dict[Decision, Priority] = {
+    Decision.fracture: Priority.fracture,
+    Decision.doubt: Priority.doubt,
+    Decision.no_fracture: Priority.no_fracture,
+}
+
+
+def decision_of_priority(priority: int | None) -> Decision | None:
+    """The study decision a :class:`Priority` stands for (None: nothing classified)."""
+    found = [d for d, p in DECISION_PRIORITY.items() if p == priority]
+    return found[0] if found else None
+
+
+def latest_results() -> Subquery:
+    """``(instance_id, result_id)``: the newest result of each instance, whatever the model
+    version (a result of another model is still the instance's result)."""
+    return (
         select(Result.instance_id, func.max(Result.id).label("result_id"))
         .group_by(Result.instance_id)
         .subquery("latest_result")
     )
-    done = Instance.status == InstanceStatus.done
-    counted_flag = case((and_(done, Result.id.is_not(None)), case((Result.fracture, 1), else_=0)))
-    max_probability = func.max(case((done, Result.probability)))
+
+
+def _image_priority() -> ColumnElement[Any]:
+    """Per joined row: the :class:`Priority` of a classified image's latest decision, NULL
+    for an image without one (failed, waiting)."""
+    done = and_(Instance.status == InstanceStatus.done, Result.id.is_not(None))
+    by_decision = case({d: int(p) for d, p in DECISION_PRIORITY.items()}, value=Result.decision)
+    return case((done, by_decision))
+
+
+def _from_images(*columns: ColumnElement[Any]) -> Select[*tuple[Any, ...]]:
+    """``columns`` per study, over its instances joined to their latest results."""
+    latest = latest_results()
     return (
-        select(
-            Series.study_id.label("study_id"),
-            priority_rank(max_probability, func.max(counted_flag)).label("priority"),
-            max_probability.label("max_probability"),
-            func.count(Instance.id).label("instances"),
-            func.sum(case((done, 1), else_=0)).label("classified"),
-            func.sum(case((Instance.status == InstanceStatus.failed, 1), else_=0)).label("failed"),
-            func.min(Instance.received_at).label("first_received_at"),
-            func.max(case((done, Result.created_at))).label("last_result_at"),
-            func.max(Series.modality).label("modality"),
-            func.max(Series.body_part_examined).label("body_part_examined"),
-        )
+        select(Series.study_id.label("study_id"), *columns)
         .select_from(Instance)
         .join(Series, Instance.series_id == Series.id)
         .outerjoin(latest, latest.c.instance_id == Instance.id)
@@ -64,16 +83,37 @@ def _aggregate() -> Select[*tuple[Any, ...]]:
     )
 
 
-def priority_rank(
-    max_probability: ColumnElement[Any], flagged: ColumnElement[Any]
-) -> ColumnElement[int]:
-    """:class:`Priority` of a study from its aggregates (highest probability, any image
-    flagged). The three-level model decision plugs in here."""
-    return case(
-        (max_probability.is_(None), int(Priority.unclassified)),
-        (flagged == 1, int(Priority.fracture)),
-        else_=int(Priority.no_fracture),
+def study_priorities() -> Subquery:
+    """``(study_id, priority)`` of every study with an instance, computed now from its
+    results (what :func:`refresh_study` stores): ``fracture-triage results`` reads its
+    ``study_decision`` here."""
+    return _from_images(priority_rank(func.max(_image_priority())).label("priority")).subquery(
+        "study_priority"
     )
+
+
+def _aggregate() -> Select[*tuple[Any, ...]]:
+    """Per study: priority, counts by state, highest probability, times, modality, body
+    part."""
+    done = Instance.status == InstanceStatus.done
+    max_probability = func.max(case((done, Result.probability)))
+    return _from_images(
+        priority_rank(func.max(_image_priority())).label("priority"),
+        max_probability.label("max_probability"),
+        func.count(Instance.id).label("instances"),
+        func.sum(case((done, 1), else_=0)).label("classified"),
+        func.sum(case((Instance.status == InstanceStatus.failed, 1), else_=0)).label("failed"),
+        func.min(Instance.received_at).label("first_received_at"),
+        func.max(case((done, Result.created_at))).label("last_result_at"),
+        func.max(Series.modality).label("modality"),
+        func.max(Series.body_part_examined).label("body_part_examined"),
+    )
+
+
+def priority_rank(highest_image_priority: ColumnElement[Any]) -> ColumnElement[int]:
+    """:class:`Priority` of a study from the highest :class:`Priority` of its classified
+    images' decisions (``verdict.study_decision``): unclassified when it has none."""
+    return func.coalesce(highest_image_priority, int(Priority.unclassified))
 
 
 def priority_order() -> list[UnaryExpression[Any]]:

@@ -3,8 +3,9 @@
 Filtering, ordering and paging run in the database (``GET /api/v1/worklist`` and the worklist
 page both call :func:`worklist_page`) over the per-study summary ``study_triage`` that the
 repository keeps current (``db.triage``); the order is ``db.triage.priority_order`` alone:
-flagged studies by their highest probability, then the others by highest probability,
-unclassified studies last (newest received first within a tie).
+the study's decision (fracture, then doubt, then no fracture; ``verdict.study_decision``),
+each by highest probability, unclassified studies last (newest received first within a
+tie).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from db.models import (
     StudyTriage,
 )
 from db.repository import as_utc
-from db.triage import Priority, priority_order
+from db.triage import Priority, decision_of_priority, priority_order
 from fracture_triage.attributes import PATIENT_IDENTIFIERS
 
 
@@ -138,12 +139,14 @@ def worklist_page(
         verdict = latest_verdicts.get(study.id)
         report = latest_reports.get(study.id)
         first, last_result = summary.first_received_at, summary.last_result_at
+        decision = decision_of_priority(summary.priority)
         entry: dict[str, Any] = {
             "study_instance_uid": study.study_instance_uid,
             "priority": Priority(summary.priority).name,
-            "fracture": None
-            if summary.priority == Priority.unclassified
-            else summary.priority == Priority.fracture,
+            # The study decision; ``fracture`` is its flag at the lower threshold (fracture
+            # or doubt: a radiologist must look), None while nothing is classified.
+            "decision": None if decision is None else decision.value,
+            "fracture": None if decision is None else summary.priority >= Priority.doubt,
             "max_probability": None
             if summary.max_probability is None
             else round(float(summary.max_probability), 6),

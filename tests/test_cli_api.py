@@ -130,7 +130,8 @@ def test_api_role_serves_tokens_and_stops_on_sigterm(database_url: str, tmp_path
     try:
         wait_for_port(port, timeout=60)
         assert listening_addresses(port) == ["127.0.0.1"]
-        assert get(port, "/health") == (200, {"status": "ok"})
+        status, health = get(port, "/health")
+        assert (status, health["status"], health["storage"]["status"]) == (200, "ok", "ok")
         assert get(port, "/api/v1/worklist")[0] == 401
         assert get(port, "/api/v1/worklist?include_patient=true")[0] == 401
 

@@ -2,8 +2,8 @@
 trail, the worklist's per-study summary (filled from the studies already stored) and the
 indexes the worklist's filters use.
 
-Revision ID: 0006
-Revises: 0003
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-02 05:30:00
 """
 
@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0006"
-down_revision: str | Sequence[str] | None = "0003"
+revision: str = "0007"
+down_revision: str | Sequence[str] | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -98,8 +98,10 @@ def upgrade() -> None:
         "study_triage",
         ["priority", "max_probability", "last_received_at", "study_id"],
     )
-    # The summary of what is stored already, as db.triage computes it at this revision
-    # (written out here: a migration must not change when the application code does).
+    # The summary of what is stored already, as db.triage computes it at this revision (the
+    # priority is the study decision from results.decision, 0004: fracture 3, doubt 2, no
+    # fracture 1, unclassified 0), written out here: a migration must not change when the
+    # application code does.
     op.execute(_BACKFILL)
 
 
@@ -108,10 +110,9 @@ _BACKFILL = f"""
 INSERT INTO study_triage (study_id, priority, max_probability, last_received_at, instances,
     classified, failed, first_received_at, last_result_at, modality, body_part_examined)
 SELECT se.study_id,
-    CASE WHEN MAX({_DONE_PROBABILITY}) IS NULL THEN 0
-         WHEN MAX(CASE WHEN i.status = 'done' AND r.id IS NOT NULL
-                       THEN CASE WHEN r.fracture THEN 1 ELSE 0 END END) = 1 THEN 3
-         ELSE 1 END,
+    COALESCE(MAX(CASE WHEN i.status = 'done' AND r.id IS NOT NULL
+                      THEN CASE r.decision WHEN 'fracture' THEN 3 WHEN 'doubt' THEN 2
+                                           WHEN 'no fracture' THEN 1 END END), 0),
     MAX({_DONE_PROBABILITY}),
     MAX(st.last_received_at),
     COUNT(i.id),
