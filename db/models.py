@@ -15,6 +15,7 @@ from sqlalchemy import (
     Enum,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -254,3 +255,134 @@ class SRDocument(Base):
     purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     study: Mapped[Study] = relationship(back_populates="reports")
+
+
+# --------------------------------------------------------------------------- the web application
+# Accounts, sessions, the radiologists' verdicts and the audit trail (revision 0007). Secrets
+# are stored as hashes only: Argon2 for passwords, SHA-256 for random tokens (256 bits of
+# entropy need no slow hash, and every request checks one).
+
+
+class Role(enum.StrEnum):
+    """What an account or API token may do: radiologists read and give verdicts; admins also
+    read the audit trail and the node's state."""
+
+    radiologist = "radiologist"
+    admin = "admin"
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[Role] = mapped_column(Enum(Role, name="role", native_enum=False, length=16))
+    #: Argon2id, in the PHC string format argon2-cffi writes (parameters and salt included).
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    #: Set by ``fracture-triage user disable``: no login, and its sessions are ended.
+    disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[Role] = mapped_column(Enum(Role, name="role", native_enum=False, length=16))
+    #: SHA-256 (hex) of the token; the token itself is printed once and never stored.
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class WebSession(Base):
+    """A browser session: the cookie carries a random id, the row its SHA-256."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    session_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    #: The synchronizer token every form of this session must send back (CSRF).
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    user: Mapped[User] = relationship()
+
+
+class RadiologistVerdict(Base):
+    """A radiologist's reading of a study; rows are appended, never changed (the history)."""
+
+    __tablename__ = "radiologist_verdicts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    #: None: only the read state was recorded.
+    fracture: Mapped[bool | None] = mapped_column(Boolean)
+    comment: Mapped[str | None] = mapped_column(Text)
+    read: Mapped[bool] = mapped_column(Boolean, default=True)
+    #: Account or token name, and which of the two (``user`` or ``token``).
+    author: Mapped[str] = mapped_column(String(64))
+    author_kind: Mapped[str] = mapped_column(String(8))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class AuditEvent(Base):
+    """Who did what, when, from where: views of patient data, verdicts, logins, accounts."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    #: Account or token name (``token:NAME``); for a failed login, the name that was tried.
+    actor: Mapped[str] = mapped_column(String(80), index=True)
+    action: Mapped[str] = mapped_column(String(32), index=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    #: Free text without patient identifiers (UIDs, counts, the verdict given).
+    detail: Mapped[str | None] = mapped_column(Text)
+    client_address: Mapped[str | None] = mapped_column(String(64))
+
+
+# Worklist filters and ordering run in SQL (db/worklist.py); these keep them off full scans.
+# Declared here rather than on the columns above so the tables of revision 0001 read unchanged.
+Index("ix_studies_last_received_at", Study.last_received_at)
+Index("ix_studies_study_date", Study.study_date)
+Index("ix_series_modality", Series.modality)
+Index("ix_series_body_part_examined", Series.body_part_examined)
+Index("ix_instances_series_status", Instance.series_id, Instance.status)
+
+
+class StudyTriage(Base):
+    """Per study, what the worklist sorts and filters by, kept up to date by the repository
+    writes that change it (``db.triage.refresh_study``), so that the worklist's first page is
+    an index scan rather than an aggregate over every instance."""
+
+    __tablename__ = "study_triage"
+
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), primary_key=True)
+    #: ``db.triage.Priority``: higher is read first.
+    priority: Mapped[int] = mapped_column(Integer)
+    #: Highest probability of the classified images; None when none is classified.
+    max_probability: Mapped[float | None] = mapped_column(Float)
+    #: Copy of ``studies.last_received_at`` (the tie-break of the order, in the same index).
+    last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    instances: Mapped[int] = mapped_column(Integer)
+    classified: Mapped[int] = mapped_column(Integer)
+    failed: Mapped[int] = mapped_column(Integer)
+    first_received_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_result_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part_examined: Mapped[str | None] = mapped_column(String(64))
+
+
+# The worklist order (db.triage.priority_order) walks this index backwards.
+Index(
+    "ix_study_triage_order",
+    StudyTriage.priority,
+    StudyTriage.max_probability,
+    StudyTriage.last_received_at,
+    StudyTriage.study_id,
+)

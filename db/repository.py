@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db import identity
+from db import identity, triage
 from db.models import Instance, InstanceStatus, Result, SendStatus, Series, SRDocument, Study
 from fracture_triage.attributes import STUDY_FIELDS
 from fracture_triage.verdict import Decision, decide
@@ -166,7 +166,17 @@ def record_received(session: Session, rec: ReceivedInstance) -> tuple[Instance, 
     _take_received(session, instance, rec)
     session.add(instance)
     session.flush()
+    refresh_triage(session, instance.series.study_id)
     return instance, True
+
+
+def refresh_triage(session: Session, *study_ids: int | None) -> None:
+    """Bring the worklist summary of these studies up to date (``db.triage``), in the
+    writer's transaction: every write below that changes a study's images calls it."""
+    session.flush()
+    for study_id in dict.fromkeys(study_ids):
+        if study_id is not None:
+            triage.refresh_study(session, study_id)
 
 
 def reopen_refused(session: Session, instance: Instance, rec: ReceivedInstance) -> Instance:
@@ -176,7 +186,10 @@ def reopen_refused(session: Session, instance: Instance, rec: ReceivedInstance) 
     its report is rebuilt. Raises :class:`db.identity.IdentityConflict` as
     :func:`record_received` does.
     """
+    before = instance.series.study_id if instance.series is not None else None
     _take_received(session, instance, rec)
+    session.flush()
+    refresh_triage(session, before, instance.series.study_id)
     return instance
 
 
@@ -201,6 +214,7 @@ def replace_conflicting(session: Session, instance: Instance, rec: ReceivedInsta
     if before is not None and before.study_instance_uid != rec.study_instance_uid:
         before.revision = (before.revision or 0) + 1
     session.flush()
+    refresh_triage(session, before.id if before else None, instance.series.study_id)
     return instance
 
 
@@ -218,6 +232,7 @@ def mark_failed(session: Session, instance_id: int, reason: str) -> None:
         return
     instance.status = InstanceStatus.failed
     instance.failure_reason = reason[:2000]
+    refresh_triage(session, instance.series.study_id)
 
 
 def pending_instances(session: Session, limit: int = 500) -> Sequence[Instance]:
@@ -304,6 +319,8 @@ def save_result(session: Session, instance_id: int, c: Classification) -> Result
     if instance is not None and instance.status != InstanceStatus.done:
         instance.status = InstanceStatus.done
         instance.failure_reason = None
+    if instance is not None:
+        refresh_triage(session, instance.series.study_id)
     return existing
 
 

@@ -1,99 +1,212 @@
-"""The worklist order, as one SQL query: the only place studies are ranked.
+"""The radiologists' worklist in SQL: one row per study, likely fractures first.
 
-A study's level is the highest decision among the latest results of its classified images
-(fracture > doubt > no fracture, :func:`fracture_triage.verdict.study_decision` in SQL) and
-its probability the highest of those results. The worklist lists fracture studies first,
-then doubt, then no fracture, each by probability descending; studies with no classified
-image come last; ties keep arrival order. ``fracture-triage results`` takes each study's
-decision from the same subquery, so the two never disagree.
+Filtering, ordering and paging run in the database (``GET /api/v1/worklist`` and the worklist
+page both call :func:`worklist_page`) over the per-study summary ``study_triage`` that the
+repository keeps current (``db.triage``); the order is ``db.triage.priority_order`` alone:
+the study's decision (fracture, then doubt, then no fracture; ``verdict.study_decision``),
+each by highest probability, unclassified studies last (newest received first within a
+tie).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
-from sqlalchemy import ColumnElement, Select, Subquery, case, func, select
+from sqlalchemy import (
+    ColumnElement,
+    exists,
+    func,
+    select,
+)
 from sqlalchemy.orm import Session
 
-from db.models import Instance, InstanceStatus, Result, Series, Study
-from fracture_triage.verdict import DECISION_ORDER, Decision
-
-
-def latest_results() -> Subquery:
-    """``(instance_id, result_id)``: the newest result of each instance, whatever the model
-    version (a result of another model is still the instance's result)."""
-    return (
-        select(Result.instance_id, func.max(Result.id).label("result_id"))
-        .group_by(Result.instance_id)
-        .subquery("latest_result")
-    )
-
-
-def _rank() -> ColumnElement[int]:
-    """A result's rank: 0 for fracture, 1 for doubt, 2 for no fracture (``DECISION_ORDER``)."""
-    return case({d: i for i, d in enumerate(DECISION_ORDER)}, value=Result.decision)
-
-
-def study_levels() -> Subquery:
-    """``(study_id, rank, probability)`` of every study with a classified image: ``rank``
-    indexes :data:`~fracture_triage.verdict.DECISION_ORDER` (the study's decision)."""
-    latest = latest_results()
-    return (
-        select(
-            Series.study_id.label("study_id"),
-            func.min(_rank()).label("rank"),
-            func.max(Result.probability).label("probability"),
-        )
-        .select_from(Instance)
-        .join(Series, Instance.series_id == Series.id)
-        .join(latest, latest.c.instance_id == Instance.id)
-        .join(Result, Result.id == latest.c.result_id)
-        .where(Instance.status == InstanceStatus.done)
-        .group_by(Series.study_id)
-        .subquery("study_level")
-    )
-
-
-def decision_of_rank(rank: int | None) -> Decision | None:
-    """The decision a :func:`study_levels` rank stands for (None: nothing classified)."""
-    return None if rank is None else DECISION_ORDER[int(rank)]
-
-
-def ordered_studies(levels: Subquery) -> Select[Study, int | None, float | None]:
-    """Every study with its rank and probability, in worklist order (``levels`` from
-    :func:`study_levels`, outer-joined: unclassified studies have ``None`` for both)."""
-    return (
-        select(Study, levels.c.rank, levels.c.probability)
-        .outerjoin(levels, levels.c.study_id == Study.id)
-        # "IS NULL" first: unclassified last on SQLite and PostgreSQL alike (their NULL
-        # ordering differs).
-        .order_by(
-            levels.c.rank.is_(None),
-            levels.c.rank,
-            levels.c.probability.desc(),
-            Study.id,
-        )
-    )
+from db.models import (
+    Instance,
+    InstanceStatus,
+    RadiologistVerdict,
+    Series,
+    SRDocument,
+    Study,
+    StudyTriage,
+)
+from db.repository import as_utc
+from db.triage import Priority, decision_of_priority, priority_order
+from fracture_triage.attributes import PATIENT_IDENTIFIERS
 
 
 @dataclass(frozen=True)
-class WorklistEntry:
-    study_id: int
-    study_instance_uid: str
-    #: None when no image of the study is classified.
-    decision: Decision | None
-    probability: float | None
+class WorklistFilter:
+    """What the radiologist narrows the list to; ``None`` leaves a criterion out."""
+
+    #: Studies with at least one instance in this state.
+    status: InstanceStatus | None = None
+    priority: Priority | None = None
+    modality: str | None = None
+    body_part: str | None = None
+    received_from: datetime | None = None
+    received_to: datetime | None = None
+    #: DICOM DA (YYYYMMDD) bounds, inclusive: string order is date order.
+    study_date_from: str | None = None
+    study_date_to: str | None = None
+    #: True: studies with a radiologist's verdict; False: without one.
+    reviewed: bool | None = None
 
 
-def worklist(session: Session) -> Sequence[WorklistEntry]:
-    """Every study, in worklist order, with its decision and highest probability."""
-    return [
-        WorklistEntry(
-            study_id=study.id,
-            study_instance_uid=study.study_instance_uid,
-            decision=decision_of_rank(rank),
-            probability=None if probability is None else float(probability),
+def _conditions(criteria: WorklistFilter) -> tuple[list[ColumnElement[bool]], bool]:
+    """The WHERE terms of ``criteria`` over ``study_triage``, and whether they need the
+    ``studies`` row too (only the study date does: counting the rest joins nothing)."""
+    study = StudyTriage.study_id
+    terms: list[ColumnElement[bool]] = []
+    if criteria.status is not None:
+        terms.append(
+            exists()
+            .where(Series.study_id == study, Instance.series_id == Series.id)
+            .where(Instance.status == criteria.status)
         )
-        for study, rank, probability in session.execute(ordered_studies(study_levels())).tuples()
-    ]
+    if criteria.priority is not None:
+        terms.append(StudyTriage.priority == int(criteria.priority))
+    if criteria.modality:
+        terms.append(exists().where(Series.study_id == study, Series.modality == criteria.modality))
+    if criteria.body_part:
+        terms.append(
+            exists().where(
+                Series.study_id == study, Series.body_part_examined == criteria.body_part
+            )
+        )
+    if criteria.received_from is not None:
+        terms.append(StudyTriage.last_received_at >= criteria.received_from)
+    if criteria.received_to is not None:
+        terms.append(StudyTriage.last_received_at <= criteria.received_to)
+    needs_study = bool(criteria.study_date_from or criteria.study_date_to)
+    if criteria.study_date_from:
+        terms.append(Study.study_date >= criteria.study_date_from)
+    if criteria.study_date_to:
+        terms.append(Study.study_date <= criteria.study_date_to)
+    if criteria.reviewed is not None:
+        has_verdict = exists().where(RadiologistVerdict.study_id == study)
+        terms.append(has_verdict if criteria.reviewed else ~has_verdict)
+    return terms, needs_study
+
+
+def count_studies(session: Session, criteria: WorklistFilter) -> int:
+    terms, needs_study = _conditions(criteria)
+    query = select(func.count()).select_from(StudyTriage)
+    if needs_study:
+        query = query.join(Study, Study.id == StudyTriage.study_id)
+    return int(session.scalar(query.where(*terms)) or 0)
+
+
+@dataclass(frozen=True)
+class WorklistPage:
+    entries: list[dict[str, Any]]
+    total: int
+    page: int
+    page_size: int
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else as_utc(value).isoformat()
+
+
+def worklist_page(
+    session: Session,
+    criteria: WorklistFilter,
+    *,
+    page: int = 1,
+    page_size: int = 50,
+    include_patient: bool = False,
+) -> WorklistPage:
+    """One page of the worklist (``page`` counts from 1) and the number of matching studies."""
+    terms, _ = _conditions(criteria)
+    total = count_studies(session, criteria)
+    rows = session.execute(
+        select(Study, StudyTriage)
+        .join(StudyTriage, StudyTriage.study_id == Study.id)
+        .where(*terms)
+        .order_by(*priority_order())
+        .limit(page_size)
+        .offset((page - 1) * page_size)
+    ).all()
+    study_ids = [row.Study.id for row in rows]
+    latest_verdicts = _latest_verdicts(session, study_ids)
+    latest_reports = _latest_reports(session, study_ids)
+    entries = []
+    for row in rows:
+        study: Study = row.Study
+        summary: StudyTriage = row.StudyTriage
+        verdict = latest_verdicts.get(study.id)
+        report = latest_reports.get(study.id)
+        first, last_result = summary.first_received_at, summary.last_result_at
+        decision = decision_of_priority(summary.priority)
+        entry: dict[str, Any] = {
+            "study_instance_uid": study.study_instance_uid,
+            "priority": Priority(summary.priority).name,
+            # The study decision; ``fracture`` is its flag at the lower threshold (fracture
+            # or doubt: a radiologist must look), None while nothing is classified.
+            "decision": None if decision is None else decision.value,
+            "fracture": None if decision is None else summary.priority >= Priority.doubt,
+            "max_probability": None
+            if summary.max_probability is None
+            else round(float(summary.max_probability), 6),
+            "instances": summary.instances,
+            "classified": summary.classified,
+            "failed": summary.failed,
+            "waiting": summary.instances - summary.classified - summary.failed,
+            "modality": summary.modality,
+            "body_part_examined": summary.body_part_examined,
+            "study_date": study.study_date,
+            "study_description": study.study_description,
+            "first_received_at": _iso(first),
+            "last_received_at": _iso(study.last_received_at),
+            "seconds_to_result": None
+            if last_result is None or first is None
+            else round((as_utc(last_result) - as_utc(first)).total_seconds(), 3),
+            "reported": report is not None,
+            "sr_sop_instance_uid": None if report is None else report.sop_instance_uid,
+            "sr_send_status": None if report is None else report.send_status.value,
+            "report_failure": study.report_failure,
+            "reviewed": verdict is not None,
+            "verdict": None if verdict is None else verdict_dict(verdict),
+        }
+        if include_patient:
+            for name in PATIENT_IDENTIFIERS:
+                entry[name] = getattr(study, name)
+        entries.append(entry)
+    return WorklistPage(entries=entries, total=total, page=page, page_size=page_size)
+
+
+def verdict_dict(verdict: RadiologistVerdict) -> dict[str, Any]:
+    return {
+        "fracture": verdict.fracture,
+        "comment": verdict.comment,
+        "read": verdict.read,
+        "author": verdict.author,
+        "author_kind": verdict.author_kind,
+        "created_at": _iso(verdict.created_at),
+    }
+
+
+def _latest_verdicts(session: Session, study_ids: list[int]) -> dict[int, RadiologistVerdict]:
+    if not study_ids:
+        return {}
+    newest = (
+        select(func.max(RadiologistVerdict.id))
+        .where(RadiologistVerdict.study_id.in_(study_ids))
+        .group_by(RadiologistVerdict.study_id)
+    )
+    found = session.scalars(select(RadiologistVerdict).where(RadiologistVerdict.id.in_(newest)))
+    return {v.study_id: v for v in found}
+
+
+def _latest_reports(session: Session, study_ids: list[int]) -> dict[int, SRDocument]:
+    if not study_ids:
+        return {}
+    newest = (
+        select(func.max(SRDocument.id))
+        .where(SRDocument.study_id.in_(study_ids), SRDocument.superseded_by_id.is_(None))
+        .group_by(SRDocument.study_id)
+    )
+    found = session.scalars(select(SRDocument).where(SRDocument.id.in_(newest)))
+    return {d.study_id: d for d in found}

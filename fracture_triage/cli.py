@@ -35,7 +35,18 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 
 #: Commands that run a node role: the schema is migrated before they start (``up``'s
 #: children are told it was done already).
-MIGRATING_COMMANDS = ("up", "scp", "worker", "sweeper", "api", "purge")
+MIGRATING_COMMANDS = (
+    "up",
+    "scp",
+    "worker",
+    "sweeper",
+    "api",
+    "purge",
+    "user",
+    "token",
+    "audit",
+    "calibrate",
+)
 
 #: Commands that ``model.cli.add_commands`` registers (imported only when one of them runs,
 #: or for the full ``--help``).
@@ -51,6 +62,7 @@ _SETTINGS_OPTIONS = (
     "bind_address",
     "dicom_port",
     "http_port",
+    "http_bind_address",
     "study_stable_seconds",
 )
 
@@ -88,6 +100,19 @@ def _dicom_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bind-address", default=s, help="address the SCP listens on (127.0.0.1)")
 
 
+def _http_options(parser: argparse.ArgumentParser) -> None:
+    s = argparse.SUPPRESS
+    parser.add_argument(
+        "--http-port", type=int, default=s, help="port of the web application (8080)"
+    )
+    parser.add_argument(
+        "--http-bind-address",
+        default=s,
+        help="address the web application listens on, apart from the SCP's (127.0.0.1; env "
+        "FRACTURE_TRIAGE_HTTP_BIND_ADDRESS)",
+    )
+
+
 def _model_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-dir",
@@ -110,12 +135,7 @@ def build_parser(with_model_commands: bool = True) -> argparse.ArgumentParser:
     _common(up, broker=False)
     _dicom_options(up)
     _model_option(up)
-    up.add_argument(
-        "--http-port",
-        type=int,
-        default=argparse.SUPPRESS,
-        help="port of the read-only HTTP query API (8080)",
-    )
+    _http_options(up)
     up.add_argument("--workers", type=int, default=1, help="Celery worker processes (1)")
     up.add_argument("--redis-port", type=int, default=None, help="embedded Redis port (free)")
     up.add_argument(
@@ -151,12 +171,9 @@ def build_parser(with_model_commands: bool = True) -> argparse.ArgumentParser:
     )
     sweeper.set_defaults(handler=cmd_sweeper)
 
-    api = sub.add_parser("api", help="the read-only HTTP query API alone (results, worklist)")
+    api = sub.add_parser("api", help="the web application alone (worklist pages, JSON API)")
     _common(api, broker=False)
-    api.add_argument("--http-port", type=int, default=argparse.SUPPRESS, help="HTTP port (8080)")
-    api.add_argument(
-        "--bind-address", default=argparse.SUPPRESS, help="address to listen on (127.0.0.1)"
-    )
+    _http_options(api)
     api.set_defaults(handler=cmd_api)
 
     echo = sub.add_parser(
@@ -210,6 +227,10 @@ def build_parser(with_model_commands: bool = True) -> argparse.ArgumentParser:
     )
     _common(db_check, broker=False)
     db_check.set_defaults(handler=cmd_db_check)
+
+    from fracture_triage import cli_accounts
+
+    cli_accounts.add_commands(sub, lambda p: _common(p, broker=False))
 
     if with_model_commands:
         _add_model_commands(sub)

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Evidence, Instance, Result, Series, SRDocument, Study
 from db.repository import as_utc
-from db.worklist import decision_of_rank, latest_results, study_levels
+from db.triage import decision_of_priority, latest_results, study_priorities
 from fracture_triage.attributes import PATIENT_IDENTIFIERS
 from fracture_triage.verdict import DECISION_ORDER
 
@@ -27,12 +27,16 @@ def collect_results(
     session: Session,
     study_instance_uid: str | None = None,
     include_patient: bool = False,
+    *,
+    limit: int | None = None,
+    offset: int = 0,
 ) -> list[dict[str, Any]]:
-    """Every instance (optionally of one study), oldest first, as JSON-ready dicts."""
+    """Every instance (optionally of one study), oldest first, as JSON-ready dicts; ``limit``
+    and ``offset`` page through them in SQL (``GET /api/v1/results``)."""
     latest_result_id = latest_results()
-    levels = study_levels()
+    levels = study_priorities()
     query = (
-        select(Instance, Series, Study, Result, Evidence, levels.c.rank)
+        select(Instance, Series, Study, Result, Evidence, levels.c.priority)
         .join(Series, Instance.series_id == Series.id)
         .join(Study, Series.study_id == Study.id)
         .outerjoin(latest_result_id, latest_result_id.c.instance_id == Instance.id)
@@ -43,6 +47,8 @@ def collect_results(
     )
     if study_instance_uid:
         query = query.where(Study.study_instance_uid == study_instance_uid)
+    if limit is not None:
+        query = query.limit(limit).offset(offset)
 
     # The latest report of each study: the newest SR that nothing supersedes.
     latest_sr: dict[int, SRDocument] = {}
@@ -52,9 +58,9 @@ def collect_results(
         latest_sr[doc.study_id] = doc
 
     rows: list[dict[str, Any]] = []
-    for instance, series, study, result, evidence, rank in session.execute(query).tuples():
+    for instance, series, study, result, evidence, priority in session.execute(query).tuples():
         sr = latest_sr.get(study.id)
-        study_decision = decision_of_rank(rank)
+        study_decision = decision_of_priority(priority)
         row: dict[str, Any] = {
             "sop_instance_uid": instance.sop_instance_uid,
             "study_instance_uid": study.study_instance_uid,

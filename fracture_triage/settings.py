@@ -85,7 +85,28 @@ class Settings(BaseSettings):
     sr_destination_ae_title: str | None = None
     sr_send_retries: int = 5
 
+    # The web application (api/): its own bind address, so that opening the SCP to the
+    # modalities (bind_address 0.0.0.0) does not open the worklist too.
     http_port: int = 8080
+    http_bind_address: str = "127.0.0.1"
+    #: Host header values answered (DNS rebinding defence); ``*`` allows any. Empty: the
+    #: loopback names plus ``http_bind_address`` when it is a specific address. Comma list
+    #: or JSON list in the environment.
+    http_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: Largest request body accepted (forms and JSON are small); larger ones get 413.
+    http_max_body_bytes: int = Field(default=65536, ge=1024)
+    #: Seconds an idle keep-alive connection is held open.
+    http_idle_timeout_seconds: float = Field(default=5.0, gt=0)
+    #: Connections served at once; more get 503 (uvicorn ``limit_concurrency``).
+    http_max_connections: int = Field(default=200, ge=1)
+    #: PEM certificate and key: the application speaks HTTPS (needed beyond loopback, for the
+    #: ``Secure`` session cookie).
+    http_tls_certfile: Path | None = None
+    http_tls_keyfile: Path | None = None
+    #: Hours a browser session lasts after login.
+    session_hours: float = Field(default=12.0, gt=0)
+    #: Longest side in pixels of the preview images the study page shows.
+    preview_size: int = Field(default=1024, ge=64, le=4096)
 
     # Retention (fracture_triage.retention, ``fracture-triage purge``)
     #: Days after its study's SR was sent (or produced, with no destination) that a received
@@ -117,7 +138,7 @@ class Settings(BaseSettings):
             raise ValueError(f"AE title must be 1-16 characters without backslash: {value!r}")
         return value.strip()
 
-    @field_validator("allowed_calling_aets", "allowed_peers", mode="before")
+    @field_validator("allowed_calling_aets", "allowed_peers", "http_allowed_hosts", mode="before")
     @classmethod
     def _split_aets(cls, value: object) -> object:
         if isinstance(value, str):
@@ -156,6 +177,21 @@ class Settings(BaseSettings):
     def sr_dir(self) -> Path:
         """Structured Reports produced by the node."""
         return self.data_dir / "sr"
+
+    @property
+    def preview_dir(self) -> Path:
+        """Rendered preview images (patient data: readable by the node's user only)."""
+        return self.data_dir / "previews"
+
+    @property
+    def resolved_allowed_hosts(self) -> list[str]:
+        """Host header names the web application answers (without port)."""
+        if self.http_allowed_hosts:
+            return list(self.http_allowed_hosts)
+        hosts = ["127.0.0.1", "localhost", "::1"]
+        if self.http_bind_address not in ("0.0.0.0", "::", "", *hosts):
+            hosts.append(self.http_bind_address)
+        return hosts
 
     @property
     def evidence_dir(self) -> Path:

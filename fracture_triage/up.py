@@ -1,7 +1,7 @@
 """``fracture-triage up``: the whole node on one machine, one process per role.
 
 The supervisor (this process; its entry point migrated the database) starts an embedded Redis on
-a free loopback port, then the SCP, the Celery worker, the sweeper and the query API as child
+a free loopback port, then the SCP, the Celery worker, the sweeper and the web application as child
 processes (``python -m fracture_triage.cli <role>``), each in its own process group so that a
 Ctrl-C in the terminal reaches only the supervisor, which then stops them in order: the SCP
 first (no new associations), then the API, the sweeper and the worker (a warm Celery shutdown
@@ -255,10 +255,17 @@ def run_up(settings: Settings, options: UpOptions) -> int:
         print(f"error: model: {exc}", file=sys.stderr)
         return 2
     settings = settings.model_copy(update={"model_dir": model_dir})
-    for port, option in [*dicom_ports(settings), (settings.http_port, "--http-port")]:
+    for port, option in dicom_ports(settings):
         if not port_is_free(settings.bind_address, port):
             print(f"error: {settings.bind_address}:{port} is in use ({option})", file=sys.stderr)
             return 2
+
+    if not port_is_free(settings.http_bind_address, settings.http_port):
+        print(
+            f"error: {settings.http_bind_address}:{settings.http_port} is in use (--http-port)",
+            file=sys.stderr,
+        )
+        return 2
 
     # The schema was migrated by the entry point (fracture_triage.cli) before this ran.
     for folder in (
@@ -308,8 +315,11 @@ def run_up(settings: Settings, options: UpOptions) -> int:
             child.start(env)
         procs = [c.proc for c in children if c.proc is not None]
         if not all(
-            wait_for_port(settings.bind_address, port, options.start_timeout, procs)
-            for port, _ in [*dicom_ports(settings), (settings.http_port, "")]
+            wait_for_port(host, port, options.start_timeout, procs)
+            for host, port in [
+                *((settings.bind_address, port) for port, _ in dicom_ports(settings)),
+                (settings.http_bind_address, settings.http_port),
+            ]
         ):
             dead = [c.role for c in children if not c.running()]
             print(
@@ -366,11 +376,9 @@ def dicom_ports(settings: Settings) -> list[tuple[int, str]]:
     return ports
 
 
-def _http_host(bind_address: str) -> str:
-    return "127.0.0.1" if bind_address in ("0.0.0.0", "::", "") else bind_address
-
-
 def _print_banner(settings: Settings, card: object, redis_binary: str, options: UpOptions) -> None:
+    from api.server import http_url
+
     name = getattr(card, "name", "?")
     version = getattr(card, "version", "?")
     threshold = getattr(card, "threshold", "?")
@@ -393,8 +401,8 @@ def _print_banner(settings: Settings, card: object, redis_binary: str, options: 
         f"  workers      {options.workers} Celery worker process(es); sweeper every "
         f"{settings.sweeper_interval_seconds:g} s; studies reported after "
         f"{settings.study_stable_seconds:g} s without new images",
-        f"  query API    http://{_http_host(settings.bind_address)}:{settings.http_port}/worklist"
-        " (also /results, /health)",
+        f"  web app      {http_url(settings)} (worklist; JSON API under /api/v1/; log in with "
+        "an account from `fracture-triage user add`)",
         f"  results      fracture-triage results --data-dir {settings.data_dir}",
         "Press Ctrl-C to stop.",
     ]

@@ -180,7 +180,7 @@ def test_up_receives_classifies_reports_and_stops_cleanly(
     assert str(data_dir.resolve()) in banner
     assert f"sqlite:///{data_dir.resolve() / 'triage.db'}" in banner
     assert "test-mobilenetv2 test-0" in banner
-    assert str(node["http_port"]) in banner
+    assert f"web app      http://127.0.0.1:{node['http_port']}/" in banner
     assert "redis://:***@127.0.0.1:" in banner  # the broker password is not printed
 
     # The embedded Redis' password is in a private file, not on a command line.
@@ -277,12 +277,22 @@ def test_up_receives_classifies_reports_and_stops_cleanly(
     # Patient data at rest: objects, SRs, database, Redis' files, folders: private.
     assert open_to_others(data_dir) == []
 
-    # The query API serves the same results, one worklist entry per study.
+    # The web application serves the same results, one worklist entry per study, to a
+    # token made from the command line while the node runs.
     http_port = int(str(node["http_port"]))
     status, health = get(http_port, "/health")
     assert (status, health["status"], health["storage"]["status"]) == (200, "ok", "ok")
-    status, studies_list = get(http_port, "/worklist")
+    assert get(http_port, "/api/v1/worklist")[0] == 401
+    made = subprocess.run(
+        [*cli(), "token", "create", "ris", "--role", "radiologist", "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    status, body = get(http_port, "/api/v1/worklist", made.stdout.splitlines()[-1])
     assert status == 200
+    studies_list = body["studies"]
     assert {s["study_instance_uid"] for s in studies_list} >= studies
     assert all(s["reported"] for s in studies_list if s["study_instance_uid"] in studies)
 

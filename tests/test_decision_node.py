@@ -1,6 +1,6 @@
 """The three decision levels through the real node: ``fracture-triage up`` (SCP, Redis,
-Celery worker, sweeper, query API) with the tiny test model given two thresholds, three
-studies sent with dcmtk's ``storescu``, read back with ``results --json``, ``/worklist``
+Celery worker, sweeper, web application) with the tiny test model given two thresholds, three
+studies sent with dcmtk's ``storescu``, read back with ``results --json``, ``/api/v1/worklist``
 and the SRs (checked with ``dciodvfy``)."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from model.artifact import ModelCard, read_card, write_card
 from model.inference import Classifier
 from tests.conftest import require
 from tests.test_cli_api import get
+from tests.test_cli_results import cli
 from tests.test_cli_up import GOOD, _results, _wait_for_banner, dcmtk, running_node
 
 #: One image each of three different studies (uncompressed: storescu sends them as they are).
@@ -77,7 +78,25 @@ def test_a_study_between_the_thresholds_is_doubt_everywhere(
             time.sleep(1.0)
         else:
             pytest.fail(f"no results and SRs after 240 s: {rows}")
-        status, worklist = get(int(str(node["http_port"])), "/worklist")
+        made = subprocess.run(
+            [
+                *cli(),
+                "token",
+                "create",
+                "ris",
+                "--role",
+                "radiologist",
+                "--data-dir",
+                str(data_dir),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert made.returncode == 0, made.stderr
+        token = made.stdout.splitlines()[-1]
+        status, body = get(int(str(node["http_port"])), "/api/v1/worklist", token)
+    worklist = body["studies"]
 
     by_study = {str(r["study_instance_uid"]): r for r in rows}
     for name, level in expected.items():

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,14 +18,13 @@ from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.server import QueryServer
 from fracture_triage.disk import MiB, space, storage_health, watermark
 from fracture_triage.settings import Settings
 from tests.conftest import require
-from tests.servers import free_port
 from tests.test_cli_api import get
 from tests.test_scp import instances
 from tests.test_scp_hostile import running_scp
+from tests.webapp import serve
 
 OUT_OF_RESOURCES = 0xA700
 LARGE = "CR_extremity_RG3_MONO1_10b_EVRLE.dcm"  # 6.2 MB, uncompressed
@@ -98,9 +96,10 @@ def test_below_the_watermark_stores_are_refused_and_health_says_so(
         settings = scp.settings
         reserve = space(settings).watermark_bytes
         assert reserve == 2 * MiB  # 10 % of 20 MiB, below 5 GiB
-        http = QueryServer(("127.0.0.1", free_port()), sqlite_db, settings)
-        threading.Thread(target=http.serve_forever, daemon=True).start()
-        try:
+        # The web application on the same database and data directory (default watermark).
+        database_url = sqlite_db.kw["bind"].url.render_as_string(hide_password=False)
+        with serve(database_url, settings.data_dir) as web:
+            port = web.settings.http_port
             fill(tmpfs, reserve + MiB)
             status, _, _ = store(scp.port, tiny)
             assert status == 0x0000
@@ -110,14 +109,14 @@ def test_below_the_watermark_stores_are_refused_and_health_says_so(
             assert comment.startswith("storage full") and len(comment) <= 64
             assert uid not in instances(sqlite_db)
             assert not [p for p in settings.storage_dir.rglob(f"{uid}*")]
-            code, health = get(http.server_address[1], "/health")
+            code, health = get(port, "/health")
             assert code == 200 and health["storage"]["status"] == "ok"
 
             # Below the reserve: even a tiny object is refused, and /health reports it.
             fill(tmpfs, reserve - MiB // 2)
             status, comment, _ = store(scp.port, tiny)
             assert status == OUT_OF_RESOURCES and comment.startswith("storage full")
-            code, health = get(http.server_address[1], "/health")
+            code, health = get(port, "/health")
             assert (code, health["status"]) == (503, "storage low")
             assert health["storage"]["free_bytes"] < health["storage"]["watermark_bytes"]
             assert storage_health(settings)["status"] == "low"
@@ -126,9 +125,6 @@ def test_below_the_watermark_stores_are_refused_and_health_says_so(
             (tmpfs / "filler").unlink()
             status, _, uid = store(scp.port, large)
             assert status == 0x0000 and uid in instances(sqlite_db)
-        finally:
-            http.shutdown()
-            http.server_close()
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert sum("storage low at" in m for m in errors) == 1, errors  # once per episode
     assert "(2 C-STORE(s) were refused)" in caplog.text

@@ -283,6 +283,7 @@ def classify(state: WorkerState, payload: Any) -> str:
                 # A result stored by a run that died before marking the instance (or a
                 # status reset): settle the instance, keep the single result.
                 instance.status = InstanceStatus.done
+                repository.refresh_triage(session, instance.series.study_id)
                 session.commit()
             return "exists"
         attempts = repository.start_attempt(session, instance.id)
