@@ -12,9 +12,11 @@ Conformance in short (PS3.2 style):
 - PDUs received are bounded before they are read (:mod:`dicom_node.guard`, PS3.8 9.3):
   P-DATA-TF by the maximum PDU above, association PDUs by 128 KiB; a larger declared
   length, or a PDU not received whole within ``Settings.dicom_read_timeout_seconds``, gets
-  A-ABORT. One peer address holds at most ``Settings.max_associations_per_peer``
-  associations; timeouts: ``Settings.dicom_acse_timeout_seconds`` (association request,
-  release), ``Settings.dicom_network_timeout_seconds`` (idle association).
+  A-ABORT. No association exists before a whole, decodable A-ASSOCIATE-RQ has arrived, so
+  connections that end before one hold no association slot. One peer address holds at most
+  ``Settings.max_associations_per_peer`` live connections; timeouts:
+  ``Settings.dicom_acse_timeout_seconds`` (association request, release),
+  ``Settings.dicom_network_timeout_seconds`` (idle association).
 - Calling AE titles: any when ``Settings.allowed_calling_aets`` is empty, otherwise those
   only; others get A-ASSOCIATE-RJ rejected-permanent, service-user, reason 3
   "calling-AE-title-not-recognized" (PS3.8 9.3.4).
@@ -91,6 +93,7 @@ class StorageSCP:
         self.context = StoreContext(settings, session_factory, enqueue)
         self.ae = build_ae(settings)
         self._server: ThreadedAssociationServer | None = None
+        self._handler: type[guard.GuardedRequestHandler] = guard.GuardedRequestHandler
         self._validation_mode = pydicom_config.settings.reading_validation_mode
         #: Set to make :meth:`serve_forever` return (from a signal handler or another thread).
         self.stop_event = stop if stop is not None else threading.Event()
@@ -142,13 +145,19 @@ class StorageSCP:
             max_pdu=self.settings.max_pdu,
             read_timeout=self.settings.dicom_read_timeout_seconds,
             per_peer=self.settings.max_associations_per_peer,
+            associate_timeout=self.settings.dicom_acse_timeout_seconds,
         )
+        self._handler = guard.handler(limits)
         server: ThreadedAssociationServer = self.ae.make_server(
             (self.settings.bind_address, self.settings.dicom_port),
             evt_handlers=handlers,
             server_class=ThreadedAssociationServer,
-            request_handler=guard.handler(limits),
+            request_handler=self._handler,
         )
+        # A connection's own thread now waits for its A-ASSOCIATE-RQ (guard.await_associate_rq):
+        # socketserver must not join those at shutdown (they are closed there instead).
+        server.daemon_threads = True
+        server.block_on_close = False
         thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
         thread.start()
         # What start_server does too: the server's shutdown() removes itself from this list.
@@ -178,6 +187,7 @@ class StorageSCP:
         if server is None:
             return
         server.shutdown()  # no new associations
+        self._handler.connections.close_negotiating()
         pydicom_config.settings.reading_validation_mode = self._validation_mode
         if not self.context.in_flight.wait_idle(grace):
             logger.warning("C-STORE requests still running after %.0f s: aborting", grace)

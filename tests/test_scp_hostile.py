@@ -250,7 +250,64 @@ def test_one_peer_address_cannot_take_every_slot(
         started = time.monotonic()
         assert echo(scp.port, source="127.0.0.2") == SUCCESS
         assert time.monotonic() - started < 3
-    assert "refused a connection from 127.0.0.1: it holds 4 associations" in caplog.text
+    assert "refused a connection from 127.0.0.1: it holds 4 connections" in caplog.text
+
+
+# --- connections that end before they associate ----------------------------------------------
+
+
+def ended_connections(port: int, source: str) -> list[bytes]:
+    """One of each connection that ends before it is associated, from ``source``: what the
+    SCP answered each (b"" when it just closed)."""
+    rq_start = struct.pack(">BBL", 0x01, 0, 200) + b"\x00" * 20
+    answers = []
+    for payload, half_close in (
+        (struct.pack(">BBL", 0x01, 0, 0xFFFFFFFF), False),  # 4 GiB: aborted by the SCP
+        (rq_start, True),  # an A-ASSOCIATE-RQ cut short, then closed by the peer
+        (b"", True),  # connected, closed at once
+        (struct.pack(">BBL", 0x05, 0, 4) + b"\x00" * 4, False),  # A-RELEASE-RQ first
+        (struct.pack(">BBL", 0x01, 0, 8) + b"\xff" * 8, False),  # undecodable request
+        (rq_start, False),  # cut short, then the peer resets (SO_LINGER 0)
+    ):
+        sock = socket.create_connection(("127.0.0.1", port), source_address=(source, 0))
+        with sock:
+            if payload:
+                sock.sendall(payload)
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
+            if payload is rq_start and not half_close:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                answers.append(b"")
+                continue
+            sock.settimeout(5)
+            try:
+                answers.append(sock.recv(10))
+            except (ConnectionResetError, TimeoutError):
+                answers.append(b"")
+    return answers
+
+
+def test_connections_that_end_before_associating_hold_no_slot(
+    tmp_path: Path, sqlite_db: sessionmaker[Session]
+) -> None:
+    """With the default 30 s ACSE timeout, connections the SCP aborts and connections the
+    peer closes or resets before a whole A-ASSOCIATE-RQ, 16 of them from each of 2 addresses
+    (more than every association slot): a C-ECHO from a third address is answered at once,
+    and so is one from each of the two. They used to hold their slots for the ACSE timeout
+    (pynetdicom's acceptor waits that long for a request that will never come)."""
+    per_peer = MAX_ASSOCIATIONS // 2
+    with running_scp(tmp_path, sqlite_db, max_associations_per_peer=per_peer) as scp:
+        answers = []
+        for source in ("127.0.0.3", "127.0.0.4"):
+            for _ in range(3):
+                answers += ended_connections(scp.port, source)
+        assert len(answers) == 36
+        assert answers[0][:1] == b"\x07"  # the 4 GiB request: A-ABORT
+        assert answers[3][:1] == b"\x07"  # a PDU other than A-ASSOCIATE-RQ first: A-ABORT
+        for source in ("127.0.0.1", "127.0.0.3", "127.0.0.4"):
+            started = time.monotonic()
+            assert echo(scp.port, source=source) == SUCCESS
+            assert time.monotonic() - started < 2
 
 
 # --- requests pynetdicom would leave unanswered ----------------------------------------------
