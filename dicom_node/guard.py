@@ -320,6 +320,21 @@ class PduGuard:
         return self._sock.getsockname()
 
 
+_quiet = threading.local()
+
+
+class _QuietWhileChecking(logging.Filter):
+    """pynetdicom logs an ERROR with a traceback for every undecodable AE title or UID
+    (``pynetdicom.utils.decode_bytes``); while :func:`await_associate_rq` checks a request,
+    in its own thread, the one warning it logs says enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_quiet, "on", False)
+
+
+logging.getLogger("pynetdicom.utils").addFilter(_QuietWhileChecking())
+
+
 def _wait_for(sock: socket.socket, size: int, deadline: float) -> bytes | None:
     """The first ``size`` bytes buffered on ``sock``, left there (``MSG_PEEK``), once they
     have all arrived; fewer if the peer closed first; ``None`` at ``deadline``.
@@ -391,12 +406,15 @@ def await_associate_rq(sock: socket.socket, limits: Limits) -> FirstPdu:
     except (OSError, ValueError) as exc:
         return FirstPdu(b"", f"connection failed ({type(exc).__name__})")
     try:  # what pynetdicom's DUL does with it (_decode_pdu, then AE-6's to_primitive)
+        _quiet.on = True
         request = A_ASSOCIATE_RQ()
         request.decode(whole)
         request.to_primitive()
     except Exception as exc:  # noqa: BLE001 - whatever the decoder raises, the peer is wrong
         reason = f"sent an undecodable A-ASSOCIATE-RQ ({type(exc).__name__})"
         return FirstPdu(ABORT_INVALID_PARAMETER, reason)
+    finally:
+        _quiet.on = False
     if request.protocol_version != 0x0001:
         return FirstPdu(REJECT_PROTOCOL_VERSION, "asked for an unsupported protocol version")
     return FirstPdu(None)

@@ -450,7 +450,9 @@ def test_sweeper_queues_pending_when_the_broker_comes_back(
     sessions = make_sessions(url)
     enqueuer = CeleryEnqueuer(settings)
     try:
-        sweeper = Sweeper(settings, sessions, enqueuer, stale_after=timedelta(seconds=0))
+        sweeper = Sweeper(
+            settings, sessions, enqueuer, stale_after=timedelta(0), pending_after=timedelta(0)
+        )
         ids = [
             record(sessions, require(dicom_samples / name), "1.2.826.0.1.2").id for name in GOOD[:3]
         ]
