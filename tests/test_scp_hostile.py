@@ -335,3 +335,70 @@ def test_c_store_without_sop_instance_uid_is_answered_at_once(
         assert assoc.is_established
         assert assoc.send_c_store(sample).Status == SUCCESS
         assoc.release()
+
+
+# --- objects that parse but do not describe an image -----------------------------------------
+
+
+def _unknown_vr_file(sample: Path, out: Path) -> Path:
+    """``sample`` (explicit VR Little Endian) with Patient's Name's VR bytes set to "ZZ"."""
+    data = bytearray(sample.read_bytes())
+    at = data.find(b"\x10\x00\x10\x00PN")
+    assert at > 0
+    data[at + 4 : at + 6] = b"ZZ"
+    out.write_bytes(bytes(data))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "comment"),
+    [
+        ("PhotometricInterpretation=FOO", 0xA900, "not a defined term"),
+        ("BitsStored=65535", 0xA900, "BitsStored (0028,0101) is not within"),
+        ("PixelData+=100", 0xA900, "the header needs"),
+        ("VR=ZZ", 0xC000, "(0010,0010) has an unknown VR"),
+    ],
+)
+def test_objects_that_do_not_describe_their_image_are_refused(
+    tmp_path: Path,
+    sqlite_db: sessionmaker[Session],
+    dicom_samples: Path,
+    change: str,
+    status: int,
+    comment: str,
+) -> None:
+    """What the fuzz harness found stored as received: a Photometric Interpretation that is
+    no defined term, Bits Stored above Bits Allocated, native Pixel Data longer than the
+    header describes, an element with an unknown VR. Each is refused over a real association
+    with the failure status and an Error Comment naming the attribute; nothing is stored."""
+    import pynetdicom._config
+
+    sample = dicom_samples / "DX_thorax_MONO1_8b_odd169x211_EVRLE.dcm"
+    ds = pydicom.dcmread(sample)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    if change == "PhotometricInterpretation=FOO":
+        ds.PhotometricInterpretation = "FOO"
+    elif change == "BitsStored=65535":
+        ds.BitsStored = 65535
+    elif change == "PixelData+=100":
+        ds.PixelData = ds.PixelData + b"\0" * 100
+    path = tmp_path / "case.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    if change == "VR=ZZ":
+        _unknown_vr_file(path, path)
+    chunked = pynetdicom._config.STORE_SEND_CHUNKED_DATASET
+    pynetdicom._config.STORE_SEND_CHUNKED_DATASET = True  # the file's bytes as they are
+    try:
+        with running_scp(tmp_path, sqlite_db) as scp:
+            ae = AE(ae_title="MODALITY")
+            ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+            assoc = ae.associate("127.0.0.1", scp.port)
+            assert assoc.is_established
+            rsp = assoc.send_c_store(path)
+            assoc.release()
+            objects = scp.settings.storage_dir
+    finally:
+        pynetdicom._config.STORE_SEND_CHUNKED_DATASET = chunked
+    assert rsp.Status == status
+    assert comment in rsp.ErrorComment
+    assert not list(objects.glob(f"*/*/{ds.SOPInstanceUID}.dcm"))
