@@ -10,7 +10,8 @@ a store with no answer (its association died) is sent again on a new association
 
 While the stores go on, after these shares of the count have been acknowledged:
 
-- 15 %: the worker (main process and pool child) is SIGKILLed and started again 1 s later;
+- 15 %: the worker (main process and pool child) is SIGKILLed, with a task in hand (once it
+  has stored a first result), and started again 1 s later;
 - 30 %: redis-server is frozen (SIGSTOP) for ``--stall`` seconds (30), then SIGKILLed and
   started again empty on its port (every queued message is lost);
 - 70 %: the SCP is SIGKILLed and started again 0.5 s later.
@@ -59,7 +60,7 @@ from pynetdicom import AE
 from worker.benchmark import _free_port, _wait_port
 
 #: Small, uncompressed samples every stage accepts (the load is the point, not decoding).
-SAMPLES = ("DX_thorax_MONO1_8b_odd169x211_EVRLE.dcm", "CR_chest_MONO1_10b_440_EVRLE_gdcm.dcm")
+SAMPLES = ("DX_thorax_MONO1_8b_odd169x211_EVRLE.dcm", "CR_cspine_MONO1_12b_16x16_tiny.dcm")
 SUCCESS, OUT_OF_RESOURCES = 0x0000, 0xA700
 #: (share of --count acknowledged, fault)
 SCHEDULE = ((0.15, "worker"), (0.30, "redis"), (0.70, "scp"))
@@ -142,12 +143,13 @@ def _dataset(template: Dataset, study: str, series: str, sop: str) -> Dataset:
 
 
 def _send(node: Node, templates: list[Dataset], n: int, index: int, tally: Tally) -> None:
-    """One sender: ``n`` stores, one study of its own, re-sending what got no answer."""
+    """One sender: ``n`` stores, studies of its own, re-sending what got no answer."""
     ae = AE(ae_title=f"LOAD{index}")
     ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = 10, 40, 60
     for ds in templates:
         ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    study = generate_uid()
+    # one study per sample (each sample is another patient: one study holds one, db.identity)
+    studies = [generate_uid() for _ in templates]
     series = [generate_uid() for _ in templates]
     todo = [generate_uid() for _ in range(n)]
     i, code = 0, SUCCESS
@@ -158,7 +160,7 @@ def _send(node: Node, templates: list[Dataset], n: int, index: int, tally: Tally
             continue
         while assoc.is_established and i < len(todo):
             k = i % len(templates)
-            ds = _dataset(templates[k], study, series[k], todo[i])
+            ds = _dataset(templates[k], studies[k], series[k], todo[i])
             started = time.monotonic()
             status = assoc.send_c_store(ds)
             seconds = time.monotonic() - started
@@ -187,8 +189,10 @@ def _send(node: Node, templates: list[Dataset], n: int, index: int, tally: Tally
 def _faults(node: Node, tally: Tally, count: int, stall_s: float, log: list[dict[str, object]],
             done: threading.Event) -> None:  # fmt: skip
     """Inject :data:`SCHEDULE`'s faults as the acknowledgements pass each share."""
+    db = node.work / "data" / "triage.db"
     for share, role in SCHEDULE:
-        while len(tally.acknowledged) < share * count:
+        # The worker is killed with a task in hand: once it has classified something.
+        while len(tally.acknowledged) < share * count or (role == "worker" and not _results(db)):
             if done.wait(0.05):
                 return
         at = round(time.monotonic() - tally.first_store, 1)
@@ -214,6 +218,14 @@ def _faults(node: Node, tally: Tally, count: int, stall_s: float, log: list[dict
             entry["fault"] = "SCP SIGKILLed, restarted after 0.5 s"
         entry["ended_s"] = round(time.monotonic() - tally.first_store, 1)
         log.append(entry)
+
+
+def _results(db: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            return int(conn.execute("SELECT count(*) FROM results").fetchone()[0])
+    except sqlite3.Error:
+        return 0
 
 
 def _settled(db: Path, uids: set[str]) -> dict[str, tuple[str, int, int]]:

@@ -3,13 +3,14 @@
 Every ``settings.sweeper_interval_seconds`` it
 
 1. queues ``pending`` instances (stored and acknowledged while the broker was down, or
-   while it did not answer), oldest first, and stops at the first refusal (the broker is
-   still down); one whose message the broker holds after all (a publish that timed out
+   while it did not answer) received at least ``pending_after`` (5 s) ago, so as not to race
+   the SCP's own publish, oldest first, and stops at the first refusal (the broker is still
+   down); one whose message the broker holds after all (a publish that timed out
    while Redis was frozen reaches it when it thaws) is marked queued, not sent again;
 2. sends again ``queued`` instances that have had no result for ``stale_after`` and whose
    message the broker no longer holds (``CeleryEnqueuer.held_instances``: lost with a
    broker killed or restarted without persistence), however long the queue is: once each,
-   since the message sent is then held. Both steps read the broker's contents before and
+   since the message sent is then held. It reads the broker's contents before and
    after the database, so a message being delivered at that moment is not missed;
 3. queues ``report_study`` for studies quiet for ``settings.study_stable_seconds`` whose
    current revision has no SR yet, at most once per (study, revision) every
