@@ -46,6 +46,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -420,6 +421,23 @@ def await_associate_rq(sock: socket.socket, limits: Limits) -> FirstPdu:
     return FirstPdu(None)
 
 
+class _ReleaseOnce:
+    """Release one connection's count, once, whoever calls first."""
+
+    def __init__(self, connections: Connections, address: str) -> None:
+        self._connections = connections
+        self._address = address
+        self._lock = threading.Lock()
+        self._done = False
+
+    def __call__(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        self._connections.release(self._address)
+
+
 class GuardedRequestHandler(RequestHandler):
     """pynetdicom's request handler on a :class:`PduGuard`, under :class:`Connections`."""
 
@@ -441,7 +459,11 @@ class GuardedRequestHandler(RequestHandler):
             guard.abort(None)
             guard.close()
             return
-        guard._on_end = lambda: self.connections.release(address)
+        release = _ReleaseOnce(self.connections, address)
+        guard._on_end = release
+        # Should pynetdicom ever drop the connection without closing it, it is released
+        # when the socket object goes (the count must not outlive the connection).
+        weakref.finalize(guard, release)
         self.connections.negotiating(guard, True)
         try:
             first = await_associate_rq(guard.raw, self.limits)

@@ -308,6 +308,14 @@ def test_connections_that_end_before_associating_hold_no_slot(
             started = time.monotonic()
             assert echo(scp.port, source=source) == SUCCESS
             assert time.monotonic() - started < 2
+        # Every connection, released or aborted, has given its count back.
+        connections = scp._handler.connections
+        wait = time.monotonic() + 5
+        while time.monotonic() < wait and any(
+            connections.held(a) for a in ("127.0.0.1", "127.0.0.3", "127.0.0.4")
+        ):
+            time.sleep(0.05)
+        assert [connections.held(a) for a in ("127.0.0.1", "127.0.0.3", "127.0.0.4")] == [0, 0, 0]
 
 
 # --- requests pynetdicom would leave unanswered ----------------------------------------------
