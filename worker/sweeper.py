@@ -10,8 +10,8 @@ Every ``settings.sweeper_interval_seconds`` it
 2. sends again ``queued`` instances that have had no result for ``stale_after`` and whose
    message the broker no longer holds (``CeleryEnqueuer.held_instances``: lost with a
    broker killed or restarted without persistence), however long the queue is: once each,
-   since the message sent is then held. It reads the broker's contents before and
-   after the database, so a message being delivered at that moment is not missed;
+   since the message sent is then held. It reads the broker's contents twice, so a message
+   being delivered at that moment is not missed;
 3. queues ``report_study`` for studies quiet for ``settings.study_stable_seconds`` whose
    current revision has no SR yet, at most once per (study, revision) every
    ``report_resend_after`` (a lost message is sent again, a slow one is not duplicated);
@@ -116,14 +116,17 @@ class Sweeper:
             counts.queued += 1
 
     def _requeue_stale(self, session: Session, counts: SweepCounts) -> None:
-        before = self.enqueuer.held_instances()
         stale = repository.stale_queued_instances(session, self.stale_after, limit=200)
         if not stale:
             return
-        after = self.enqueuer.held_instances()
-        if before is None or after is None:
+        # Read twice: a message a worker is taking at that moment (popped from the queue, not
+        # yet in the unacked hash) shows in one of them. One finished meanwhile is re-sent,
+        # and the duplicate finds its result.
+        first = self.enqueuer.held_instances()
+        second = self.enqueuer.held_instances()
+        if first is None or second is None:
             return  # the broker cannot be read: neither can it be sent to
-        held = before | after
+        held = first | second
         for instance in stale:
             if instance.id in held:
                 continue  # waiting in a backlog or being classified: not lost
