@@ -192,14 +192,19 @@ class PduGuard:
         #: called once, when the connection ends (EOF, abort, deadline or close)
         self._on_end = on_end
         self._end_lock = threading.Lock()
+        #: the same release, should this object be collected without ending (detached then)
+        self._finalizer: weakref.finalize[Any, Any] | None = None
 
     def _ended(self) -> None:
         """The connection is over: release its count (once)."""
         self._closed = True
         with self._end_lock:
             on_end, self._on_end = self._on_end, None
+            finalizer, self._finalizer = self._finalizer, None
         if on_end is not None:
             on_end()
+        if finalizer is not None:
+            finalizer.detach()
 
     # --- reading --------------------------------------------------------------------------
 
@@ -462,8 +467,10 @@ class GuardedRequestHandler(RequestHandler):
         release = _ReleaseOnce(self.connections, address)
         guard._on_end = release
         # Should pynetdicom ever drop the connection without closing it, it is released
-        # when the socket object goes (the count must not outlive the connection).
-        weakref.finalize(guard, release)
+        # when the socket object goes (the count must not outlive the connection). Detached
+        # when the connection ends normally: a finalizer runs wherever the collector happens
+        # to run, deep in a recursive parse maybe, and is best left for that rare case.
+        guard._finalizer = weakref.finalize(guard, release)
         self.connections.negotiating(guard, True)
         try:
             first = await_associate_rq(guard.raw, self.limits)
