@@ -345,18 +345,32 @@ def _wait_for(sock: socket.socket, size: int, deadline: float) -> bytes | None:
     """The first ``size`` bytes buffered on ``sock``, left there (``MSG_PEEK``), once they
     have all arrived; fewer if the peer closed first; ``None`` at ``deadline``.
 
-    ``SO_RCVLOWAT`` makes ``select()`` wait for ``size`` bytes (or EOF) without a busy loop;
-    Linux grows the receive buffer to fit. Nothing is consumed, so pynetdicom's DUL and
-    :class:`PduGuard` read the PDU afterwards as if this had not happened.
+    ``SO_RCVLOWAT`` makes ``poll()`` on a TCP socket wait for ``size`` bytes (or the peer's
+    close) without a busy loop; Linux grows the receive buffer to fit. A Unix socket (the TLS
+    port's relay, a ``socketpair``) ignores it, so a short peek is retried every 10 ms until
+    the bytes are there or ``POLLRDHUP`` says the peer closed. Nothing is consumed, so
+    pynetdicom's DUL and :class:`PduGuard` read the PDU afterwards as if this had not happened.
     """
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, size)
+    closed = select.POLLRDHUP | select.POLLHUP | select.POLLERR
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLRDHUP)
+    with contextlib.suppress(OSError):  # not every socket family takes it
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, size)
     try:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([sock], [], [], left)[0]:
-            return None
-        return sock.recv(size, socket.MSG_PEEK)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            events = poller.poll(max(1, int(left * 1000)))
+            if not events:
+                return None
+            data = sock.recv(size, socket.MSG_PEEK)
+            if len(data) >= size or not data or events[0][1] & closed:
+                return data
+            time.sleep(0.01)
     finally:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
 
 @dataclass(frozen=True)

@@ -410,3 +410,33 @@ def test_objects_that_do_not_describe_their_image_are_refused(
     assert rsp.Status == status
     assert comment in rsp.ErrorComment
     assert not list(objects.glob(f"*/*/{ds.SOPInstanceUID}.dcm"))
+
+
+def test_an_associate_rq_arriving_in_pieces_over_a_unix_socket_is_waited_for() -> None:
+    """The TLS port relays the decrypted stream over a ``socketpair`` (AF_UNIX), where
+    ``SO_RCVLOWAT`` does not hold ``poll()`` back: a request arriving in two pieces is still
+    waited for whole, and one whose sender closes half-way is refused, not waited out."""
+    from dicom_node.fuzz.pdus import associate_rq
+    from dicom_node.guard import Limits, await_associate_rq
+
+    limits = Limits(max_pdu=131072, read_timeout=5.0, per_peer=8, associate_timeout=5.0)
+    rq = associate_rq()
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.sendall(rq[:20])
+        timer = threading.Timer(0.3, ours.sendall, args=(rq[20:],))
+        timer.start()
+        started = time.monotonic()
+        first = await_associate_rq(theirs, limits)
+        timer.join()
+        assert first.answer is None, first.reason
+        assert 0.25 < time.monotonic() - started < 3
+        assert theirs.recv(len(rq) + 10) == rq  # only peeked: all of it still there
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.sendall(rq[:20])
+        ours.shutdown(socket.SHUT_WR)
+        started = time.monotonic()
+        first = await_associate_rq(theirs, limits)
+        assert first.answer == b"" and "closed" in first.reason
+        assert time.monotonic() - started < 1
