@@ -3,10 +3,13 @@
 Standard library only (``http.server``), JSON out, bound to ``Settings.bind_address`` and
 ``Settings.http_port``. Endpoints:
 
-- ``GET /health``: 200 ``{"status": "ok"}`` when the database answers, else 503.
+- ``GET /health``: 200 ``{"status": "ok", "storage": {...}}`` when the database answers
+  and the data directory is above its free-space watermark (``fracture_triage.disk``);
+  503 with ``"status": "storage low"`` while C-STOREs are refused for space, or when the
+  database does not answer.
 - ``GET /results[?study=UID]``: what ``fracture-triage results --json`` prints, as a list.
-- ``GET /worklist``: one entry per study, likely fractures first (flagged studies by highest
-  probability, then the others by highest probability, unclassified last).
+- ``GET /worklist``: one entry per study in the order of :mod:`db.worklist` (fracture, then
+  doubt, then no fracture, each by highest probability; unclassified last).
 
 Patient identifiers are left out unless ``include_patient=1`` is given: the API has no
 authentication, so it listens on loopback unless told otherwise.
@@ -25,7 +28,9 @@ from urllib.parse import parse_qs, urlsplit
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.worklist import worklist as worklist_order
 from fracture_triage.attributes import PATIENT_IDENTIFIERS
+from fracture_triage.disk import storage_health
 from fracture_triage.results import collect_results
 from fracture_triage.settings import Settings
 from fracture_triage.verdict import study_verdict
@@ -33,10 +38,11 @@ from fracture_triage.verdict import study_verdict
 log = logging.getLogger(__name__)
 
 
-def worklist(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Group result rows by study and order the studies fracture-first."""
+def worklist(rows: list[dict[str, Any]], order: list[str]) -> list[dict[str, Any]]:
+    """Group result rows by study, in ``order`` (Study Instance UIDs in the order of
+    :func:`db.worklist.worklist`, the one place studies are ranked)."""
     studies: dict[str, dict[str, Any]] = {}
-    scores: dict[str, list[tuple[float | None, bool | None]]] = {}
+    scores: dict[str, list[tuple[float | None, bool | None, str | None]]] = {}
     for row in rows:
         uid = row["study_instance_uid"]
         entry = studies.setdefault(
@@ -48,6 +54,7 @@ def worklist(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "failed": 0,
                 "waiting": 0,
                 "fracture": None,
+                "decision": None,
                 "max_probability": None,
                 "last_received_at": row["received_at"],
                 "sr_path": row["sr_path"],
@@ -59,7 +66,9 @@ def worklist(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry["last_received_at"] = max(entry["last_received_at"], row["received_at"])
         if row["status"] == "done":
             entry["classified"] += 1
-            scores.setdefault(uid, []).append((row["probability"], row["fracture"]))
+            scores.setdefault(uid, []).append(
+                (row["probability"], row["fracture"], row["decision"])
+            )
         elif row["status"] == "failed":
             entry["failed"] += 1
         else:
@@ -69,14 +78,13 @@ def worklist(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry["max_probability"] = verdict.probability
         # No classified image: no verdict either way (sorted last).
         entry["fracture"] = verdict.fracture if verdict.assessed else None
+        entry["decision"] = None if verdict.decision is None else verdict.decision.value
         entry["reported"] = entry["sr_path"] is not None
-
-    def key(e: dict[str, Any]) -> tuple[int, float]:
-        if e["max_probability"] is None:
-            return (2, 0.0)
-        return (0 if e["fracture"] else 1, -float(e["max_probability"]))
-
-    return sorted(studies.values(), key=key)
+    ranked = [uid for uid in order if uid in studies]
+    # A study recorded between the two queries (PostgreSQL reads committed rows per
+    # statement) is not dropped: it goes last, unranked until the next request.
+    ranked += [uid for uid in studies if uid not in set(ranked)]
+    return [studies[uid] for uid in ranked]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -103,7 +111,12 @@ class _Handler(BaseHTTPRequestHandler):
             if url.path == "/health":
                 with self.server.sessions() as session:
                     session.execute(text("SELECT 1"))
-                self._send(HTTPStatus.OK, {"status": "ok"})
+                storage = storage_health(self.server.settings)
+                if storage["status"] == "ok":
+                    self._send(HTTPStatus.OK, {"status": "ok", "storage": storage})
+                else:  # the SCP refuses C-STOREs (fracture_triage.disk)
+                    body = {"status": f"storage {storage['status']}", "storage": storage}
+                    self._send(HTTPStatus.SERVICE_UNAVAILABLE, body)
             elif url.path == "/results":
                 study = query.get("study", [None])[0]
                 with self.server.sessions() as session:
@@ -112,7 +125,8 @@ class _Handler(BaseHTTPRequestHandler):
             elif url.path == "/worklist":
                 with self.server.sessions() as session:
                     rows = collect_results(session, include_patient=include_patient)
-                self._send(HTTPStatus.OK, worklist(rows))
+                    order = [e.study_instance_uid for e in worklist_order(session)]
+                self._send(HTTPStatus.OK, worklist(rows, order))
             else:
                 self._send(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {url.path}"})
         except Exception:
@@ -126,8 +140,11 @@ class _Handler(BaseHTTPRequestHandler):
 class QueryServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], sessions: sessionmaker[Session]) -> None:
+    def __init__(
+        self, address: tuple[str, int], sessions: sessionmaker[Session], settings: Settings
+    ) -> None:
         self.sessions = sessions
+        self.settings = settings
         super().__init__(address, _Handler)
 
 
@@ -136,7 +153,9 @@ def run_api(settings: Settings, stop_event: threading.Event) -> None:
     from db.session import make_engine, make_session_factory
 
     engine = make_engine(settings.resolved_database_url)
-    server = QueryServer((settings.bind_address, settings.http_port), make_session_factory(engine))
+    server = QueryServer(
+        (settings.bind_address, settings.http_port), make_session_factory(engine), settings
+    )
     thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
     thread.start()
     log.info("query API on http://%s:%d/", settings.bind_address, settings.http_port)

@@ -1,4 +1,5 @@
-"""Typed tables: studies, series, instances, results and produced SR documents.
+"""Typed tables: studies, series, instances, results, their evidence Secondary Captures and
+produced SR documents.
 
 Patient and study attributes are stored for the worklist; they must never be logged.
 """
@@ -20,6 +21,8 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from fracture_triage.verdict import Decision
 
 
 class Base(DeclarativeBase):
@@ -52,6 +55,17 @@ class SendStatus(enum.StrEnum):
     pending = "pending"
     sent = "sent"
     failed = "failed"
+
+
+class EvidenceState(enum.StrEnum):
+    """Whether the evidence Secondary Capture of a result was made.
+
+    produced: written at ``path``. not produced: ``reason`` says why (an image too small or
+    uniform to show a map on, an export without maps, ...); the result itself stands.
+    """
+
+    produced = "produced"
+    not_produced = "not produced"
 
 
 class Study(Base):
@@ -131,13 +145,22 @@ class Instance(Base):
     conflicting_resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     last_conflict_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_conflict_sha256: Mapped[str | None] = mapped_column(String(64))
+    #: When retention deleted the stored file (``fracture-triage purge``); the row and its
+    #: results stay.
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     series: Mapped[Series] = relationship(back_populates="instances")
     results: Mapped[list[Result]] = relationship(back_populates="instance")
 
 
 class Result(Base):
-    """One classification: exactly one per (instance, model version)."""
+    """One classification: exactly one per (instance, model version).
+
+    ``threshold`` and ``upper_threshold`` are the model card's two thresholds when it was
+    classified, ``decision`` the level they gave (:func:`fracture_triage.verdict.decide`)
+    and ``fracture`` the flag ``probability >= threshold``. Results of revisions before 0004
+    were given upper = lower and the decision that makes (fracture or no fracture).
+    """
 
     __tablename__ = "results"
     __table_args__ = (UniqueConstraint("instance_id", "model_version", name="uq_result_model"),)
@@ -150,11 +173,61 @@ class Result(Base):
     probability: Mapped[float] = mapped_column(Float)
     threshold: Mapped[float] = mapped_column(Float)
     fracture: Mapped[bool] = mapped_column(Boolean)
+    upper_threshold: Mapped[float] = mapped_column(Float)
+    # The value ("no fracture"), not the member name, in a VARCHAR(16) without CHECK
+    # constraint, like ``instances.status``.
+    decision: Mapped[Decision] = mapped_column(
+        Enum(
+            Decision,
+            name="decision",
+            native_enum=False,
+            length=16,
+            values_callable=lambda members: [m.value for m in members],
+        )
+    )
     preprocess_ms: Mapped[float] = mapped_column(Float)
     inference_ms: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     instance: Mapped[Instance] = relationship(back_populates="results")
+    evidence: Mapped[Evidence | None] = relationship(back_populates="result")
+
+
+class Evidence(Base):
+    """The evidence Secondary Capture of one result (the radiograph with the network's class
+    activation map and the result burned in), or why there is none; at most one per result.
+
+    Sent to the SR destination with the study's SR (``send_*`` as on ``sr_documents``).
+    """
+
+    __tablename__ = "evidence"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), unique=True)
+    # the enum's values in a VARCHAR (no CHECK constraint), like ``instances.status``
+    state: Mapped[EvidenceState] = mapped_column(
+        Enum(
+            EvidenceState,
+            name="evidence_state",
+            native_enum=False,
+            length=16,
+            values_callable=lambda e: [m.value for m in e],
+        )
+    )
+    reason: Mapped[str | None] = mapped_column(Text)
+    path: Mapped[str | None] = mapped_column(Text)
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64), unique=True)
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    send_status: Mapped[SendStatus] = mapped_column(
+        Enum(SendStatus, name="send_status", native_enum=False, length=16),
+        default=SendStatus.none,
+    )
+    send_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    send_error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    result: Mapped[Result] = relationship(back_populates="evidence")
 
 
 class SRDocument(Base):
@@ -183,5 +256,7 @@ class SRDocument(Base):
     send_attempts: Mapped[int] = mapped_column(Integer, default=0)
     send_error: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: When retention deleted the SR file; the row stays.
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     study: Mapped[Study] = relationship(back_populates="reports")

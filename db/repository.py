@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from db import identity
 from db.models import Instance, InstanceStatus, Result, SendStatus, Series, SRDocument, Study
 from fracture_triage.attributes import STUDY_FIELDS
+from fracture_triage.verdict import Decision, decide
 
 
 def utcnow() -> datetime:
@@ -251,6 +252,10 @@ def stale_queued_instances(
 
 @dataclass(frozen=True)
 class Classification:
+    """One image's classification; ``threshold`` is the card's lower threshold and
+    ``fracture`` the flag ``probability >= threshold``; ``upper_threshold`` None: the card has
+    one threshold (upper == lower)."""
+
     probability: float
     threshold: float
     fracture: bool
@@ -259,6 +264,15 @@ class Classification:
     model_uid: str
     preprocess_ms: float
     inference_ms: float
+    upper_threshold: float | None = None
+
+    @property
+    def upper(self) -> float:
+        return self.threshold if self.upper_threshold is None else self.upper_threshold
+
+    @property
+    def decision(self) -> Decision:
+        return decide(self.probability, self.threshold, self.upper)
 
 
 def find_result(session: Session, instance_id: int, model_version: str) -> Result | None:
@@ -285,6 +299,8 @@ def save_result(session: Session, instance_id: int, c: Classification) -> Result
             probability=float(c.probability),
             threshold=float(c.threshold),
             fracture=bool(c.fracture),
+            upper_threshold=float(c.upper),
+            decision=c.decision,
             preprocess_ms=c.preprocess_ms,
             inference_ms=c.inference_ms,
             created_at=utcnow(),

@@ -51,6 +51,7 @@ from dicom_node.validate import (
     usable_uids,
 )
 from fracture_triage.attributes import STUDY_ATTRIBUTES
+from fracture_triage.disk import Watermark
 from fracture_triage.messages import ClassifyInstance
 from fracture_triage.settings import Settings
 from fracture_triage.uids import is_valid_uid
@@ -94,11 +95,16 @@ class StoreContext:
     #: Hands a message to the broker; raises when it cannot (the instance then stays pending).
     enqueue: Enqueue
     in_flight: InFlight = field(default_factory=InFlight)
+    #: The free-space reserve (``fracture_triage.disk``), checked before anything is written.
+    watermark: Watermark = field(init=False)
     #: Serialise "already stored?" + write + record per SOP Instance UID within this process,
     #: so two associations sending the same instance at once store and queue it once.
     _locks: tuple[threading.Lock, ...] = field(
         default_factory=lambda: tuple(threading.Lock() for _ in range(_LOCK_STRIPES))
     )
+
+    def __post_init__(self) -> None:
+        self.watermark = Watermark(self.settings)
 
     def lock_for(self, sop_instance_uid: str) -> threading.Lock:
         return self._locks[hash(sop_instance_uid) % _LOCK_STRIPES]
@@ -303,12 +309,26 @@ def handle_store(event: Event, ctx: StoreContext) -> Dataset:
     """C-STORE (Storage Service Class, PS3.4 Annex B): validate, store, record, queue."""
     with ctx.in_flight.track():
         start = time.monotonic()
+        full = ctx.watermark.refusal(_received_bytes(event))
+        if full is not None:
+            # 0xA700 Refused: Out of Resources - below the free-space watermark; nothing of
+            # the object is written, the peer keeps it and retries later.
+            return _status(OUT_OF_RESOURCES, full)
         try:
             return _store(event, ctx, start)
         except Exception:  # anything unforeseen: nothing was acknowledged, the peer may retry
             logger.exception("C-STORE from %s failed unexpectedly", _peer(event))
             # 0xA700 Refused: Out of Resources - transient from the peer's point of view.
             return _status(OUT_OF_RESOURCES, "internal error; retry later")
+
+
+def _received_bytes(event: Event) -> int:
+    """Size of the data set received (what storing it will take, give or take the meta)."""
+    data = getattr(event.request, "DataSet", None)
+    try:
+        return len(data.getbuffer()) if data is not None else 0
+    except (AttributeError, ValueError):
+        return 0
 
 
 def _store(event: Event, ctx: StoreContext, start: float) -> Dataset:

@@ -14,12 +14,18 @@ Conformance in short (PS3.2 style):
   length, or a PDU not received whole within ``Settings.dicom_read_timeout_seconds``, gets
   A-ABORT. No association exists before a whole, decodable A-ASSOCIATE-RQ has arrived, so
   connections that end before one hold no association slot. One peer address holds at most
-  ``Settings.max_associations_per_peer`` live connections; timeouts:
-  ``Settings.dicom_acse_timeout_seconds`` (association request, release),
+  ``Settings.max_associations_per_peer`` live connections (plain and TLS together);
+  timeouts: ``Settings.dicom_acse_timeout_seconds`` (association request, release),
   ``Settings.dicom_network_timeout_seconds`` (idle association).
-- Calling AE titles: any when ``Settings.allowed_calling_aets`` is empty, otherwise those
-  only; others get A-ASSOCIATE-RJ rejected-permanent, service-user, reason 3
-  "calling-AE-title-not-recognized" (PS3.8 9.3.4).
+- Called AE title: the node's own, unless ``Settings.accept_any_called_aet``; otherwise
+  A-ASSOCIATE-RJ rejected-permanent, service-user, reason 7 "called-AE-title-not-recognized".
+  Calling AE titles: any when neither ``Settings.allowed_peers`` (AE title and address
+  pairs) nor ``Settings.allowed_calling_aets`` is set, otherwise those only; others get
+  reason 3 "calling-AE-title-not-recognized" (PS3.8 9.3.4; :mod:`dicom_node.peers`).
+- A data set larger than ``Settings.max_object_bytes`` (256 MiB) aborts its association
+  while it arrives (:mod:`dicom_node.object_size`).
+- DICOM over TLS on ``Settings.tls_port`` when a certificate is configured
+  (:mod:`dicom_node.tls`, PS3.15 Annex B).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import guard, storage
+from dicom_node import guard, object_size, peers, storage, tls
 from dicom_node.contexts import STORAGE_SOP_CLASSES, VERIFICATION, supported_transfer_syntaxes
 from dicom_node.handlers import (
     Enqueue,
@@ -48,6 +54,7 @@ from dicom_node.handlers import (
     handle_rejected,
     handle_store,
 )
+from fracture_triage import tls_context
 from fracture_triage.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -65,8 +72,7 @@ def build_ae(settings: Settings) -> AE:
     ae.maximum_associations = MAX_ASSOCIATIONS
     ae.acse_timeout = settings.dicom_acse_timeout_seconds
     ae.network_timeout = settings.dicom_network_timeout_seconds
-    # pynetdicom answers A-ASSOCIATE-RJ (1, 1, 3) to any other calling AE title.
-    ae.require_calling_aet = list(settings.allowed_calling_aets)
+    # Calling and called AE titles are checked by dicom_node.peers (EVT_REQUESTED).
     ae.add_supported_context(VERIFICATION)
     syntaxes = supported_transfer_syntaxes()
     for sop_class in STORAGE_SOP_CLASSES:
@@ -92,7 +98,10 @@ class StorageSCP:
         self.settings = settings
         self.context = StoreContext(settings, session_factory, enqueue)
         self.ae = build_ae(settings)
+        self.peers = peers.policy(settings)
+        self.object_limit = object_size.ObjectSizeLimit(settings.max_object_bytes)
         self._server: ThreadedAssociationServer | None = None
+        self._tls_server: ThreadedAssociationServer | None = None
         self._handler: type[guard.GuardedRequestHandler] = guard.GuardedRequestHandler
         self._validation_mode = pydicom_config.settings.reading_validation_mode
         #: Set to make :meth:`serve_forever` return (from a signal handler or another thread).
@@ -100,9 +109,17 @@ class StorageSCP:
 
     @property
     def port(self) -> int:
+        """The plain DICOM port."""
         if self._server is None:
-            raise RuntimeError("the SCP is not started")
+            raise RuntimeError("the SCP is not started, or serves no plain port")
         return int(self._server.server_address[1])
+
+    @property
+    def tls_port(self) -> int:
+        """The DICOM over TLS port."""
+        if self._tls_server is None:
+            raise RuntimeError("the SCP is not started, or serves no TLS port")
+        return int(self._tls_server.server_address[1])
 
     def start(self) -> StorageSCP:
         """Listen in background threads and return at once."""
@@ -127,35 +144,72 @@ class StorageSCP:
             (evt.EVT_ABORTED, handle_aborted, [self.context]),
             (evt.EVT_DIMSE_RECV, handle_dimse_recv, [self.context]),
             (evt.EVT_CONN_OPEN, handle_conn_open, [self.context]),
+            (evt.EVT_REQUESTED, peers.handle_requested, [self.peers]),
+            (evt.EVT_DATA_RECV, object_size.handle_data_recv, [self.object_limit]),
         ]
-        self._server = self._start_server(handlers)
+        servers = self._start_servers(handlers)
+        self._server = servers[0] if self.settings.dicom_port else None
+        self._tls_server = servers[-1] if self.settings.tls_enabled else None
+        ports = []
+        if self._server is not None:
+            ports.append(f"{self.port}")
+        if self._tls_server is not None:
+            verify = "client certificates required" if self.settings.tls_ca else "no client CA"
+            ports.append(f"{self.tls_port} (TLS, {verify})")
         logger.info(
-            "storage SCP %s listening on %s:%d (max PDU %d, calling AEs: %s)",
+            "storage SCP %s listening on %s port %s (max PDU %d, called AE: %s, peers: %s)",
             self.settings.ae_title,
             self.settings.bind_address,
-            self.port,
+            " and ".join(ports),
             self.settings.max_pdu,
-            ", ".join(self.settings.allowed_calling_aets) or "any",
+            "any" if self.settings.accept_any_called_aet else self.settings.ae_title,
+            ", ".join(str(p) for p in self.peers.peers) or "any",
         )
         return self
 
-    def _start_server(self, handlers: list[Any]) -> ThreadedAssociationServer:
-        """``AE.start_server(block=False)``, with :mod:`dicom_node.guard`'s request handler."""
+    def _start_servers(self, handlers: list[Any]) -> list[ThreadedAssociationServer]:
+        """The plain port and the TLS port (:mod:`dicom_node.tls`), whichever are configured,
+        each ``AE.make_server`` with :mod:`dicom_node.guard`'s request handler (on the TLS
+        port, behind the TLS relay); one handler class, so its per-peer count spans both."""
+        settings = self.settings
         limits = guard.Limits(
-            max_pdu=self.settings.max_pdu,
-            read_timeout=self.settings.dicom_read_timeout_seconds,
-            per_peer=self.settings.max_associations_per_peer,
-            associate_timeout=self.settings.dicom_acse_timeout_seconds,
+            max_pdu=settings.max_pdu,
+            read_timeout=settings.dicom_read_timeout_seconds,
+            per_peer=settings.max_associations_per_peer,
+            associate_timeout=settings.dicom_acse_timeout_seconds,
         )
-        self._handler = guard.handler(limits)
+        plain_handler = guard.handler(limits)
+        self._handler = plain_handler
+        servers: list[ThreadedAssociationServer] = []
+        if settings.dicom_port:
+            servers.append(self._serve(settings.dicom_port, handlers, plain_handler))
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            context = tls_context.server_context(
+                settings.tls_cert, settings.tls_key, settings.tls_ca
+            )
+            tls_limits = tls.TlsLimits(
+                handshake_timeout=settings.dicom_acse_timeout_seconds,
+                idle_timeout=settings.dicom_network_timeout_seconds
+                + settings.dicom_acse_timeout_seconds,
+                per_peer=settings.max_associations_per_peer,
+            )
+            request_handler = tls.handler(context, tls_limits, plain_handler)
+            servers.append(self._serve(settings.tls_port, handlers, request_handler))
+        return servers
+
+    def _serve(
+        self, port: int, handlers: list[Any], request_handler: type[Any]
+    ) -> ThreadedAssociationServer:
+        """``AE.start_server(block=False)`` with our request handler."""
         server: ThreadedAssociationServer = self.ae.make_server(
-            (self.settings.bind_address, self.settings.dicom_port),
+            (self.settings.bind_address, port),
             evt_handlers=handlers,
             server_class=ThreadedAssociationServer,
-            request_handler=self._handler,
+            request_handler=request_handler,
         )
-        # A connection's own thread now waits for its A-ASSOCIATE-RQ (guard.await_associate_rq):
-        # socketserver must not join those at shutdown (they are closed there instead).
+        # A connection's own thread does its TLS handshake (up to the ACSE timeout) and waits
+        # for its A-ASSOCIATE-RQ (guard.await_associate_rq): socketserver must not join such
+        # threads at shutdown (those still negotiating are closed there instead).
         server.daemon_threads = True
         server.block_on_close = False
         thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
@@ -166,7 +220,7 @@ class StorageSCP:
 
     def serve_forever(self) -> None:
         """Start if needed and block until :meth:`shutdown`, Ctrl-C or SIGTERM."""
-        if self._server is None:
+        if self._server is None and self._tls_server is None:
             self.start()
         try:
             # Short waits keep the main thread responsive to signals (KeyboardInterrupt).
@@ -183,16 +237,19 @@ class StorageSCP:
         A request cut short was never acknowledged, so the peer sends it again: nothing is lost.
         """
         self.stop_event.set()
-        server, self._server = self._server, None
-        if server is None:
+        servers = [s for s in (self._server, self._tls_server) if s is not None]
+        self._server = self._tls_server = None
+        if not servers:
             return
-        server.shutdown()  # no new associations
+        for server in servers:
+            server.shutdown()  # no new associations
         self._handler.connections.close_negotiating()
         pydicom_config.settings.reading_validation_mode = self._validation_mode
         if not self.context.in_flight.wait_idle(grace):
             logger.warning("C-STORE requests still running after %.0f s: aborting", grace)
-        for assoc in server.active_associations:
-            assoc.abort()
+        for server in servers:
+            for assoc in server.active_associations:
+                assoc.abort()
         logger.info("storage SCP stopped")
 
     def __enter__(self) -> StorageSCP:

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from fracture_triage import logsafe
+from fracture_triage import at_rest, logsafe
 from fracture_triage.settings import Settings
 
 log = logging.getLogger("fracture_triage.cli")
@@ -35,7 +35,7 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 
 #: Commands that run a node role: the schema is migrated before they start (``up``'s
 #: children are told it was done already).
-MIGRATING_COMMANDS = ("up", "scp", "worker", "sweeper", "api")
+MIGRATING_COMMANDS = ("up", "scp", "worker", "sweeper", "api", "purge")
 
 #: Commands that ``model.cli.add_commands`` registers (imported only when one of them runs,
 #: or for the full ``--help``).
@@ -168,6 +168,12 @@ def build_parser(with_model_commands: bool = True) -> argparse.ArgumentParser:
     echo.add_argument("--ae-title", default=argparse.SUPPRESS, help="called AE title")
     echo.add_argument("--calling-ae-title", default="FXECHO")
     echo.add_argument("--timeout", type=float, default=10.0)
+    echo.add_argument(
+        "--tls",
+        action="store_true",
+        help="over TLS to FRACTURE_TRIAGE_TLS_PORT, offering the node's certificate "
+        "(the default when FRACTURE_TRIAGE_DICOM_PORT is 0)",
+    )
     echo.set_defaults(handler=cmd_echo)
 
     results = sub.add_parser("results", help="print the stored results")
@@ -180,6 +186,15 @@ def build_parser(with_model_commands: bool = True) -> argparse.ArgumentParser:
         help="add patient id, name, birth date and accession number (off by default)",
     )
     results.set_defaults(handler=cmd_results)
+
+    purge = sub.add_parser(
+        "purge",
+        help="delete stored objects and SRs past FRACTURE_TRIAGE_RETENTION_DAYS / "
+        "_SR_RETENTION_DAYS (database rows stay, marked purged)",
+    )
+    _common(purge, broker=False)
+    purge.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    purge.set_defaults(handler=cmd_purge)
 
     db = sub.add_parser("db", help="database maintenance")
     db_sub = db.add_subparsers(dest="db_command", metavar="DB_COMMAND", required=True)
@@ -350,9 +365,24 @@ def cmd_echo(args: argparse.Namespace, settings: Settings) -> int:
     ae = AE(ae_title=args.calling_ae_title)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
-    assoc = ae.associate(host, settings.dicom_port, ae_title=settings.ae_title)
+    port, tls_args = settings.dicom_port, None
+    if args.tls or settings.dicom_port == 0:
+        if not settings.tls_enabled:
+            print("error: --tls needs FRACTURE_TRIAGE_TLS_CERT and _KEY", file=sys.stderr)
+            return 2
+        import ssl
+
+        from fracture_triage.tls_context import client_context
+
+        # A liveness check of this node: its own certificate is offered (trusted by
+        # FRACTURE_TRIAGE_TLS_CA when that is set); the server's is not verified.
+        context = client_context(None, settings.tls_cert, settings.tls_key)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        port, tls_args = settings.tls_port, (context, host)
+    assoc = ae.associate(host, port, ae_title=settings.ae_title, tls_args=tls_args)
     if not assoc.is_established:
-        print(f"no association with {settings.ae_title}@{host}:{settings.dicom_port}")
+        print(f"no association with {settings.ae_title}@{host}:{port}")
         return 1
     try:
         status = assoc.send_c_echo()
@@ -360,9 +390,9 @@ def cmd_echo(args: argparse.Namespace, settings: Settings) -> int:
         assoc.release()
     # 0x0000 Success is the only answer a Verification SCP gives when it works.
     if status is not None and int(status.get("Status", -1)) == 0x0000:
-        print(f"{settings.ae_title}@{host}:{settings.dicom_port} answered C-ECHO: Success")
+        print(f"{settings.ae_title}@{host}:{port} answered C-ECHO: Success")
         return 0
-    print(f"{settings.ae_title}@{host}:{settings.dicom_port}: C-ECHO failed ({status!r})")
+    print(f"{settings.ae_title}@{host}:{port}: C-ECHO failed ({status!r})")
     return 1
 
 
@@ -392,6 +422,26 @@ def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
         write_json_lines(rows, sys.stdout)
     else:
         write_table(rows, sys.stdout)
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
+    """Retention (``fracture_triage.retention``): run daily from cron or a timer."""
+    from db.session import make_engine, make_session_factory
+    from fracture_triage.retention import purge, retention_configured
+
+    if not retention_configured(settings):
+        print(
+            "retention is off (FRACTURE_TRIAGE_RETENTION_DAYS and _SR_RETENTION_DAYS unset): "
+            "nothing is deleted"
+        )
+        return 0
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        done = purge(make_session_factory(engine), settings, dry_run=args.dry_run)
+    finally:
+        engine.dispose()
+    print(done.summary())
     return 0
 
 
@@ -435,6 +485,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(getattr(args, "log_level", "INFO"), role)
     try:
         settings = settings_from_args(args)
+        if args.command in ("up", "scp"):
+            from dicom_node.peers import policy
+
+            policy(settings)  # a malformed FRACTURE_TRIAGE_ALLOWED_PEERS entry is named here
     except Exception as exc:  # noqa: BLE001 - a bad setting is a usage error, not a crash
         print(f"error: invalid settings: {exc}", file=sys.stderr)
         return 2
@@ -442,7 +496,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return 2
+    # Before anything is created: the database, its journal, folders and logs are private.
+    at_rest.set_umask()
     try:
+        on_sqlite = settings.resolved_database_url.startswith("sqlite")
+        if args.command in MIGRATING_COMMANDS or (args.command == "db" and on_sqlite):
+            at_rest.protect(settings.data_dir)
         if args.command in MIGRATING_COMMANDS:
             _migrate(settings)
         return handler(args, settings)

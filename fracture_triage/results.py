@@ -1,7 +1,10 @@
 """The stored results, as rows for ``fracture-triage results``.
 
-One row per received instance with its latest classification and the path of its study's
-latest Structured Report. Patient identifiers are left out unless explicitly asked for.
+One row per received instance with its latest classification (probability, the two
+thresholds, the ``fracture`` flag and the ``decision`` level), its study's decision
+(``study_decision``: the highest level among the study's classified images, as the worklist
+ranks it) and the path of its study's latest Structured Report. Patient identifiers are left
+out unless explicitly asked for.
 """
 
 from __future__ import annotations
@@ -10,12 +13,14 @@ import json
 from collections.abc import Iterable
 from typing import Any, TextIO
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import Instance, Result, Series, SRDocument, Study
+from db.models import Evidence, Instance, Result, Series, SRDocument, Study
 from db.repository import as_utc
+from db.worklist import decision_of_rank, latest_results, study_levels
 from fracture_triage.attributes import PATIENT_IDENTIFIERS
+from fracture_triage.verdict import DECISION_ORDER
 
 
 def collect_results(
@@ -24,17 +29,16 @@ def collect_results(
     include_patient: bool = False,
 ) -> list[dict[str, Any]]:
     """Every instance (optionally of one study), oldest first, as JSON-ready dicts."""
-    latest_result_id = (
-        select(Result.instance_id, func.max(Result.id).label("result_id"))
-        .group_by(Result.instance_id)
-        .subquery()
-    )
+    latest_result_id = latest_results()
+    levels = study_levels()
     query = (
-        select(Instance, Series, Study, Result)
+        select(Instance, Series, Study, Result, Evidence, levels.c.rank)
         .join(Series, Instance.series_id == Series.id)
         .join(Study, Series.study_id == Study.id)
         .outerjoin(latest_result_id, latest_result_id.c.instance_id == Instance.id)
         .outerjoin(Result, Result.id == latest_result_id.c.result_id)
+        .outerjoin(levels, levels.c.study_id == Study.id)
+        .outerjoin(Evidence, Evidence.result_id == Result.id)
         .order_by(Instance.id)
     )
     if study_instance_uid:
@@ -48,8 +52,9 @@ def collect_results(
         latest_sr[doc.study_id] = doc
 
     rows: list[dict[str, Any]] = []
-    for instance, series, study, result in session.execute(query).tuples():
+    for instance, series, study, result, evidence, rank in session.execute(query).tuples():
         sr = latest_sr.get(study.id)
+        study_decision = decision_of_rank(rank)
         row: dict[str, Any] = {
             "sop_instance_uid": instance.sop_instance_uid,
             "study_instance_uid": study.study_instance_uid,
@@ -61,13 +66,21 @@ def collect_results(
             "status": instance.status.value,
             "probability": None if result is None else round(float(result.probability), 6),
             "fracture": None if result is None else bool(result.fracture),
+            "decision": None if result is None else result.decision.value,
             "threshold": None if result is None else float(result.threshold),
+            "upper_threshold": None if result is None else float(result.upper_threshold),
             "model_name": None if result is None else result.model_name,
             "model_version": None if result is None else result.model_version,
             "failure_reason": instance.failure_reason,
+            # The result's evidence Secondary Capture (heat map): its file, or why none.
+            "evidence_path": None if evidence is None else evidence.path,
+            "evidence_state": None if evidence is None else evidence.state.value,
+            "evidence_reason": None if evidence is None else evidence.reason,
             "sr_path": None if sr is None else sr.path,
             "sr_sop_instance_uid": None if sr is None else sr.sop_instance_uid,
             "study_fracture": None if sr is None else bool(sr.fracture),
+            # The study's decision over its classified images now (None: none classified).
+            "study_decision": None if study_decision is None else study_decision.value,
             # Why the study's report could not be built (not retried until a new image).
             "report_failure": study.report_failure,
         }
@@ -105,7 +118,7 @@ def write_table(rows: list[dict[str, Any]], out: TextIO) -> None:
     columns = [
         ("STATUS", "status", None),
         ("PROB", "probability", None),
-        ("FRACTURE", "fracture", None),
+        ("DECISION", "decision", None),
         ("STUDY INSTANCE UID", "study_instance_uid", None),
         ("SOP INSTANCE UID", "sop_instance_uid", None),
         ("FAILURE / SR", None, 70),
@@ -128,12 +141,14 @@ def write_table(rows: list[dict[str, Any]], out: TextIO) -> None:
     for cells in table:
         out.write("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip() + "\n")
     done = sum(r["status"] == "done" for r in rows)
-    flagged = sum(bool(r["fracture"]) for r in rows)
+    levels = ", ".join(
+        f"{sum(r['decision'] == d.value for r in rows)} {d.value}" for d in DECISION_ORDER
+    )
     failed = sum(r["status"] == "failed" for r in rows)
     studies = len({r["study_instance_uid"] for r in rows})
     reported = len({r["study_instance_uid"] for r in rows if r["sr_path"]})
     out.write(
-        f"{len(rows)} instances in {studies} studies: {done} classified ({flagged} flagged as "
-        f"fracture), {failed} failed, {len(rows) - done - failed} waiting; "
+        f"{len(rows)} instances in {studies} studies: {done} classified ({levels}), "
+        f"{failed} failed, {len(rows) - done - failed} waiting; "
         f"{reported} studies reported\n"
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -26,12 +26,20 @@ class Settings(BaseSettings):
     # DICOM storage SCP
     ae_title: str = "FXTRIAGE"
     bind_address: str = "127.0.0.1"
-    dicom_port: int = 11112
+    #: The plain DICOM port; 0: none (only the TLS port, which must then be configured).
+    dicom_port: int = Field(default=11112, ge=0, le=65535)
     #: 128 KiB: pynetdicom's 16 KiB default halves throughput on large radiographs.
     max_pdu: int = 131072
     #: Calling AE titles allowed to associate; empty means any. In the environment either a
     #: comma-separated list (``MOD1,PACS``) or a JSON list.
     allowed_calling_aets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: Peers allowed to associate as ``AE_TITLE@ADDRESS`` or ``AE_TITLE@NETWORK/PREFIX``
+    #: (an AE title alone: from any address), listed like ``allowed_calling_aets`` (which
+    #: adds its titles from any address); both empty: anyone (``dicom_node.peers``).
+    allowed_peers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: Accept associations whatever called AE title they name (compatibility with senders
+    #: configured with another); otherwise only ``ae_title`` (A-ASSOCIATE-RJ reason 7).
+    accept_any_called_aet: bool = False
     #: Seconds one PDU may take to arrive once its first byte has: a peer dribbling bytes
     #: is cut off (between PDUs the idle timeout below applies).
     dicom_read_timeout_seconds: float = Field(default=30.0, gt=0)
@@ -44,6 +52,14 @@ class Settings(BaseSettings):
     #: Associations (and connections still negotiating) one peer address may hold at once,
     #: of the SCP's 16; further connections from it are closed unanswered.
     max_associations_per_peer: int = Field(default=8, ge=1)
+    #: The reserve of free space kept on the data directory's file system: the smaller of
+    #: these (0 turns one off); a C-STORE that would go below it is answered 0xA700 Out of
+    #: Resources (``fracture_triage.disk``).
+    min_free_bytes: int = Field(default=5 * 1024**3, ge=0)
+    min_free_percent: float = Field(default=10.0, ge=0, le=100)
+    #: Largest data set received in one C-STORE (pynetdicom holds it in memory until it is
+    #: whole): more and the association is aborted (``dicom_node.object_size``).
+    max_object_bytes: int = Field(default=256 * 1024**2, ge=1)
     #: Largest Rows x Columns x Samples accepted, to refuse absurd headers before decoding.
     max_pixels: int = 100_000_000
     #: A SOP Instance UID received again with different content: ``keep-first`` stores
@@ -71,6 +87,26 @@ class Settings(BaseSettings):
 
     http_port: int = 8080
 
+    # Retention (fracture_triage.retention, ``fracture-triage purge``)
+    #: Days after its study's SR was sent (or produced, with no destination) that a received
+    #: object's file is deleted (refused objects: after they arrived); unset: kept for ever.
+    retention_days: float | None = Field(default=None, gt=0)
+    #: Days after sending (or producing) that the node's own SR files are deleted.
+    sr_retention_days: float | None = Field(default=None, gt=0)
+
+    # DICOM over TLS (PS3.15 Annex B; dicom_node.tls)
+    #: The node's certificate chain and private key (PEM): both set serve TLS on ``tls_port``.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: 2762: IANA's port for DICOM over TLS. ``dicom_port`` 0 leaves only this one open.
+    tls_port: int = Field(default=2762, ge=0, le=65535)
+    #: CA certificates (PEM) client certificates must chain to; set: mutual TLS, required.
+    tls_ca: Path | None = None
+    #: Send SRs to their destination over TLS, verifying its certificate against
+    #: ``sr_destination_tls_ca`` (or the system's CAs) and offering ``tls_cert`` when set.
+    sr_destination_tls: bool = False
+    sr_destination_tls_ca: Path | None = None
+
     @field_validator("ae_title", "sr_destination_ae_title")
     @classmethod
     def _check_ae_title(cls, value: str | None) -> str | None:
@@ -81,7 +117,7 @@ class Settings(BaseSettings):
             raise ValueError(f"AE title must be 1-16 characters without backslash: {value!r}")
         return value.strip()
 
-    @field_validator("allowed_calling_aets", mode="before")
+    @field_validator("allowed_calling_aets", "allowed_peers", mode="before")
     @classmethod
     def _split_aets(cls, value: object) -> object:
         if isinstance(value, str):
@@ -93,6 +129,24 @@ class Settings(BaseSettings):
             return [v.strip() for v in text.split(",") if v.strip()]
         return value
 
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("FRACTURE_TRIAGE_TLS_CERT and FRACTURE_TRIAGE_TLS_KEY go together")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ValueError("FRACTURE_TRIAGE_TLS_CA needs FRACTURE_TRIAGE_TLS_CERT and _KEY")
+        if self.dicom_port == 0 and self.tls_cert is None:
+            raise ValueError(
+                "FRACTURE_TRIAGE_DICOM_PORT=0 turns the plain port off: it needs TLS "
+                "(FRACTURE_TRIAGE_TLS_CERT and FRACTURE_TRIAGE_TLS_KEY)"
+            )
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        """Whether the SCP serves DICOM over TLS on ``tls_port``."""
+        return self.tls_cert is not None and self.tls_key is not None
+
     @property
     def storage_dir(self) -> Path:
         """Received objects, stored as received."""
@@ -102,6 +156,11 @@ class Settings(BaseSettings):
     def sr_dir(self) -> Path:
         """Structured Reports produced by the node."""
         return self.data_dir / "sr"
+
+    @property
+    def evidence_dir(self) -> Path:
+        """Evidence Secondary Captures (heat maps) produced by the node."""
+        return self.data_dir / "evidence"
 
     @property
     def resolved_database_url(self) -> str:

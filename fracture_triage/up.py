@@ -255,22 +255,19 @@ def run_up(settings: Settings, options: UpOptions) -> int:
         print(f"error: model: {exc}", file=sys.stderr)
         return 2
     settings = settings.model_copy(update={"model_dir": model_dir})
-    if not port_is_free(settings.bind_address, settings.dicom_port):
-        print(
-            f"error: {settings.bind_address}:{settings.dicom_port} is in use (--dicom-port)",
-            file=sys.stderr,
-        )
-        return 2
-
-    if not port_is_free(settings.bind_address, settings.http_port):
-        print(
-            f"error: {settings.bind_address}:{settings.http_port} is in use (--http-port)",
-            file=sys.stderr,
-        )
-        return 2
+    for port, option in [*dicom_ports(settings), (settings.http_port, "--http-port")]:
+        if not port_is_free(settings.bind_address, port):
+            print(f"error: {settings.bind_address}:{port} is in use ({option})", file=sys.stderr)
+            return 2
 
     # The schema was migrated by the entry point (fracture_triage.cli) before this ran.
-    for folder in (data_dir, settings.storage_dir, settings.sr_dir, data_dir / "redis"):
+    for folder in (
+        data_dir,
+        settings.storage_dir,
+        settings.sr_dir,
+        settings.evidence_dir,
+        data_dir / "redis",
+    ):
         folder.mkdir(parents=True, exist_ok=True)
 
     redis_port = options.redis_port or free_port()
@@ -312,7 +309,7 @@ def run_up(settings: Settings, options: UpOptions) -> int:
         procs = [c.proc for c in children if c.proc is not None]
         if not all(
             wait_for_port(settings.bind_address, port, options.start_timeout, procs)
-            for port in (settings.dicom_port, settings.http_port)
+            for port, _ in [*dicom_ports(settings), (settings.http_port, "")]
         ):
             dead = [c.role for c in children if not c.running()]
             print(
@@ -360,6 +357,15 @@ def run_up(settings: Settings, options: UpOptions) -> int:
     return exit_code
 
 
+def dicom_ports(settings: Settings) -> list[tuple[int, str]]:
+    """The SCP's listening ports with the setting that names each: the plain port (unless
+    0) and the TLS port (when a certificate is configured)."""
+    ports = [(settings.dicom_port, "--dicom-port")] if settings.dicom_port else []
+    if settings.tls_enabled:
+        ports.append((settings.tls_port, "FRACTURE_TRIAGE_TLS_PORT"))
+    return ports
+
+
 def _http_host(bind_address: str) -> str:
     return "127.0.0.1" if bind_address in ("0.0.0.0", "::", "") else bind_address
 
@@ -368,14 +374,22 @@ def _print_banner(settings: Settings, card: object, redis_binary: str, options: 
     name = getattr(card, "name", "?")
     version = getattr(card, "version", "?")
     threshold = getattr(card, "threshold", "?")
+    upper = getattr(card, "upper_threshold", None)
+    thresholds = f"threshold {threshold}"
+    if upper is not None and upper != threshold:
+        thresholds = f"thresholds {threshold} / {upper}: doubt between, fracture above"
     lines = [
         "fracture-triage is up",
         f"  DICOM SCP    AE title {settings.ae_title} on {settings.bind_address}:"
-        f"{settings.dicom_port} (C-ECHO; C-STORE of CR, DX, single-frame SC)",
+        + " and ".join(
+            f"{port}{' (TLS)' if option.endswith('TLS_PORT') else ''}"
+            for port, option in dicom_ports(settings)
+        )
+        + " (C-ECHO; C-STORE of CR, DX, single-frame SC)",
         f"  data dir     {settings.data_dir}",
         f"  database     {mask_url(settings.resolved_database_url)}",
         f"  broker       {mask_url(settings.broker_url)} (embedded {redis_binary})",
-        f"  model        {name} {version} (threshold {threshold}) from {settings.model_dir}",
+        f"  model        {name} {version} ({thresholds}) from {settings.model_dir}",
         f"  workers      {options.workers} Celery worker process(es); sweeper every "
         f"{settings.sweeper_interval_seconds:g} s; studies reported after "
         f"{settings.study_stable_seconds:g} s without new images",

@@ -4,9 +4,11 @@ training and as the reference the export is checked against).
 
 The card holds what every consumer needs: name, version, a UID that changes with every
 retraining (it becomes the Device UID in the SR's Contributing Equipment), the operating
-threshold, the input size and the test-time augmentation the threshold was chosen with, and
-the export's own record (:class:`ExportInfo`), so that a card and an export that do not belong
-together are refused at load instead of giving silently wrong probabilities.
+thresholds (``threshold``, the lower one, and the optional ``upper_threshold``, from which
+``fracture_triage.verdict`` makes the three decision levels), the input size and the
+test-time augmentation the thresholds were chosen with, and the export's own record
+(:class:`ExportInfo`), so that a card and an export that do not belong together are refused
+at load instead of giving silently wrong probabilities.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ EXPORT_FILE = "model.tflite"
 #: 90 degrees and mirror images (the dihedral group D4, the same transforms training used).
 TEST_TIME_AUGMENTATIONS = ("none", "d4")
 _REQUIRED = ("name", "version", "uid", "threshold", "input_size")
-_OPTIONAL = ("manufacturer", "test_time_augmentation")
+_OPTIONAL = ("manufacturer", "test_time_augmentation", "upper_threshold")
 
 
 @dataclass(frozen=True)
@@ -45,10 +47,18 @@ class ExportInfo:
     #: largest |export - Keras| probability over the files it was checked on (None: unchecked)
     max_abs_difference: float | None = None
     checked_files: int = 0
+    #: whether the graph also returns the class activation map (exports before it: False)
+    class_activation_map: bool = False
+    #: largest |export - Keras| map value over the checked files (logit units)
+    max_abs_map_difference: float | None = None
 
 
 @dataclass(frozen=True)
 class ModelCard:
+    """``threshold`` is the lower operating threshold (at and above it an image is flagged:
+    doubt or fracture); ``upper_threshold`` (>= ``threshold``) starts the fracture level. A
+    card without it (1.1.0 and older) has no doubt level: upper == lower."""
+
     name: str
     version: str
     uid: str
@@ -56,12 +66,27 @@ class ModelCard:
     input_size: int
     manufacturer: str = "fracture-triage project"
     test_time_augmentation: str = "none"
+    upper_threshold: float | None = None
     export: ExportInfo | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold must be within [0, 1], got {self.threshold}")
+        # The decision rule itself is fracture_triage.verdict's (the model runtime imports
+        # nothing of the node); the card only guarantees thresholds it can be applied with.
+        for name in ("threshold", "upper_threshold"):
+            value = getattr(self, name)
+            if value is None and name == "upper_threshold":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if not 0.0 <= value <= 1.0:  # also refuses NaN
+                raise ValueError(f"{name} must be within [0, 1], got {value}")
+        if self.upper_threshold is not None and self.upper_threshold < self.threshold:
+            raise ValueError(
+                f"upper_threshold ({self.upper_threshold}) must be >= threshold "
+                f"({self.threshold}): the lower threshold starts the doubt level, the upper "
+                "one the fracture level"
+            )
         if self.input_size < 32:
             raise ValueError(f"input_size must be at least 32, got {self.input_size}")
         if not self.uid or not all(part.isdigit() for part in self.uid.split(".")):
@@ -71,6 +96,11 @@ class ModelCard:
                 f"test_time_augmentation must be one of {TEST_TIME_AUGMENTATIONS}, "
                 f"got {self.test_time_augmentation!r}"
             )
+
+    @property
+    def upper(self) -> float:
+        """The upper threshold in use: ``upper_threshold``, else ``threshold``."""
+        return self.threshold if self.upper_threshold is None else self.upper_threshold
 
 
 def read_card(model_dir: Path) -> ModelCard:
@@ -94,12 +124,15 @@ def read_card(model_dir: Path) -> ModelCard:
         except TypeError as exc:
             raise ValueError(f"{path}: malformed 'export' section: {exc}") from exc
     extra = {k: v for k, v in data.items() if k not in (*_REQUIRED, *_OPTIONAL, "export")}
-    return ModelCard(
-        **known,
-        **{k: data[k] for k in _OPTIONAL if k in data},
-        export=export,
-        extra=extra,
-    )
+    try:
+        return ModelCard(
+            **known,
+            **{k: data[k] for k in _OPTIONAL if k in data and data[k] is not None},
+            export=export,
+            extra=extra,
+        )
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
 
 
 def write_card(model_dir: Path, card: ModelCard) -> Path:
@@ -108,6 +141,8 @@ def write_card(model_dir: Path, card: ModelCard) -> Path:
     extra = data.pop("extra")
     if data["export"] is None:
         data.pop("export")
+    if data["upper_threshold"] is None:  # a card with one threshold stays as it was
+        data.pop("upper_threshold")
     data.update(extra)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return path

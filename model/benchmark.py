@@ -98,13 +98,13 @@ def export_vs_keras(model_dir: Path, classifier: Classifier, files: list[Path]) 
     if importlib.util.find_spec("tensorflow") is None:
         row["keras"] = "not measured: TensorFlow is not installed (the [train] extra)"
     else:
-        from model.training.export import keras_forward
+        from model.training.export import PROBABILITY_OUTPUT, keras_forward
 
         forward = keras_forward(model_dir, classifier.card)
         batch = [x[np.newaxis].astype(np.float32) for x in images]
         forward(batch[0])  # warm-up: traces the graph
         t0 = time.perf_counter()
-        keras_p = [float(np.asarray(forward(x))[0]) for x in batch]
+        keras_p = [float(np.asarray(forward(x)[PROBABILITY_OUTPUT])[0]) for x in batch]
         keras_ms = (time.perf_counter() - t0) * 1000 / len(images)
         row["keras_ms_per_image"] = round(keras_ms, 2)
         row["speedup_export_over_keras"] = round(keras_ms / export_ms, 2)

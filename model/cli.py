@@ -81,6 +81,7 @@ def iter_inputs(paths: Sequence[Path]) -> Iterator[Path]:
 
 def classify(args: argparse.Namespace, settings: Any) -> int:
     """``settings``: the entry point's ``Settings`` (its ``model_dir`` is the default model)."""
+    from fracture_triage.verdict import decide
     from model.artifact import resolve_model_dir
     from model.inference import Classifier, ExportError, predict_files
 
@@ -102,17 +103,26 @@ def classify(args: argparse.Namespace, settings: Any) -> int:
             failed += 1
             _report(args.json, path, result)
             continue
-        fracture = result >= classifier.threshold
+        card = classifier.card
+        # "fracture": flagged at the lower threshold; "decision": the three levels.
+        fracture = result >= card.threshold
+        decision = decide(result, card.threshold, card.upper)
         if args.json:
             print(
                 json.dumps(
-                    {"file": str(path), "probability": round(result, 6), "fracture": fracture}
+                    {
+                        "file": str(path),
+                        "probability": round(result, 6),
+                        "fracture": fracture,
+                        "decision": decision.value,
+                    }
                 )
             )
         else:
-            verdict = "FRACTURE" if fracture else "no fracture"
-            threshold = classifier.threshold
-            print(f"{path}: {verdict} (probability {result:.4f}, threshold {threshold:.4f})")
+            thresholds = f"threshold {card.threshold:.4f}"
+            if card.upper != card.threshold:
+                thresholds = f"thresholds {card.threshold:.4f} / {card.upper:.4f}"
+            print(f"{path}: {decision.value.upper()} (probability {result:.4f}, {thresholds})")
         sys.stdout.flush()
     return 1 if failed else 0
 

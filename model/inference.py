@@ -6,6 +6,13 @@ the threshold choice and ``model.benchmark`` all call :class:`Classifier`. It ne
 ship time by ``model.training.export``, with the card's test-time augmentation built into the
 graph (for ``d4``, the 8 rotations / mirror images of the image run as one batch of 8 and
 the graph returns their mean probability).
+
+The export also returns the network's class activation map (CAM) beside the probability:
+for MobileNetV2 + global average pooling + one sigmoid unit it is exact, the last feature
+maps weighted by the dense unit's weights (``model.training.export.cam_parts``), in logit
+units, ``(h, w)`` = 1/32 of the input size, in the input image's orientation (for ``d4`` the
+mean of the 8 views' maps, each turned back). :meth:`Classifier.predict_with_map` returns
+both; an export made before maps has none, and says so (:class:`ExportError`).
 """
 
 from __future__ import annotations
@@ -17,13 +24,21 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from model.artifact import ExportError, ModelCard, checked_export, read_card
 
-__all__ = ["Classifier", "ExportError", "ImageError", "Prediction", "predict_files"]
+__all__ = [
+    "Classifier",
+    "Explained",
+    "ExportError",
+    "ImageError",
+    "Prediction",
+    "ProbabilityMap",
+    "predict_files",
+]
 
 
 class ImageError(ValueError):
@@ -38,13 +53,33 @@ class Prediction:
     inference_ms: float
 
 
+class ProbabilityMap(NamedTuple):
+    """The probability of one image and its class activation map ``(h, w)`` float32 (logit
+    units: the map's mean is the logit of the single-view network; positive where the image
+    speaks for a fracture), in the orientation of the image given."""
+
+    probability: float
+    map: np.ndarray
+
+
+@dataclass(frozen=True)
+class Explained:
+    """One file classified with its map (the worker's path): the prediction, the file
+    rendered as 8-bit gray at its own size (what the map is drawn over) and the map, None
+    when the export has none."""
+
+    prediction: Prediction
+    gray: np.ndarray
+    map: np.ndarray | None
+
+
 class Classifier:
     """A loaded fracture classifier. Build with :meth:`load`; reuse for every image."""
 
     def __init__(self, interpreter: Any, card: ModelCard) -> None:
         self._interpreter = interpreter
         self._input = interpreter.get_input_details()[0]["index"]
-        self._output = interpreter.get_output_details()[0]["index"]
+        self._output, self._map_output = _output_indices(interpreter.get_output_details())
         # one interpreter holds one set of tensors: calls from several threads take turns
         self._lock = threading.Lock()
         self.card = card
@@ -80,6 +115,12 @@ class Classifier:
         return cls(interpreter, card)
 
     @property
+    def has_map(self) -> bool:
+        """Whether the export returns the class activation map (exports made before maps:
+        not)."""
+        return self._map_output is not None
+
+    @property
     def threshold(self) -> float:
         return self.card.threshold
 
@@ -90,15 +131,38 @@ class Classifier:
     def predict(self, image: np.ndarray) -> float:
         """Fracture probability of one ``(size, size, 3)`` image with values 0..255 (with the
         card's test-time augmentation, which runs inside the export)."""
+        with self._lock:
+            self._invoke(image)
+            return float(self._interpreter.get_tensor(self._output).reshape(-1)[0])
+
+    def predict_with_map(self, image: np.ndarray) -> ProbabilityMap:
+        """Probability and class activation map of one ``(size, size, 3)`` image 0..255: the
+        probability is exactly :meth:`predict`'s (one invocation gives both).
+
+        Raises :class:`ExportError` when the export has no map output (made before maps
+        were exported: export again).
+        """
+        if self._map_output is None:
+            raise ExportError(
+                f"the export of {self.card.name} {self.card.version} has no class activation "
+                "map output (made before maps were exported); export it again with "
+                "python -m model.training.export --model DIR"
+            )
+        with self._lock:
+            self._invoke(image)
+            probability = float(self._interpreter.get_tensor(self._output).reshape(-1)[0])
+            cam = np.array(self._interpreter.get_tensor(self._map_output)[0], dtype=np.float32)
+        return ProbabilityMap(probability, cam)
+
+    def _invoke(self, image: np.ndarray) -> None:
+        # the caller holds the lock
         if image.shape != (self.input_size, self.input_size, 3):
             raise ValueError(
                 f"expected a ({self.input_size}, {self.input_size}, 3) image, got {image.shape}"
             )
         batch = np.ascontiguousarray(image[np.newaxis], dtype=np.float32)
-        with self._lock:
-            self._interpreter.set_tensor(self._input, batch)
-            self._interpreter.invoke()
-            return float(self._interpreter.get_tensor(self._output).reshape(-1)[0])
+        self._interpreter.set_tensor(self._input, batch)
+        self._interpreter.invoke()
 
     def predict_batch(self, images: np.ndarray) -> np.ndarray:
         """Fracture probabilities for ``(N, size, size, 3)`` images with values 0..255."""
@@ -108,7 +172,22 @@ class Classifier:
 
     def prepare(self, path: Path, max_pixels: int | None = None) -> np.ndarray:
         """The network input of one DICOM or picture file; :class:`ImageError` with the reason
-        when the file cannot be read or decoded.
+        when the file cannot be read or decoded (see :meth:`load_gray`)."""
+        return self.network_input(self.load_gray(path, max_pixels=max_pixels))
+
+    def network_input(self, gray: np.ndarray) -> np.ndarray:
+        """The network input of a rendered 8-bit gray image (:meth:`load_gray`)."""
+        from model.imaging import to_network_input
+
+        try:
+            return to_network_input(gray, self.input_size)
+        except (TypeError, ValueError) as exc:
+            raise ImageError(f"cannot resize the image to the network's input: {exc}") from exc
+
+    def load_gray(self, path: Path, max_pixels: int | None = None) -> np.ndarray:
+        """One DICOM or picture file rendered as 8-bit gray ``(H, W)``, bone bright, by the
+        project's one rendering path (:func:`model.imaging.load_gray_uint8`);
+        :class:`ImageError` with the reason when the file cannot be read or decoded.
 
         Every failure that is about the file becomes an :class:`ImageError`, so a caller
         (the worker) records it at once instead of retrying: a third-party decoder's own
@@ -118,12 +197,12 @@ class Classifier:
         "gave up after 5 attempts"), and a MemoryError (an allocation the decoder sized
         from the file). KeyboardInterrupt, SystemExit and the like still propagate.
         """
-        from model.imaging import PreprocessError, load_network_input
+        from model.imaging import PreprocessError, load_gray_uint8
         from model.imaging.errors import is_decoder_panic
 
         name = Path(path).name
         try:
-            return load_network_input(Path(path), self.input_size, max_pixels=max_pixels)
+            return load_gray_uint8(Path(path), max_pixels=max_pixels)
         except PreprocessError as exc:
             raise ImageError(str(exc)) from exc
         except OSError as exc:
@@ -158,6 +237,40 @@ class Classifier:
             preprocess_ms=(t1 - t0) * 1000,
             inference_ms=(t2 - t1) * 1000,
         )
+
+    def explain_file(self, path: Path, max_pixels: int | None = None) -> Explained:
+        """Classify one file and return its map with the rendered image (the worker's path):
+        the probability is :meth:`classify_file`'s. ``map`` is None when the export has
+        none; ``inference_ms`` covers the one invocation that gives both."""
+        t0 = time.perf_counter()
+        gray = self.load_gray(path, max_pixels=max_pixels)
+        image = self.network_input(gray)
+        t1 = time.perf_counter()
+        cam: np.ndarray | None
+        if self.has_map:
+            probability, cam = self.predict_with_map(image)
+        else:
+            probability, cam = self.predict(image), None
+        t2 = time.perf_counter()
+        prediction = Prediction(
+            probability=probability,
+            fracture=probability >= self.threshold,
+            preprocess_ms=(t1 - t0) * 1000,
+            inference_ms=(t2 - t1) * 1000,
+        )
+        return Explained(prediction=prediction, gray=gray, map=cam)
+
+
+def _output_indices(details: Sequence[dict[str, Any]]) -> tuple[int, int | None]:
+    """The tensor indices of the probability (1 value) and of the map (a 3-D ``(1, h, w)``
+    tensor, absent from exports made before maps). Told apart by shape: the converter names
+    a dict's outputs in no documented order."""
+    probability = [d["index"] for d in details if tuple(d["shape"]) == (1,)]
+    maps = [d["index"] for d in details if len(d["shape"]) == 3]
+    if len(probability) != 1 or len(maps) > 1 or len(details) != 1 + len(maps):
+        shapes = [tuple(int(n) for n in d["shape"]) for d in details]
+        raise ExportError(f"export outputs {shapes}: expected a probability and at most a map")
+    return probability[0], (maps[0] if maps else None)
 
 
 def predict_files(

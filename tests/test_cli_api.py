@@ -64,7 +64,8 @@ def test_api_results_worklist_and_health(database_url: str, tmp_path: Path) -> N
     )
     try:
         wait_for_port(port, timeout=60)
-        assert get(port, "/health") == (200, {"status": "ok"})
+        status, health = get(port, "/health")
+        assert (status, health["status"], health["storage"]["status"]) == (200, "ok", "ok")
 
         status, rows = get(port, "/results")
         assert status == 200 and len(rows) == 5

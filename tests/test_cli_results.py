@@ -161,10 +161,14 @@ def test_results_table(tmp_path: Path) -> None:
     run = run_cli("results", "--data-dir", str(tmp_path))
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
-    assert lines[0].split()[:3] == ["STATUS", "PROB", "FRACTURE"]
-    assert any(line.startswith("done") and "0.910" in line and "yes" in line for line in lines)
+    assert lines[0].split()[:3] == ["STATUS", "PROB", "DECISION"]
+    assert any(line.startswith("done") and "0.910  fracture" in line for line in lines)
+    assert any(line.startswith("done") and "0.120  no fracture" in line for line in lines)
     assert any(line.startswith("failed") and "Pixel Data shorter" in line for line in lines)
-    assert "4 instances in 2 studies: 2 classified (1 flagged as fracture), 1 failed" in lines[-1]
+    assert (
+        "4 instances in 2 studies: 2 classified (1 fracture, 0 doubt, 1 no fracture), 1 failed"
+        in lines[-1]
+    )
     assert PATIENT_NAME not in run.stdout
 
 

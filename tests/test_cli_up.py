@@ -25,6 +25,7 @@ import pytest
 from fracture_triage.up import find_redis_server
 from tests.conftest import require
 from tests.servers import free_port, wait_for_port
+from tests.test_at_rest import open_to_others
 from tests.test_cli_api import get
 from tests.test_cli_results import cli
 
@@ -91,12 +92,20 @@ def _results(data_dir: Path) -> list[dict[str, object]]:
 
 @pytest.fixture
 def node(tmp_path: Path, tiny_model_dir: Path) -> Iterator[dict[str, object]]:
+    with running_node(tmp_path, tiny_model_dir) as info:
+        yield info
+
+
+@contextlib.contextmanager
+def running_node(tmp_path: Path, model_dir: Path) -> Iterator[dict[str, object]]:
+    """``fracture-triage up`` with ``model_dir``, in ``tmp_path``; killed, with everything it
+    started, when the block ends."""
     marker = f"FXT_TEST_MARKER={uuid.uuid4().hex}"
     data_dir = tmp_path / "data"
     dicom_port, http_port = free_port(), free_port()
     env = {
         **os.environ,
-        "FRACTURE_TRIAGE_MODEL_DIR": str(tiny_model_dir),
+        "FRACTURE_TRIAGE_MODEL_DIR": str(model_dir),
         "FRACTURE_TRIAGE_STUDY_STABLE_SECONDS": "1",
         "FRACTURE_TRIAGE_SWEEPER_INTERVAL_SECONDS": "0.5",
         "FXT_TEST_MARKER": marker.split("=", 1)[1],
@@ -265,9 +274,13 @@ def test_up_receives_classifies_reports_and_stops_cleanly(
         dump = subprocess.run([dcmtk("dsrdump"), sr_path], capture_output=True, timeout=60)
         assert dump.returncode == 0, dump.stderr
 
+    # Patient data at rest: objects, SRs, database, Redis' files, folders: private.
+    assert open_to_others(data_dir) == []
+
     # The query API serves the same results, one worklist entry per study.
     http_port = int(str(node["http_port"]))
-    assert get(http_port, "/health") == (200, {"status": "ok"})
+    status, health = get(http_port, "/health")
+    assert (status, health["status"], health["storage"]["status"]) == (200, "ok", "ok")
     status, studies_list = get(http_port, "/worklist")
     assert status == 200
     assert {s["study_instance_uid"] for s in studies_list} >= studies

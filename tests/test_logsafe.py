@@ -87,13 +87,13 @@ def test_scp_log_escapes_peer_supplied_text(
         monkeypatch.setitem(pynetdicom._config.VALIDATORS, "UI", lambda v: (True, ""))
         evil = AE(ae_title=EVIL_AE)
         evil.add_requested_context(ComputedRadiographyImageStorage)
-        assert not evil.associate("127.0.0.1", port).is_established
+        assert not evil.associate("127.0.0.1", port, ae_title="FXTRIAGE").is_established
 
         ds = pydicom.dcmread(dicom_samples / "CR_cspine_MONO1_12b_16x16_tiny.dcm")
         ds.SOPInstanceUID = EVIL_UID
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(ComputedRadiographyImageStorage)
-        assoc = ae.associate("127.0.0.1", port)
+        assoc = ae.associate("127.0.0.1", port, ae_title="FXTRIAGE")
         assert assoc.is_established
         assert assoc.send_c_store(ds).Status == 0x0117  # Invalid SOP Instance
         assoc.release()

@@ -120,3 +120,41 @@ def test_classify_json_files_and_folders(brightness_model_dir: Path, tmp_path: P
     assert abs(ok[0]["probability"] - expected.probability) < 1e-4
     assert all(x["fracture"] == (x["probability"] >= 0.5) for x in ok)
     assert sorted(Path(x["file"]).name for x in bad) == ["missing.dcm", "zz_broken.jpg"]
+
+
+def test_classify_json_carries_the_decision_of_two_thresholds(
+    brightness_model_dir: Path, tmp_path: Path
+) -> None:
+    """Thresholds set between the scores of three pictures: each gets another level, and
+    ``fracture`` stays the flag at the lower threshold."""
+    files = sorted(require(IMAGES).glob("*.jpg"))[:3]
+    classifier = Classifier.load(brightness_model_dir)
+    low, mid, high = sorted(classifier.classify_file(f).probability for f in files)
+    assert low < mid < high
+    model = tmp_path / "model"
+    shutil.copytree(brightness_model_dir, model)
+    card = read_card(model)
+    lower, upper = (low + mid) / 2, (mid + high) / 2
+    write_card(model, ModelCard(**{**card.__dict__, "threshold": lower, "upper_threshold": upper}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "fracture_triage.cli", "classify", "--json", "--model", str(model),
+         *map(str, files)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    by_level = {r["decision"]: r for r in rows}
+    assert sorted(by_level) == ["doubt", "fracture", "no fracture"]
+    assert by_level["fracture"]["probability"] == pytest.approx(high, abs=1e-6)
+    assert by_level["doubt"]["probability"] == pytest.approx(mid, abs=1e-6)
+    assert [by_level[d]["fracture"] for d in ("fracture", "doubt", "no fracture")] == [
+        True,
+        True,
+        False,
+    ]
+    text = subprocess.run(
+        [sys.executable, "-m", "fracture_triage.cli", "classify", "--model", str(model),
+         str(files[0])],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert f"thresholds {lower:.4f} / {upper:.4f}" in text.stdout

@@ -195,7 +195,7 @@ def test_echo_and_calling_ae_titles(tmp_path: Path, sqlite_db: sessionmaker[Sess
         assoc.release()
         intruder = AE(ae_title="INTRUDER")
         intruder.add_requested_context(Verification)
-        assert intruder.associate("127.0.0.1", scp.port).is_rejected
+        assert intruder.associate("127.0.0.1", scp.port, ae_title="FXTRIAGE").is_rejected
 
 
 def test_unknown_sop_class_is_refused_at_negotiation(
@@ -205,7 +205,7 @@ def test_unknown_sop_class_is_refused_at_negotiation(
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(MRImageStorage)
         ae.add_requested_context(ComputedRadiographyImageStorage)
-        assoc = ae.associate("127.0.0.1", scp.port)
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title="FXTRIAGE")
         assert assoc.is_established
         [rejected] = assoc.rejected_contexts
         assert rejected.abstract_syntax == MRImageStorage
@@ -234,7 +234,7 @@ def test_negotiation_never_asks_for_lossy_compression(
             ComputedRadiographyImageStorage, ["1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.5"]
         )
         ae.add_requested_context(ComputedRadiographyImageStorage, ["1.2.840.10008.1.2.4.50"])
-        assoc = ae.associate("127.0.0.1", scp.port)
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title="FXTRIAGE")
         accepted = [cx.transfer_syntax[0] for cx in assoc.accepted_contexts]
         assoc.release()
     assert accepted == ["1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.50"]
@@ -426,7 +426,7 @@ def test_every_sample_file_from_dcmtk_storescu(
         assert run.returncode == 0, run.stderr[-2000:]
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", scp.port)
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title="FXTRIAGE")
         assert assoc.send_c_echo().Status == SUCCESS  # still serving
         assoc.release()
     print(f"storescu sent the samples in {elapsed:.1f} s")
@@ -513,7 +513,8 @@ def test_duplicate_is_stored_once_and_queued_once(
     sample = dicom_samples / TINY_CR
     uid = pydicom.dcmread(sample).SOPInstanceUID
     with running_scp(tmp_path, db, broker.enqueue) as scp:
-        cmd = [storescu, "-aet", "MODALITY", "127.0.0.1", str(scp.port), str(sample)]
+        cmd = [storescu, "-aet", "MODALITY", "-aec", "FXTRIAGE", "127.0.0.1", str(scp.port)]
+        cmd.append(str(sample))
         subprocess.run(cmd, env=DCMTK_ENV, check=True, timeout=30)
         stored_path = Path(instances(db)[uid].storage_path)
         before = stored_path.stat()
@@ -525,7 +526,7 @@ def test_duplicate_is_stored_once_and_queued_once(
         def send() -> None:
             ae = AE(ae_title="MODALITY")
             ae.add_requested_context(ComputedRadiographyImageStorage)
-            assoc = ae.associate("127.0.0.1", scp.port)
+            assoc = ae.associate("127.0.0.1", scp.port, ae_title="FXTRIAGE")
             barrier.wait()
             results.append(int(assoc.send_c_store(sample).Status))
             assoc.release()
@@ -568,7 +569,7 @@ def test_a_conflicting_resend_is_logged_recorded_and_handled_by_the_policy(
     ):
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
-        assoc = ae.associate("127.0.0.1", scp.port)
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title="FXTRIAGE")
         assert assoc.send_c_store(original).Status == SUCCESS
         first = instances(db)[uid]
         stored_path = Path(first.storage_path)
@@ -624,7 +625,7 @@ def test_same_instance_in_two_concurrent_fresh_stores(
         def send() -> None:
             ae = AE(ae_title="MODALITY")
             ae.add_requested_context(str(pydicom.dcmread(sample).SOPClassUID))
-            assoc = ae.associate("127.0.0.1", scp.port)
+            assoc = ae.associate("127.0.0.1", scp.port, ae_title="FXTRIAGE")
             barrier.wait()
             results.append(int(assoc.send_c_store(sample).Status))
             assoc.release()
@@ -661,7 +662,7 @@ def test_broker_down_still_stores_and_acknowledges(
                 ae.add_requested_context(str(pydicom.dcmread(sample).SOPClassUID))
 
             def store(path: Path) -> tuple[int, float]:
-                assoc = ae.associate("127.0.0.1", scp.port)
+                assoc = ae.associate("127.0.0.1", scp.port, ae_title="FXTRIAGE")
                 t0 = time.monotonic()
                 status = int(assoc.send_c_store(path).Status)
                 assoc.release()
@@ -696,7 +697,7 @@ def test_database_failure_answers_out_of_resources(
         with running_scp(tmp_path, make_session_factory(engine), broker.enqueue) as scp:
             ae = AE(ae_title="MODALITY")
             ae.add_requested_context(ComputedRadiographyImageStorage)
-            assoc = ae.associate("127.0.0.1", scp.port)
+            assoc = ae.associate("127.0.0.1", scp.port, ae_title="FXTRIAGE")
             rsp = assoc.send_c_store(dicom_samples / TINY_CR)
             assoc.release()
     finally:
@@ -718,7 +719,7 @@ def test_storage_failure_answers_out_of_resources(
         (scp.settings.storage_dir / sample.StudyInstanceUID).write_bytes(b"")
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(ComputedRadiographyImageStorage)
-        assoc = ae.associate("127.0.0.1", scp.port)
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title="FXTRIAGE")
         rsp = assoc.send_c_store(dicom_samples / TINY_CR)
         assoc.release()
     assert rsp.Status == 0xA700  # Refused: Out of Resources
@@ -738,7 +739,7 @@ def test_refused_object_is_recorded_and_a_corrected_resend_is_stored(
     with running_scp(tmp_path, db, broker.enqueue) as scp:
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(ComputedRadiographyImageStorage)
-        assoc = ae.associate("127.0.0.1", scp.port)
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title="FXTRIAGE")
         rsp = assoc.send_c_store(broken)
         assert rsp.Status == 0xA900  # Data Set does not match SOP Class
         assert "Pixel Data" in rsp.ErrorComment
@@ -805,7 +806,7 @@ def test_image_reusing_another_studys_series_uid_is_refused(
     with running_scp(tmp_path, db, no_broker) as scp:
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(ComputedRadiographyImageStorage)
-        assoc = ae.associate("127.0.0.1", scp.port)
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title="FXTRIAGE")
         assert assoc.send_c_store(a).Status == SUCCESS
         rsp_b = assoc.send_c_store(b)
         rsp_c = assoc.send_c_store(c)
@@ -847,7 +848,7 @@ def test_concurrent_studies_claiming_one_new_series_only_one_is_stored(
         def send(ds: pydicom.Dataset) -> None:
             ae = AE(ae_title="MODALITY")
             ae.add_requested_context(ComputedRadiographyImageStorage)
-            assoc = ae.associate("127.0.0.1", scp.port)
+            assoc = ae.associate("127.0.0.1", scp.port, ae_title="FXTRIAGE")
             barrier.wait()
             results[ds.SOPInstanceUID] = int(assoc.send_c_store(ds).Status)
             assoc.release()
@@ -1025,7 +1026,10 @@ def test_run_scp_stops_cleanly(tmp_path: Path, sig: signal.Signals) -> None:
     try:
         wait_for_port(port, timeout=60)
         run = subprocess.run(
-            [dcmtk("echoscu"), "127.0.0.1", str(port)], env=DCMTK_ENV, timeout=30, check=False
+            [dcmtk("echoscu"), "-aec", "FXTRIAGE", "127.0.0.1", str(port)],
+            env=DCMTK_ENV,
+            timeout=30,
+            check=False,
         )
         assert run.returncode == 0
         proc.send_signal(sig)
@@ -1056,7 +1060,7 @@ def test_run_scp_in_a_thread_stops_on_its_event(
         assert ready.wait(30)
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", settings.dicom_port)
+        assoc = ae.associate("127.0.0.1", settings.dicom_port, ae_title="FXTRIAGE")
         assert assoc.send_c_echo().Status == SUCCESS
         assoc.release()
     finally:

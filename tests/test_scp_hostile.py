@@ -51,7 +51,7 @@ def echo(port: int, source: str = "127.0.0.1") -> int | None:
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(Verification)
     ae.acse_timeout = 10
-    assoc = ae.associate("127.0.0.1", port, bind_address=(source, 0))
+    assoc = ae.associate("127.0.0.1", port, ae_title="FXTRIAGE", bind_address=(source, 0))
     if not assoc.is_established:
         return None
     status = int(assoc.send_c_echo().Status)
@@ -135,7 +135,7 @@ def test_p_data_above_the_advertised_maximum_aborts_the_association(
     with running_scp(tmp_path, sqlite_db) as scp:
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", scp.port)
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title="FXTRIAGE")
         assert assoc.is_established
         raw = assoc.dul.socket.socket  # type: ignore[union-attr]
         assert raw is not None
@@ -333,7 +333,7 @@ def test_c_store_without_sop_instance_uid_is_answered_at_once(
         ae = AE(ae_title="MODALITY")
         ae.dimse_timeout = 10
         ae.add_requested_context(ComputedRadiographyImageStorage)
-        assoc = ae.associate("127.0.0.1", scp.port)
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title="FXTRIAGE")
         started = time.monotonic()
         rsp = assoc.send_c_store(broken)
         seconds = time.monotonic() - started
@@ -400,7 +400,7 @@ def test_objects_that_do_not_describe_their_image_are_refused(
         with running_scp(tmp_path, sqlite_db) as scp:
             ae = AE(ae_title="MODALITY")
             ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-            assoc = ae.associate("127.0.0.1", scp.port)
+            assoc = ae.associate("127.0.0.1", scp.port, ae_title="FXTRIAGE")
             assert assoc.is_established
             rsp = assoc.send_c_store(path)
             assoc.release()

@@ -280,6 +280,72 @@ def test_more_images_give_a_superseding_sr(
     assert len(measurement_groups(sr)) == 2
 
 
+def texts_of(group: hd.sr.MeasurementsAndQualitativeEvaluations, code: str) -> list[str]:
+    return [
+        item.TextValue
+        for item in group[0].ContentSequence  # type: ignore[index]
+        if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == code
+    ]
+
+
+@pytest.mark.slow  # dciodvfy and dsrdump
+def test_three_levels_are_present_undetermined_and_absent_with_both_thresholds(
+    session_factory: sessionmaker[Session], dicom_samples: Path, tmp_path: Path
+) -> None:
+    """A card with thresholds 0.3 / 0.7: an image at 0.55 is doubt, reported Undetermined
+    with its probability (not as "not assessable"); every group names both thresholds."""
+    card = ModelCard(**{**CARD.__dict__, "threshold": 0.3, "upper_threshold": 0.7})
+    ids = [receive(session_factory, require(dicom_samples / n)) for n in (RG3, RG3_J2K, RG3_JLS)]
+    for instance_id, p in zip(ids, (0.82, 0.55, 0.1), strict=True):
+        c = repo.Classification(
+            probability=p,
+            threshold=card.threshold,
+            upper_threshold=card.upper_threshold,
+            fracture=p >= card.threshold,
+            model_name=card.name,
+            model_version=card.version,
+            model_uid=card.uid,
+            preprocess_ms=1.0,
+            inference_ms=1.0,
+        )
+        with session_factory() as session:
+            repo.save_result(session, instance_id, c)
+            session.commit()
+    with session_factory() as session:
+        doc = build_study_report(
+            session, Settings(data_dir=tmp_path), study_id_of(session_factory, ids[0]), card
+        )
+        session.commit()
+        uids = [session.get(Instance, i).sop_instance_uid for i in ids]  # type: ignore[union-attr]
+    assert (doc.fracture, doc.probability) == (True, 0.82)
+    groups = groups_by_image(assert_valid_sr(Path(doc.path)))
+    expected = [
+        (uids[0], codes.SCT.Present, 0.82),
+        (uids[1], codes.SCT.Undetermined, 0.55),
+        (uids[2], codes.SCT.Absent, 0.1),
+    ]
+    assert [c.value for c in (codes.SCT.Present, codes.SCT.Undetermined, codes.SCT.Absent)] == [
+        "52101004",  # CID 240 "Present-Absent"
+        "373068000",
+        "272519000",
+    ]
+    for uid, code, probability in expected:
+        group = groups[uid]
+        (evaluation,) = group.get_qualitative_evaluations()  # type: ignore[attr-defined]
+        assert evaluation.value == code
+        (m,) = group.get_measurements()  # type: ignore[attr-defined]
+        assert m.value == pytest.approx(probability)
+        assert texts_of(group, "111002") == ["lower_threshold=0.3", "upper_threshold=0.7"]
+        comments = texts_of(group, "121106")
+        if code == codes.SCT.Undetermined:
+            assert comments == [
+                "Doubt: probability 0.5500 is at or above the lower threshold 0.3 and below "
+                "the upper threshold 0.7"
+            ]
+        else:
+            assert comments == []
+
+
 @pytest.mark.slow  # dciodvfy and dsrdump
 def test_study_with_only_failed_images_is_reported(
     session_factory: sessionmaker[Session], dicom_samples: Path, tmp_path: Path

@@ -11,6 +11,14 @@ temporary data directory, a real redis-server and the roles as the CLI runs them
 - each role's resident memory (VmRSS of every process of the role: the Celery worker's main
   process and its pool child, which holds the model, are listed apart).
 
+Before the roles, in this process (``--evidence-only``: that alone), the evidence figures on
+every decodable DICOM sample, side by side (:func:`evidence_figures`): images per second of
+the classification alone (``Classifier.classify_file``) and of the worker's path with the
+evidence (``Classifier.explain_file`` + ``worker.evidence.make_evidence``: map, overlay,
+Secondary Capture built and written), and the capture's added milliseconds per image
+(mean, median, 90th percentile, max; the first capture of a process apart: highdicom reads
+its copy of the standard once).
+
 The figures print side by side as one JSON object; nothing is asserted.
 """
 
@@ -86,13 +94,105 @@ def _wait_for(db: Path, done: int, timeout: float) -> dict[str, int]:
     raise SystemExit(f"only {_counts(db)} after {timeout:.0f} s")
 
 
+def evidence_figures(dicom_dir: Path, repeat: int = 2) -> dict[str, object]:
+    """Classification alone against classification with the evidence capture, in-process,
+    on the decodable DICOM samples (each ``repeat`` times), with the shipped model."""
+    import numpy as np
+
+    from db.models import Instance, Study
+    from fracture_triage.settings import Settings
+    from model.artifact import resolve_model_dir
+    from model.inference import Classifier, ImageError
+    from worker.evidence import make_evidence
+
+    clf = Classifier.load(resolve_model_dir(None))
+    files = []
+    for f in sorted(dicom_dir.glob("*.dcm")):
+        if f.name.startswith("BAD_"):
+            continue
+        try:
+            clf.prepare(f)
+        except ImageError:
+            continue
+        files.append(f)
+    tmp = Path(tempfile.mkdtemp(prefix="ft-bench-evidence-"))
+    settings = Settings(data_dir=tmp)
+    study = Study(study_instance_uid="1.2.826.0.1.3680043.10.1.99")
+
+    writes: list[float] = []
+
+    def with_evidence(f: Path, i: int) -> float:
+        explained = clf.explain_file(f)
+        instance = Instance(
+            id=i,
+            sop_instance_uid=f"1.2.826.0.1.3680043.10.1.99.{i}",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+            storage_path=str(f),
+        )
+        t = time.perf_counter()
+        p = explained.prediction.probability
+        made = make_evidence(
+            settings, instance, study, clf.card, explained.gray, explained.map, p, clf.threshold
+        )
+        if made.path is None:
+            return float("nan")
+        writes.append(made.write_ms)
+        return (time.perf_counter() - t) * 1000
+
+    try:
+        t = time.perf_counter()
+        first_ms = with_evidence(files[-1], 10_000)  # cold: highdicom loads the standard once
+        first_total = (time.perf_counter() - t) * 1000
+        clf.classify_file(files[0])
+        n = len(files) * repeat
+        t = time.perf_counter()
+        for k in range(n):
+            clf.classify_file(files[k % len(files)])
+        alone = n / (time.perf_counter() - t)
+        added: list[float] = []
+        writes.clear()
+        t = time.perf_counter()
+        for k in range(n):
+            added.append(with_evidence(files[k % len(files)], k + 1))
+        evidence = n / (time.perf_counter() - t)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ms = np.array([a for a in added if a == a])
+    row: dict[str, object] = {
+        "dicom_files": len(files),
+        "images": n,
+        "classify_only_img_per_s": round(alone, 2),
+        "classify_with_evidence_img_per_s": round(evidence, 2),
+        "evidence_added_ms_mean": round(float(ms.mean()), 1),
+        "evidence_added_ms_median": round(float(np.median(ms)), 1),
+        "evidence_added_ms_p90": round(float(np.percentile(ms, 90)), 1),
+        "evidence_added_ms_max": round(float(ms.max()), 1),
+        "evidence_added_ms_median_without_durable_write": round(
+            float(np.median(ms - np.array(writes))), 1
+        ),
+        "evidence_durable_write_ms_median": round(float(np.median(writes)), 1),
+        "evidence_not_produced": int(len(added) - len(ms)),
+        "first_capture_of_process_ms": round(first_ms, 1),
+        "first_image_of_process_total_ms": round(first_total, 1),
+        "load_average": round(os.getloadavg()[0], 2),
+    }
+    print(f"evidence, worker path: {json.dumps(row)}", flush=True)
+    return row
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     repo = Path(__file__).resolve().parent.parent
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dicom-dir", type=Path, default=repo.parent / "shared" / "dicom-samples")
     p.add_argument("-n", type=int, default=8, help="DICOM files to send (valid ones first)")
     p.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
+    p.add_argument("--evidence-only", action="store_true", help="the evidence figures alone")
     args = p.parse_args(argv)
+    evidence = evidence_figures(args.dicom_dir)
+    if args.evidence_only:
+        if args.out:
+            args.out.write_text(json.dumps({"evidence": evidence}, indent=2) + "\n")
+        return 0
     dcmsend = shutil.which("dcmsend")
     redis_server = shutil.which("redis-server")
     if dcmsend is None or redis_server is None:
@@ -169,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "worker_start_to_last_classification_s": round(last, 2),
             "rss_mb": rss,
             "cpu_cores": os.cpu_count(),
+            "evidence": evidence,
         }
         print(json.dumps(result, indent=1))
         if os.environ.get("BENCH_SHOW_LOG"):

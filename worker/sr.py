@@ -10,9 +10,16 @@ The document follows IHE AI Results (AIR):
   changes whenever the model changes;
 - TID 1500 "Measurement Report" (PS3.16) with one TID 1501 measurement group per image,
   each holding TID 4108 tracking identifiers, TID 4019 algorithm identification, the source
-  image reference, a coded qualitative evaluation (SCT 72704001 "Fracture" =
-  CID 240 Present / Absent / Undetermined) and the probability as a TID 300 numeric
-  measurement (DCM 122157 "Probability", UCUM "1" no units);
+  image reference, a coded qualitative evaluation (SCT 72704001 "Fracture" = a value of
+  CID 240 "Present-Absent": the image's decision (``fracture_triage.verdict``) fracture is
+  SCT 52101004 Present, doubt SCT 373068000 Undetermined (with a TEXT comment naming the
+  two thresholds it lies between), no fracture SCT 272519000 Absent) and the probability as
+  a TID 300 numeric measurement (DCM 122157 "Probability", UCUM "1" no units); the TID 4019
+  algorithm parameters give the two thresholds the decision was made with;
+- an image whose evidence Secondary Capture was produced (``worker.evidence``: the radiograph
+  with the network's class activation map) references it from its group as an IMAGE item
+  (DCM 121200 "Illustration of ROI"), and the capture is listed in the Current Requested
+  Procedure Evidence Sequence with the radiographs (PS3.3 C.17.2.3);
 - an image that could not be classified keeps its group: "Fracture" = Undetermined and a
   TEXT comment giving the reason, so nothing received is silently left out;
 - a report that replaces an earlier one of the same study lists it in the Predecessor
@@ -40,22 +47,30 @@ from pydicom.valuerep import PersonName, validate_value
 from sqlalchemy.orm import Session
 
 from db import reports, repository
-from db.models import Instance, InstanceStatus, SendStatus, SRDocument, Study
+from db.evidence import evidence_of_result
+from db.models import EvidenceState, Instance, InstanceStatus, SendStatus, SRDocument, Study
 from fracture_triage.attributes import STUDY_ATTRIBUTES
 from fracture_triage.files import write_atomic
 from fracture_triage.settings import Settings
 from fracture_triage.uids import is_valid_uid
-from fracture_triage.verdict import study_verdict
+from fracture_triage.verdict import Decision, study_verdict
 from model.artifact import ModelCard
 
 log = logging.getLogger(__name__)
 
 #: SNOMED CT 72704001 "Fracture" (morphologic abnormality): the evaluated finding.
 FRACTURE = hd.sr.CodedConcept("72704001", "SCT", "Fracture")
-#: CID 240 "Present-Absent" values of the qualitative evaluation.
+#: CID 240 "Present-Absent" (PS3.16) values of the qualitative evaluation: SCT 52101004,
+#: 272519000 and 373068000 (pydicom's codes are those of the context group).
 PRESENT = hd.sr.CodedConcept.from_code(codes.SCT.Present)
 ABSENT = hd.sr.CodedConcept.from_code(codes.SCT.Absent)
 UNDETERMINED = hd.sr.CodedConcept.from_code(codes.SCT.Undetermined)
+#: The evaluation of each decision level: doubt is neither present nor absent.
+EVALUATION = {
+    Decision.fracture: PRESENT,
+    Decision.doubt: UNDETERMINED,
+    Decision.no_fracture: ABSENT,
+}
 #: DCM 122157 "Probability", the model's output for "fracture present".
 PROBABILITY = hd.sr.CodedConcept.from_code(codes.DCM.Probability)
 #: UCUM "1" (CID 7181 "no units"): a probability is a pure number in [0, 1].
@@ -64,6 +79,9 @@ NO_UNITS = hd.sr.CodedConcept.from_code(codes.UCUM.NoUnits)
 PLAIN_RADIOGRAPHY = hd.sr.CodedConcept("168537006", "SCT", "Plain radiography")
 #: DCM 121106 "Comment": free-text reason why an image has no result.
 COMMENT = hd.sr.CodedConcept.from_code(codes.DCM.Comment)
+#: DCM 121200 "Illustration of ROI": the evidence capture showing where the network looked.
+ILLUSTRATION = hd.sr.CodedConcept.from_code(codes.DCM.IllustrationOfROI)
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SERIES_DESCRIPTION = "AI fracture triage"
@@ -140,24 +158,37 @@ class ImageFinding:
     probability: float | None
     fracture: bool | None
     threshold: float | None = None
+    upper_threshold: float | None = None
+    #: The result's decision level; None for an image without a result.
+    decision: Decision | None = None
     model_name: str | None = None
     model_version: str | None = None
     #: Why there is no result ("decode failed: ..."); no patient identifiers.
     reason: str | None = None
+    #: The evidence Secondary Capture of the result (SOP Instance and Series Instance UID).
+    evidence_sop_instance_uid: str | None = None
+    evidence_series_instance_uid: str | None = None
 
 
 @dataclass(frozen=True)
 class StudyFindings:
-    """The study's result: fracture if any image is flagged, probability = the maximum."""
+    """The study's result (:func:`fracture_triage.verdict.study_verdict`): flagged if any
+    image is, decision = the highest image level, probability = the maximum."""
 
     fracture: bool
     probability: float | None
     images: tuple[ImageFinding, ...]
+    decision: Decision | None = None
 
     @classmethod
     def combine(cls, images: Sequence[ImageFinding]) -> StudyFindings:
-        verdict = study_verdict((i.probability, i.fracture) for i in images)
-        return cls(fracture=verdict.fracture, probability=verdict.probability, images=tuple(images))
+        verdict = study_verdict((i.probability, i.fracture, i.decision) for i in images)
+        return cls(
+            fracture=verdict.fracture,
+            probability=verdict.probability,
+            images=tuple(images),
+            decision=verdict.decision,
+        )
 
 
 # --------------------------------------------------------------------------- DICOM part
@@ -251,14 +282,40 @@ def _evidence(header: Dataset, finding: ImageFinding, first: bool) -> Dataset:
     return ds
 
 
+def _thresholds(finding: ImageFinding, card: ModelCard) -> tuple[float, float]:
+    """The (lower, upper) thresholds of the finding's result, else the card's."""
+    if finding.threshold is None:
+        return card.threshold, card.upper
+    upper = finding.upper_threshold
+    return finding.threshold, finding.threshold if upper is None else upper
+
+
+def _capture(header: Dataset, finding: ImageFinding) -> Dataset:
+    """An image's evidence Secondary Capture as highdicom evidence (same study)."""
+    ds = Dataset()
+    ds.StudyInstanceUID = header.StudyInstanceUID
+    ds.SeriesInstanceUID = finding.evidence_series_instance_uid
+    ds.SOPInstanceUID = finding.evidence_sop_instance_uid
+    ds.SOPClassUID = SECONDARY_CAPTURE
+    return ds
+
+
 def _algorithm(finding: ImageFinding, card: ModelCard) -> hd.sr.AlgorithmIdentification:
-    threshold = finding.threshold if finding.threshold is not None else card.threshold
+    # TID 4019 row 3, Algorithm Parameters: what the decision was made with.
+    lower, upper = _thresholds(finding, card)
     return hd.sr.AlgorithmIdentification(
         name=finding.model_name or card.name,
         version=finding.model_version or card.version,
-        parameters=[f"threshold={threshold:g}"],
+        parameters=[f"lower_threshold={lower:g}", f"upper_threshold={upper:g}"],
         manufacturer=card.manufacturer,
     )
+
+
+def _decision(finding: ImageFinding) -> Decision:
+    """The level of an assessed finding (a finding without one: by its flag)."""
+    if finding.decision is not None:
+        return finding.decision
+    return Decision.fracture if finding.fracture else Decision.no_fracture
 
 
 def _referencable(finding: ImageFinding) -> bool:
@@ -288,8 +345,10 @@ def _measurement_group(
             )
         )
     assessed = finding.probability is not None
+    decision: Decision | None = None
     if finding.probability is not None:
-        evaluation = PRESENT if finding.fracture else ABSENT
+        decision = _decision(finding)
+        evaluation = EVALUATION[decision]
         measurements = [
             hd.sr.Measurement(
                 name=PROBABILITY, value=round(float(finding.probability), 6), unit=NO_UNITS
@@ -310,9 +369,27 @@ def _measurement_group(
         group[0].ContentSequence.append(
             _comment(f"Not assessable: {finding.reason or 'not classified'}")
         )
+    elif decision == Decision.doubt:
+        # Undetermined with a probability: say why, so it does not read as "not assessable".
+        lower, upper = _thresholds(finding, card)
+        group[0].ContentSequence.append(
+            _comment(
+                f"Doubt: probability {finding.probability:.4f} is at or above the lower "
+                f"threshold {lower:g} and below the upper threshold {upper:g}"
+            )
+        )
     if not sources:
         group[0].ContentSequence.append(
             _comment(f"Source image UID is not a valid UID: {finding.sop_instance_uid[:80]}")
+        )
+    if finding.evidence_sop_instance_uid is not None:
+        group[0].ContentSequence.append(
+            hd.sr.ImageContentItem(
+                name=ILLUSTRATION,
+                referenced_sop_class_uid=SECONDARY_CAPTURE,
+                referenced_sop_instance_uid=finding.evidence_sop_instance_uid,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
         )
     return group
 
@@ -352,6 +429,7 @@ def build_sr(
     )
     referencable = [f for f in findings.images if _referencable(f)]
     evidence = [_evidence(header, f, first=i == 0) for i, f in enumerate(referencable)]
+    evidence += [_capture(header, f) for f in findings.images if f.evidence_sop_instance_uid]
     if not evidence:  # highdicom needs one dataset to take patient and study from
         evidence = [_evidence(header, findings.images[0], first=True)]
     equipment = hd.ContributingEquipment(
@@ -418,13 +496,21 @@ def _finding(session: Session, instance: Instance, card: ModelCard) -> ImageFind
         instance.series.series_instance_uid,
     )
     if result is not None:
+        evidence = evidence_of_result(session, result.id)
+        produced = evidence is not None and evidence.state == EvidenceState.produced
         return ImageFinding(
             *uids,
             probability=result.probability,
             fracture=result.fracture,
             threshold=result.threshold,
+            upper_threshold=result.upper_threshold,
+            decision=result.decision,
             model_name=result.model_name,
             model_version=result.model_version,
+            evidence_sop_instance_uid=evidence.sop_instance_uid if produced and evidence else None,
+            evidence_series_instance_uid=(
+                evidence.series_instance_uid if produced and evidence else None
+            ),
         )
     if instance.status == InstanceStatus.failed:
         reason = instance.failure_reason or "failed"
@@ -530,11 +616,11 @@ def build_study_report(
     if doc.sop_instance_uid != sop_uid:  # another worker recorded this revision first
         target.unlink(missing_ok=True)
     log.info(
-        "SR %s for study %s revision %d: %d images, fracture=%s",
+        "SR %s for study %s revision %d: %d images, decision=%s",
         doc.sop_instance_uid,
         study_uid,
         revision,
         len(images),
-        findings.fracture,
+        None if findings.decision is None else findings.decision.value,
     )
     return doc

@@ -29,6 +29,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import reports, repository
+from db.evidence import record_evidence
 from db.models import Instance, InstanceStatus, SendStatus, Study
 from db.session import in_transaction
 from fracture_triage.messages import (
@@ -43,7 +44,8 @@ from worker import claims
 
 if TYPE_CHECKING:
     from model.artifact import ModelCard
-    from model.inference import Classifier
+    from model.inference import Classifier, Explained
+    from worker.evidence import MadeEvidence
     from worker.queue import CeleryEnqueuer
 
 M = TypeVar("M", bound=QueueMessage)
@@ -169,6 +171,12 @@ class WorkerState:
                 self._classifier = Classifier.load(
                     self.model_dir(), num_threads=self.settings.inference_threads
                 )
+                if not self._classifier.has_map:
+                    log.warning(
+                        "the export in %s returns no class activation map: evidence captures "
+                        "will be recorded as not produced; export it again",
+                        self.model_dir(),
+                    )
                 self._card = self._classifier.card
             return self._classifier
 
@@ -327,8 +335,9 @@ def _classify_claimed(
 
     sessions = state.sessions()
     try:
-        # the one classification path, shared with `classify` and model.benchmark
-        prediction = classifier.classify_file(path, max_pixels=state.settings.max_pixels)
+        # the one classification path, shared with `classify` and model.benchmark, with the
+        # class activation map and the rendered image for the evidence capture
+        explained = classifier.explain_file(path, max_pixels=state.settings.max_pixels)
     except ImageError as exc:
         release_freed_memory()
         reason = f"cannot decode or preprocess: {exc}"
@@ -338,10 +347,14 @@ def _classify_claimed(
         log.warning("instance %s failed: %s", msg.sop_instance_uid, reason)
         return "failed"
 
+    prediction = explained.prediction
+    made = _evidence(state, msg.instance_id, classifier, explained)
+    del explained
     release_freed_memory()
     c = repository.Classification(
         probability=prediction.probability,
-        threshold=classifier.threshold,
+        threshold=classifier.card.threshold,
+        upper_threshold=classifier.card.upper_threshold,
         fracture=prediction.fracture,
         model_name=classifier.card.name,
         model_version=classifier.card.version,
@@ -349,16 +362,54 @@ def _classify_claimed(
         preprocess_ms=prediction.preprocess_ms,
         inference_ms=prediction.inference_ms,
     )
-    in_transaction(sessions, lambda session: repository.save_result(session, msg.instance_id, c))
+
+    def store(session: Session) -> str | None:
+        # the result and its evidence in one transaction: both or neither
+        result = repository.save_result(session, msg.instance_id, c)
+        return record_evidence(session, result.id, made.record).sop_instance_uid
+
+    try:
+        recorded_uid = in_transaction(sessions, store)
+    except BaseException:
+        if made.path is not None:
+            made.path.unlink(missing_ok=True)
+        raise
+    if made.path is not None and recorded_uid != made.record.sop_instance_uid:
+        made.path.unlink(missing_ok=True)  # a concurrent run recorded its own capture first
     log.info(
-        "instance %s classified: p=%.3f fracture=%s (%.0f ms + %.0f ms)",
+        "instance %s classified: p=%.3f decision=%s (%.0f ms + %.0f ms); evidence %s (%.0f ms)%s",
         msg.sop_instance_uid,
         c.probability,
-        c.fracture,
+        c.decision.value,
         c.preprocess_ms,
         c.inference_ms,
+        made.record.state.value,
+        made.ms,
+        f": {made.record.reason}" if made.record.reason else "",
     )
     return "done"
+
+
+def _evidence(
+    state: WorkerState, instance_id: int, classifier: Classifier, explained: Explained
+) -> MadeEvidence:
+    """The evidence capture of one classified instance (written, not yet recorded)."""
+    from worker.evidence import make_evidence
+
+    with state.sessions()() as session:
+        instance = session.get(Instance, instance_id)
+        assert instance is not None  # checked by the caller, never deleted
+        probability = explained.prediction.probability
+        return make_evidence(
+            state.settings,
+            instance,
+            instance.series.study,
+            classifier.card,
+            explained.gray,
+            explained.map,
+            probability,
+            classifier.threshold,
+        )
 
 
 def report(state: WorkerState, payload: Any) -> str:

@@ -1,7 +1,8 @@
 """Finish a model artifact: both figures side by side in ``model_card.json`` and ``model_card.md``.
 
-``python -m model.training.card --artifact DIR --honest-eval DIR --original-eval DIR
---original-artifact DIR --audit AUDIT.json [--size-probe JSON] [--throughput JSON]``
+``python -m model.training.card --artifact DIR --honest-eval DIR (--original-eval DIR
+--original-artifact DIR | --notebook-from EARLIER_ARTIFACT) --audit AUDIT.json
+[--size-probe JSON] [--throughput JSON]``
 
 The two figures are always reported together: (1) notebook-comparable, a model trained on the
 bone fracture set's original train split and tested on its original (leaky) test split;
@@ -47,22 +48,52 @@ def _metrics(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def notebook_figure_from(previous: Path, artifact: Path) -> dict[str, Any]:
+    """The notebook-comparable figure of an earlier artifact's card (with its plots copied),
+    for a version whose recipe was not re-run on the original split; the card says so."""
+    prev = read_card(previous)
+    for name in ("roc_original.png", "confusion_matrix_original.png",
+                 "training_curves_original.png"):  # fmt: skip
+        if (previous / name).is_file():
+            shutil.copy(previous / name, artifact / name)
+    model = dict(prev.extra["notebook_comparable_model"])
+    model["note"] = (
+        f"carried from version {prev.version}'s card: its recipe trained on the original "
+        "train split (bone fracture set); not re-run with this version's recipe"
+    )
+    return {
+        "metrics": prev.extra["metrics"]["original_test_notebook_comparable"],
+        "model": model,
+    }
+
+
 def finish(
     artifact: Path,
     honest_eval: Path,
-    original_eval: Path,
-    original_artifact: Path,
+    original_eval: Path | None,
+    original_artifact: Path | None,
     audit: Path,
     size_probe: Path | None,
     throughput: Path | None,
+    notebook_from: Path | None = None,
 ) -> ModelCard:
     card = read_card(artifact)
     honest = json.loads((honest_eval / "evaluation.json").read_text())
-    original = json.loads((original_eval / "evaluation.json").read_text())
-    original_card = read_card(original_artifact)
     audit_data = json.loads(audit.read_text())
     plots = {}
-    for src_dir, tag in ((honest_eval, "leakage_free"), (original_eval, "original")):
+    carried = None
+    sources = [(honest_eval, "leakage_free")]
+    if original_eval is not None and original_artifact is not None:
+        sources.append((original_eval, "original"))
+    elif notebook_from is not None:
+        carried = notebook_figure_from(notebook_from, artifact)
+        for name in ("roc_original", "confusion_matrix_original", "training_curves_original"):
+            if (artifact / f"{name}.png").is_file():
+                plots[name] = f"{name}.png"
+    else:
+        raise ValueError("the notebook-comparable figure needs --original-eval and "
+                         "--original-artifact, or --notebook-from")  # fmt: skip
+    for src_dir, tag in sources:
         for name in ("roc", "confusion_matrix"):
             src = src_dir / f"{name}.png"
             if src.is_file():
@@ -73,8 +104,8 @@ def finish(
     plots["training_curves"] = history_plot(
         history, artifact / "training_curves.png", f"{card.name} {card.version}"
     ).name
-    orig_history = original_artifact / "history.json"
-    if orig_history.is_file():
+    orig_history = original_artifact / "history.json" if original_artifact else None
+    if orig_history is not None and orig_history.is_file():
         shutil.copy(orig_history, artifact / "history_original_split.json")
         plots["training_curves_original"] = history_plot(
             json.loads(orig_history.read_text()),
@@ -83,20 +114,27 @@ def finish(
         ).name
     extra = dict(card.extra)
     previous = extra.get("metrics", {})
+    if carried is None:
+        assert original_eval is not None and original_artifact is not None
+        original_metrics = _metrics(json.loads((original_eval / "evaluation.json").read_text()))
+        original_card = read_card(original_artifact)
+        notebook_model = {
+            "note": "a separate model, same pipeline, trained on the original train split only "
+            "(bone fracture set); its weights are not shipped",
+            "uid": original_card.uid,
+            "threshold": original_card.threshold,
+            "training": original_card.extra.get("training"),
+        }
+    else:
+        original_metrics, notebook_model = carried["metrics"], carried["model"]
     extra["metrics"] = {
         "leakage_free_test": _metrics(honest),
-        "original_test_notebook_comparable": _metrics(original),
+        "original_test_notebook_comparable": original_metrics,
         # "val" as training / model.training.threshold write it; "validation" when finishing again
         "validation": previous.get("val") or previous.get("validation"),
         "notebook_reported_original_test_accuracy": 0.96,
     }
-    extra["notebook_comparable_model"] = {
-        "note": "a separate model, same pipeline, trained on the original train split only "
-        "(bone fracture set); its weights are not shipped",
-        "uid": original_card.uid,
-        "threshold": original_card.threshold,
-        "training": original_card.extra.get("training"),
-    }
+    extra["notebook_comparable_model"] = notebook_model
     extra["leakage_audit"] = {
         k: audit_data[k]
         for k in (
@@ -130,6 +168,57 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+EXPORT_HEADING = "## Inference export (what the node loads)"
+
+
+def export_section(card: ModelCard) -> list[str]:
+    """The card's export section (markdown lines, starting with a blank line); empty
+    without an export record."""
+    e = card.export
+    if e is None:
+        return []
+    lines = [
+        "",
+        EXPORT_HEADING,
+        "",
+        f"- `{e.file}` ({e.format}), sha256 `{e.sha256}`: made from `best_model.keras` by "
+        f"`python -m model.training.export`; input {e.input_size} px, test-time augmentation "
+        f"`{e.test_time_augmentation}` inside the graph (for d4: one batch of 8 views).",
+        f"- Largest |export - Keras| probability over {e.checked_files} files: "
+        + (f"{e.max_abs_difference:.2g}" if e.max_abs_difference is not None else "not checked"),
+    ]
+    if e.class_activation_map:
+        lines.append(
+            "- Returns the class activation map beside the probability (last feature maps "
+            "weighted by the dense unit, each view's map turned back to the image's "
+            "orientation, then averaged); largest |export - Keras| map value: "
+            + (
+                f"{e.max_abs_map_difference:.2g}"
+                if e.max_abs_map_difference is not None
+                else "not checked"
+            )
+        )
+    return lines
+
+
+def refresh_export_section(model_dir: Path, card: ModelCard) -> None:
+    """Rewrite the export section of ``model_dir/model_card.md`` from ``card`` (after an
+    export), leaving the rest of the page as it is; nothing when there is no page."""
+    path = Path(model_dir) / "model_card.md"
+    if not path.is_file():
+        return
+    lines = path.read_text().split("\n")
+    if EXPORT_HEADING in lines:
+        start = lines.index(EXPORT_HEADING) - 1  # the blank line before it
+        end = next(
+            (i for i in range(start + 2, len(lines)) if lines[i].startswith("## ")),
+            len(lines),
+        )
+        end -= 1  # keep the blank line before the next heading
+        lines[start:end] = export_section(card)
+    path.write_text("\n".join(lines))
+
+
 def markdown(card: ModelCard) -> str:
     x = card.extra
     m = x["metrics"]
@@ -143,8 +232,7 @@ def markdown(card: ModelCard) -> str:
         "retraining, threshold or test-time augmentation)",
         f"- Input: {card.input_size} x {card.input_size} RGB, 0..255 (rescaled inside the "
         "network); any DICOM or picture goes through `model.imaging.load_network_input`.",
-        f"- Operating threshold: **{card.threshold:.4f}** (chosen on validation data for "
-        f"sensitivity >= {tr['target_sensitivity']})",
+        *operating_lines(card),
         f"- Architecture: {x['architecture']}",
         f"- Test-time augmentation: {card.test_time_augmentation}"
         + (
@@ -208,8 +296,21 @@ def markdown(card: ModelCard) -> str:
         + ", ".join(k.split(":")[1][:12] for k in audit["excluded"])
         + ")",
         "",
-        "## Training",
-        "",
+        *training_lines(tr),
+    ]
+    if "operating_point" in x:
+        lines += operating_point_section(x["operating_point"])
+    lines += [
+        *([] if "recipe" in tr else ["", "## Training", ""]),
+        *([] if "recipe" in tr else old_training_lines(tr)),
+    ]
+    lines += ["", "## Model selection", "", x["model_selection"]] if "model_selection" in x else []
+    return _tail(card, x, lines)
+
+
+def old_training_lines(tr: dict[str, Any]) -> list[str]:
+    """The cached-activation recipe of versions 1.x."""
+    return [
         f"- Images: {tr['images']} (fractured {tr['fractured']}); {tr['views_per_image']} "
         "cached views per image (view 0 = inference input; others = random rotation by 90 "
         "degrees / flip + zoom 80-100 %, shift, contrast and brightness).",
@@ -225,8 +326,75 @@ def markdown(card: ModelCard) -> str:
         f"- Saved network vs cached training path (val files): max |dp| = "
         f"{tr.get('cache_parity_max_abs_diff')}",
     ]
-    if "model_selection" in x:
-        lines += ["", "## Model selection", "", x["model_selection"]]
+
+
+def operating_lines(card: ModelCard) -> list[str]:
+    """The threshold lines: one threshold (1.x), or the two of the three levels."""
+    upper = card.upper_threshold
+    op = card.extra.get("operating_point")
+    if upper is None or op is None:
+        target = card.extra["training"]["target_sensitivity"]
+        return [
+            f"- Operating threshold: **{card.threshold:.4f}** (chosen on validation data for "
+            f"sensitivity >= {target})"
+        ]
+    return [
+        f"- Three levels: **fracture** at p >= {upper:.4f}, **doubt** at {card.threshold:.4f} "
+        f"<= p < {upper:.4f}, **no fracture** below {card.threshold:.4f} (both chosen on "
+        "validation data; see Operating point)",
+    ]
+
+
+def operating_point_section(op: dict[str, Any]) -> list[str]:
+    rows = ["n", "sensitivity", "specificity", "precision"]
+    lines = [
+        "",
+        "## Operating point (validation split)",
+        "",
+        f"Rule: {op['rule']}; {op['n_boot']} bootstrap resamples, one-sided "
+        f"{op['confidence']:.0%} bounds; targets sensitivity >= {op['target_sensitivity']} on "
+        f"each source, PPV >= {op['target_ppv']}"
+        + ("" if op.get("upper_target_reached", True) else " (PPV target not reached)")
+        + ".",
+        "",
+        f"Lower threshold each source's bound allows: {op['lower_threshold_allowed_by_source']}; "
+        f"PPV lower bound at the upper threshold: {op['upper_ppv_lower_bound']}; levels on "
+        f"validation: {op['levels_on_val']}.",
+        "",
+        "| validation | " + " | ".join(f"{r} (lower / upper)" for r in rows) + " |",
+        "|---|" + "---|" * len(rows),
+    ]
+    for src in op["at_lower"]:
+        lo, up = op["at_lower"][src], op["at_upper"][src]
+        lines.append(
+            f"| {src} | " + " | ".join(f"{_fmt(lo[r])} / {_fmt(up[r])}" for r in rows) + " |"
+        )
+    return lines
+
+
+def training_lines(tr: dict[str, Any]) -> list[str]:
+    """The end-to-end recipe (2.x); nothing for cards of the cached-activation recipe."""
+    if "recipe" not in tr:
+        return []
+    return [
+        "## Training",
+        "",
+        f"- Recipe: {tr['recipe']}. Images: {tr['images']} (fractured {tr['fractured']}); "
+        f"{tr['rejected_files']} damaged files left out.",
+        f"- Warm-up: {tr['warmup_epochs']} epochs of the head on the frozen ImageNet base (Adam "
+        f"{tr['lr_head']}); then every convolution trained end to end (AdamW {tr['lr_fine']}, "
+        f"weight decay {tr['weight_decay']}, {tr['lr_schedule']}), batch norm "
+        f"{tr['batch_norm']}; batch {tr['batch_size']}, seed {tr['seed']}.",
+        f"- Augmentation drawn anew per image and epoch: {json.dumps(tr['augmentation'])}.",
+        f"- Class weights {tr['class_weights']}; epochs run {tr['epochs_run']} (early stopping "
+        f"on validation loss, patience {tr['patience']}, best epoch kept: val loss "
+        f"{tr['best_val_loss']}); single-view validation AUROC {tr['val_auroc_single_view']}.",
+        f"- Time on this 2-core CPU: decoding cache {tr['seconds_image_cache']} s, training "
+        f"{tr['seconds_training']} s.",
+    ]
+
+
+def _tail(card: ModelCard, x: dict[str, Any], lines: list[str]) -> str:
     if "input_size_probe" in x:
         lines += [
             "",
@@ -241,21 +409,9 @@ def markdown(card: ModelCard) -> str:
             "",
             f"```\n{json.dumps(x['classify_throughput'], indent=1)}\n```",
         ]
-    if card.export is not None:
-        e = card.export
-        lines += [
-            "",
-            "## Inference export (what the node loads)",
-            "",
-            f"- `{e.file}` ({e.format}), sha256 `{e.sha256}`: made from `best_model.keras` by "
-            f"`python -m model.training.export`; input {e.input_size} px, test-time augmentation "
-            f"`{e.test_time_augmentation}` inside the graph (for d4: one batch of 8 views).",
-            f"- Largest |export - Keras| probability over {e.checked_files} files: "
-            + (
-                f"{e.max_abs_difference:.2g}" if e.max_abs_difference is not None else "not checked"
-            ),
-        ]
-    lines += ["", "## Reproduce", "", "```sh", *REPRODUCE, "```"]
+    lines += export_section(card)
+    steps = REPRODUCE_END_TO_END if "recipe" in x["training"] else REPRODUCE
+    lines += ["", "## Reproduce", "", "```sh", *steps, "```"]
     lines += [
         "",
         "## Limitations",
@@ -319,12 +475,34 @@ REPRODUCE = [
 ]
 
 
+#: The commands that produced an end-to-end (2.x) artifact.
+REPRODUCE_END_TO_END = [
+    "python -m model.training.finetune --out RUN --image-cache CACHE224 --version V --seed S"
+    "   # warm-up + end to end; exports at the end",
+    "python -m model.training.export --model RUN --check-split val   # LiteRT + CAM, vs Keras",
+    "python -m model.training.operating_point --model RUN   # both thresholds on val files",
+    "python -m model.training.selection --incumbent model/artifacts/1.1.0 --candidate RUN"
+    "   # the rule; test once per candidate",
+    "python -m model.training.manifests --out-dir EVAL",
+    "fracture-triage evaluate --model RUN --manifest EVAL/leakage_free_test.csv --out OUT_HONEST",
+    "python -m model.training.card --artifact RUN --honest-eval OUT_HONEST "
+    "--notebook-from model/artifacts/1.1.0 --audit AUDIT.json --selection-note ...",
+    "python -m model.benchmark -n 64",
+]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--artifact", type=Path, required=True)
     p.add_argument("--honest-eval", type=Path, required=True)
-    p.add_argument("--original-eval", type=Path, required=True)
-    p.add_argument("--original-artifact", type=Path, required=True)
+    p.add_argument("--original-eval", type=Path, default=None)
+    p.add_argument("--original-artifact", type=Path, default=None)
+    p.add_argument(
+        "--notebook-from",
+        type=Path,
+        default=None,
+        help="carry the notebook-comparable figure from this earlier artifact's card instead",
+    )
     p.add_argument("--audit", type=Path, required=True)
     p.add_argument("--size-probe", type=Path, default=None)
     p.add_argument("--throughput", type=Path, default=None)
@@ -344,6 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         a.audit,
         a.size_probe,
         a.throughput,
+        a.notebook_from,
     )
     print(json.dumps(card.extra["metrics"], indent=1))
     return 0

@@ -64,13 +64,20 @@ def confusion_plot(matrix: Sequence[Sequence[int]], path: Path, title: str) -> P
 
 
 def history_plot(history: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
-    """Loss and accuracy per epoch, train and validation, both phases on one time axis."""
+    """Loss and accuracy (or, for end-to-end runs, validation AUROC per source) per epoch,
+    train and validation, both phases on one time axis."""
     plt = _pyplot()
     x = np.arange(1, len(history) + 1)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-    for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
-        ax.plot(x, [h[key] for h in history], "-o", ms=3, label=f"train {key}")
-        ax.plot(x, [h[f"val_{key}"] for h in history], "-o", ms=3, label=f"validation {key}")
+    second = "accuracy" if history and "accuracy" in history[0] else "val_auroc"
+    for ax, key in zip(axes, ("loss", second), strict=True):
+        if key == "val_auroc":
+            for source in history[0]["val_auroc"]:
+                values = [h["val_auroc"].get(source) for h in history]
+                ax.plot(x, values, "-o", ms=3, label=f"validation AUROC ({source})")
+        else:
+            ax.plot(x, [h[key] for h in history], "-o", ms=3, label=f"train {key}")
+            ax.plot(x, [h[f"val_{key}"] for h in history], "-o", ms=3, label=f"validation {key}")
         phases = [h.get("phase") for h in history]
         for i in range(1, len(phases)):
             if phases[i] != phases[i - 1]:
