@@ -130,6 +130,12 @@ class Instance(Base):
     failure_reason: Mapped[str | None] = mapped_column(Text)
     queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: The classification attempt under way (``repository.claim_attempt``): who runs it
+    #: (``worker.claims.OWNER`` format) and since when; cleared when the attempt ends. A
+    #: duplicate message finding a live claim does no work, so an instance is classified once
+    #: even when the broker holds two messages for it.
+    attempt_owner: Mapped[str | None] = mapped_column(String(64))
+    attempt_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     #: SHA-256 (hex) of the data set as received and stored (not the File Meta Information,
     #: which names the sender): tells a re-send of the same object from a conflicting one.
     #: None for instances stored before revision 0003.

@@ -8,11 +8,11 @@ Every write is idempotent: a SOP Instance is recorded once, and a result is stor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from db import identity, triage
@@ -232,17 +232,24 @@ def mark_failed(session: Session, instance_id: int, reason: str) -> None:
         return
     instance.status = InstanceStatus.failed
     instance.failure_reason = reason[:2000]
+    _end_attempt(instance)
     refresh_triage(session, instance.series.study_id)
 
 
-def pending_instances(session: Session, limit: int = 500) -> Sequence[Instance]:
-    """Instances stored but not yet on the queue, oldest first."""
-    return session.scalars(
-        select(Instance)
-        .where(Instance.status == InstanceStatus.pending)
-        .order_by(Instance.id)
-        .limit(limit)
-    ).all()
+def _end_attempt(instance: Instance) -> None:
+    instance.attempt_owner = None
+    instance.attempt_started_at = None
+
+
+def pending_instances(
+    session: Session, limit: int = 500, received_before: timedelta | None = None
+) -> Sequence[Instance]:
+    """Instances stored but not yet on the queue, oldest first; with ``received_before``
+    only those received at least that long ago."""
+    query = select(Instance).where(Instance.status == InstanceStatus.pending)
+    if received_before is not None:
+        query = query.where(Instance.received_at <= utcnow() - received_before)
+    return session.scalars(query.order_by(Instance.id).limit(limit)).all()
 
 
 def stale_queued_instances(
@@ -316,10 +323,11 @@ def save_result(session: Session, instance_id: int, c: Classification) -> Result
         session.add(existing)
         session.flush()
     instance = session.get(Instance, instance_id)
-    if instance is not None and instance.status != InstanceStatus.done:
-        instance.status = InstanceStatus.done
-        instance.failure_reason = None
     if instance is not None:
+        _end_attempt(instance)
+        if instance.status != InstanceStatus.done:
+            instance.status = InstanceStatus.done
+            instance.failure_reason = None
         refresh_triage(session, instance.series.study_id)
     return existing
 
@@ -377,19 +385,49 @@ def latest_report(session: Session, study_id: int) -> SRDocument | None:
 # --- worker and sweeper (H-WORK) -------------------------------------------------------------
 
 
-def start_attempt(session: Session, instance_id: int) -> int:
-    """Count one classification attempt; return the count. The caller commits it before the
-    work starts.
+#: ``may_take(owner, started_at)``: whether the attempt ``owner`` started is certainly over.
+AttemptOver = Callable[[str, datetime | None], bool]
 
-    A worker killed while classifying leaves the count behind, so a file that kills workers
-    (a decoder crash, memory exhaustion) is given up after a few attempts instead of being
-    redelivered for ever.
+
+def claim_attempt(
+    session: Session, instance_id: int, owner: str, may_take: AttemptOver
+) -> int | None:
+    """Start one classification attempt as ``owner``; the attempt count, or ``None`` when
+    another attempt is under way (``may_take`` says it is not over). The caller commits.
+
+    Compare-and-set on the attempt count, so of two deliveries racing for one instance
+    exactly one wins, on SQLite and PostgreSQL alike (a concurrent UPDATE re-checks its
+    WHERE clause against the committed row). The attempt's claim is cleared when its result
+    or failure is recorded (:func:`save_result`, :func:`mark_failed`).
     """
     instance = session.get(Instance, instance_id)
     if instance is None:
-        return 0
-    instance.attempts = (instance.attempts or 0) + 1
-    return instance.attempts
+        return None
+    before = instance.attempts or 0
+    if instance.attempt_owner is not None and not may_take(
+        instance.attempt_owner, instance.attempt_started_at
+    ):
+        return None
+    taken = session.execute(
+        update(Instance)
+        .where(Instance.id == instance_id, Instance.attempts == before)
+        .values(attempts=before + 1, attempt_owner=owner, attempt_started_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    if getattr(taken, "rowcount", 0) != 1:
+        return None
+    session.refresh(instance)
+    return before + 1
+
+
+def release_attempt(session: Session, instance_id: int, owner: str) -> None:
+    """End ``owner``'s claim on the instance without a record (the attempt will be retried)."""
+    session.execute(
+        update(Instance)
+        .where(Instance.id == instance_id, Instance.attempt_owner == owner)
+        .values(attempt_owner=None, attempt_started_at=None)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def mark_requeued(session: Session, instance_id: int) -> None:

@@ -12,9 +12,11 @@ Conformance in short (PS3.2 style):
 - PDUs received are bounded before they are read (:mod:`dicom_node.guard`, PS3.8 9.3):
   P-DATA-TF by the maximum PDU above, association PDUs by 128 KiB; a larger declared
   length, or a PDU not received whole within ``Settings.dicom_read_timeout_seconds``, gets
-  A-ABORT. One peer address holds at most ``Settings.max_associations_per_peer``
-  associations; timeouts: ``Settings.dicom_acse_timeout_seconds`` (association request,
-  release), ``Settings.dicom_network_timeout_seconds`` (idle association).
+  A-ABORT. No association exists before a whole, decodable A-ASSOCIATE-RQ has arrived, so
+  connections that end before one hold no association slot. One peer address holds at most
+  ``Settings.max_associations_per_peer`` live connections (plain and TLS together);
+  timeouts: ``Settings.dicom_acse_timeout_seconds`` (association request, release),
+  ``Settings.dicom_network_timeout_seconds`` (idle association).
 - Called AE title: the node's own, unless ``Settings.accept_any_called_aet``; otherwise
   A-ASSOCIATE-RJ rejected-permanent, service-user, reason 7 "called-AE-title-not-recognized".
   Calling AE titles: any when neither ``Settings.allowed_peers`` (AE title and address
@@ -100,6 +102,7 @@ class StorageSCP:
         self.object_limit = object_size.ObjectSizeLimit(settings.max_object_bytes)
         self._server: ThreadedAssociationServer | None = None
         self._tls_server: ThreadedAssociationServer | None = None
+        self._handler: type[guard.GuardedRequestHandler] = guard.GuardedRequestHandler
         self._validation_mode = pydicom_config.settings.reading_validation_mode
         #: Set to make :meth:`serve_forever` return (from a signal handler or another thread).
         self.stop_event = stop if stop is not None else threading.Event()
@@ -173,8 +176,10 @@ class StorageSCP:
             max_pdu=settings.max_pdu,
             read_timeout=settings.dicom_read_timeout_seconds,
             per_peer=settings.max_associations_per_peer,
+            associate_timeout=settings.dicom_acse_timeout_seconds,
         )
         plain_handler = guard.handler(limits)
+        self._handler = plain_handler
         servers: list[ThreadedAssociationServer] = []
         if settings.dicom_port:
             servers.append(self._serve(settings.dicom_port, handlers, plain_handler))
@@ -202,8 +207,9 @@ class StorageSCP:
             server_class=ThreadedAssociationServer,
             request_handler=request_handler,
         )
-        # A TLS connection's own thread does its handshake (up to the ACSE timeout):
-        # socketserver must not join such threads at shutdown.
+        # A connection's own thread does its TLS handshake (up to the ACSE timeout) and waits
+        # for its A-ASSOCIATE-RQ (guard.await_associate_rq): socketserver must not join such
+        # threads at shutdown (those still negotiating are closed there instead).
         server.daemon_threads = True
         server.block_on_close = False
         thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
@@ -237,6 +243,7 @@ class StorageSCP:
             return
         for server in servers:
             server.shutdown()  # no new associations
+        self._handler.connections.close_negotiating()
         pydicom_config.settings.reading_validation_mode = self._validation_mode
         if not self.context.in_flight.wait_idle(grace):
             logger.warning("C-STORE requests still running after %.0f s: aborting", grace)

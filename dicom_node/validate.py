@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
+from pydicom.valuerep import VR
 
 from dicom_node.contexts import STORAGE_SOP_CLASSES
 from fracture_triage.uids import is_valid_uid
@@ -41,6 +42,10 @@ IDENTITY_CONFLICT = 0xC001
 
 #: How a refused UID is described (the peer's Error Comment is cut to 64 characters).
 _NOT_A_UID = "missing or invalid (PS3.5 9.1)"
+
+#: The Value Representations of PS3.5 Table 6.2-1, and pydicom's names for a VR its data
+#: dictionary leaves to the context (implicit VR: "US or SS", "OB or OW", ...).
+_KNOWN_VRS = frozenset(str(vr) for vr in VR)
 
 
 class Rejection(Exception):  # noqa: N818 - a refusal with a DIMSE status, not a program error
@@ -89,6 +94,25 @@ def usable_uids(ds: Dataset) -> Uids | None:
     if not all(is_valid_uid(v) for v in values):
         return None
     return Uids(*(str(v) for v in values))
+
+
+def _check_vrs(ds: Dataset) -> None:
+    """Every top-level element has a VR of PS3.5 Table 6.2-1 (explicit VR streams carry it).
+
+    pydicom reads an element with an unknown VR ("ZZ", two NULs) as raw bytes and raises only
+    when the value is accessed, so the object would be stored and fail later. 0xC000: the
+    data set cannot be understood. Read from the raw elements, nothing is converted.
+    """
+    for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset would convert every value
+        vr = getattr(ds.get_item(tag), "VR", None)
+        if vr is None:
+            continue  # implicit VR, resolved from the data dictionary on access
+        if str(vr) not in _KNOWN_VRS and " or " not in str(vr):
+            group, element = tag >> 16, tag & 0xFFFF
+            raise Rejection(
+                CANNOT_UNDERSTAND,
+                f"({group:04X},{element:04X}) has an unknown VR (PS3.5 6.2)",
+            )
 
 
 def _check_pixels(ds: Dataset, transfer_syntax: UID, max_pixels: int) -> PixelGeometry:
@@ -152,6 +176,7 @@ def check_dataset(
         raise Rejection(DATASET_MISMATCH, f"Series Instance UID (0020,000E) {_NOT_A_UID}")
     uids = Uids(sop_class, str(sop_instance), str(study), str(series))
 
+    _check_vrs(ds)
     geometry = _check_pixels(ds, transfer_syntax, max_pixels)
     # Deliberately not checked here: Window Center/Width and Rescale Slope/Intercept values
     # that model.imaging refuses (Window Width < 1 or NaN, Rescale Slope 0; PS3.3 C.11.1,

@@ -387,3 +387,66 @@ def test_concurrent_new_series_in_two_studies_only_one_passes(
     exc = _race(sessions, received(1), of_patient(2, "PID-9", study=OTHER_STUDY))
     assert isinstance(exc, identity.SeriesInAnotherStudy)
     assert list(_stored(sessions)) == [STUDY]
+
+
+def test_one_of_four_concurrent_deliveries_claims_the_attempt(
+    sessions: sessionmaker[Session],
+) -> None:
+    """Four deliveries of one instance claim its attempt at the same moment (SQLite and
+    PostgreSQL): exactly one wins; a later one takes over only when the attempt is over, and
+    a recorded result ends the claim."""
+    with sessions() as s:
+        inst, _ = repo.record_received(s, received(1))
+        s.commit()
+        instance_id = inst.id
+    barrier = threading.Barrier(4)
+    won: list[int | None] = []
+
+    def claim(owner: str) -> None:
+        barrier.wait(timeout=10)
+
+        def attempt(s: Session) -> int | None:
+            return repo.claim_attempt(s, instance_id, owner, lambda _o, _t: False)
+
+        try:
+            won.append(in_transaction(sessions, attempt))
+        except Exception:  # noqa: BLE001 - SQLite refuses a write from a stale snapshot
+            won.append(None)
+
+    threads = [threading.Thread(target=claim, args=(f"a.b.{n}",)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(won, key=lambda w: w or 0) == [None, None, None, 1]
+    with sessions() as s:
+        assert repo.claim_attempt(s, instance_id, "x.y.1", lambda _o, _t: False) is None
+        assert repo.claim_attempt(s, instance_id, "x.y.1", lambda _o, _t: True) == 2
+        repo.save_result(s, instance_id, classification(0.9))
+        s.commit()
+        found = s.get(Instance, instance_id)
+        assert found is not None and found.attempt_owner is None and found.attempts == 2
+
+
+def test_an_attempt_is_over_when_its_owner_no_longer_runs() -> None:
+    """``worker.claims``: a live pool child's claim holds, a dead one's does not, an old one
+    does not (another host's worker cannot be seen)."""
+    import subprocess
+    from datetime import UTC, datetime
+
+    from worker import claims
+
+    now = datetime.now(UTC)
+    mine = claims.owner()
+    host, space, _pid = mine.split(".")
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert not claims.attempt_over(f"{host}.{space}.{child.pid}", now)
+        assert claims.attempt_over(mine, now)  # this process: its earlier attempt ended
+        assert not claims.attempt_over(f"ffffffff.{space}.1", now)  # another host
+        old = now - claims.ATTEMPT_LEASE - timedelta(seconds=1)
+        assert claims.attempt_over(f"ffffffff.{space}.1", old)
+    finally:
+        child.kill()
+        child.wait()
+    assert claims.attempt_over(f"{host}.{space}.{child.pid}", now)

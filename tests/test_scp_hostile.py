@@ -250,7 +250,72 @@ def test_one_peer_address_cannot_take_every_slot(
         started = time.monotonic()
         assert echo(scp.port, source="127.0.0.2") == SUCCESS
         assert time.monotonic() - started < 3
-    assert "refused a connection from 127.0.0.1: it holds 4 associations" in caplog.text
+    assert "refused a connection from 127.0.0.1: it holds 4 connections" in caplog.text
+
+
+# --- connections that end before they associate ----------------------------------------------
+
+
+def ended_connections(port: int, source: str) -> list[bytes]:
+    """One of each connection that ends before it is associated, from ``source``: what the
+    SCP answered each (b"" when it just closed)."""
+    rq_start = struct.pack(">BBL", 0x01, 0, 200) + b"\x00" * 20
+    answers = []
+    for payload, half_close in (
+        (struct.pack(">BBL", 0x01, 0, 0xFFFFFFFF), False),  # 4 GiB: aborted by the SCP
+        (rq_start, True),  # an A-ASSOCIATE-RQ cut short, then closed by the peer
+        (b"", True),  # connected, closed at once
+        (struct.pack(">BBL", 0x05, 0, 4) + b"\x00" * 4, False),  # A-RELEASE-RQ first
+        (struct.pack(">BBL", 0x01, 0, 8) + b"\xff" * 8, False),  # undecodable request
+        (rq_start, False),  # cut short, then the peer resets (SO_LINGER 0)
+    ):
+        sock = socket.create_connection(("127.0.0.1", port), source_address=(source, 0))
+        with sock:
+            if payload:
+                sock.sendall(payload)
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
+            if payload is rq_start and not half_close:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                answers.append(b"")
+                continue
+            sock.settimeout(5)
+            try:
+                answers.append(sock.recv(10))
+            except (ConnectionResetError, TimeoutError):
+                answers.append(b"")
+    return answers
+
+
+def test_connections_that_end_before_associating_hold_no_slot(
+    tmp_path: Path, sqlite_db: sessionmaker[Session]
+) -> None:
+    """With the default 30 s ACSE timeout, connections the SCP aborts and connections the
+    peer closes or resets before a whole A-ASSOCIATE-RQ, 16 of them from each of 2 addresses
+    (more than every association slot): a C-ECHO from a third address is answered at once,
+    and so is one from each of the two. They used to hold their slots for the ACSE timeout
+    (pynetdicom's acceptor waits that long for a request that will never come)."""
+    per_peer = MAX_ASSOCIATIONS // 2
+    with running_scp(tmp_path, sqlite_db, max_associations_per_peer=per_peer) as scp:
+        answers = []
+        for source in ("127.0.0.3", "127.0.0.4"):
+            for _ in range(3):
+                answers += ended_connections(scp.port, source)
+        assert len(answers) == 36
+        assert answers[0][:1] == b"\x07"  # the 4 GiB request: A-ABORT
+        assert answers[3][:1] == b"\x07"  # a PDU other than A-ASSOCIATE-RQ first: A-ABORT
+        for source in ("127.0.0.1", "127.0.0.3", "127.0.0.4"):
+            started = time.monotonic()
+            assert echo(scp.port, source=source) == SUCCESS
+            assert time.monotonic() - started < 2
+        # Every connection, released or aborted, has given its count back.
+        connections = scp._handler.connections
+        wait = time.monotonic() + 5
+        while time.monotonic() < wait and any(
+            connections.held(a) for a in ("127.0.0.1", "127.0.0.3", "127.0.0.4")
+        ):
+            time.sleep(0.05)
+        assert [connections.held(a) for a in ("127.0.0.1", "127.0.0.3", "127.0.0.4")] == [0, 0, 0]
 
 
 # --- requests pynetdicom would leave unanswered ----------------------------------------------
@@ -278,3 +343,100 @@ def test_c_store_without_sop_instance_uid_is_answered_at_once(
         assert assoc.is_established
         assert assoc.send_c_store(sample).Status == SUCCESS
         assoc.release()
+
+
+# --- objects that parse but do not describe an image -----------------------------------------
+
+
+def _unknown_vr_file(sample: Path, out: Path) -> Path:
+    """``sample`` (explicit VR Little Endian) with Patient's Name's VR bytes set to "ZZ"."""
+    data = bytearray(sample.read_bytes())
+    at = data.find(b"\x10\x00\x10\x00PN")
+    assert at > 0
+    data[at + 4 : at + 6] = b"ZZ"
+    out.write_bytes(bytes(data))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "comment"),
+    [
+        ("PhotometricInterpretation=FOO", 0xA900, "not a defined term"),
+        ("BitsStored=65535", 0xA900, "BitsStored (0028,0101) is not within"),
+        ("PixelData+=100", 0xA900, "the header needs"),
+        ("VR=ZZ", 0xC000, "(0010,0010) has an unknown VR"),
+    ],
+)
+def test_objects_that_do_not_describe_their_image_are_refused(
+    tmp_path: Path,
+    sqlite_db: sessionmaker[Session],
+    dicom_samples: Path,
+    change: str,
+    status: int,
+    comment: str,
+) -> None:
+    """What the fuzz harness found stored as received: a Photometric Interpretation that is
+    no defined term, Bits Stored above Bits Allocated, native Pixel Data longer than the
+    header describes, an element with an unknown VR. Each is refused over a real association
+    with the failure status and an Error Comment naming the attribute; nothing is stored."""
+    import pynetdicom._config
+
+    sample = dicom_samples / "DX_thorax_MONO1_8b_odd169x211_EVRLE.dcm"
+    ds = pydicom.dcmread(sample)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    if change == "PhotometricInterpretation=FOO":
+        ds.PhotometricInterpretation = "FOO"
+    elif change == "BitsStored=65535":
+        ds.BitsStored = 65535
+    elif change == "PixelData+=100":
+        ds.PixelData = ds.PixelData + b"\0" * 100
+    path = tmp_path / "case.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    if change == "VR=ZZ":
+        _unknown_vr_file(path, path)
+    chunked = pynetdicom._config.STORE_SEND_CHUNKED_DATASET
+    pynetdicom._config.STORE_SEND_CHUNKED_DATASET = True  # the file's bytes as they are
+    try:
+        with running_scp(tmp_path, sqlite_db) as scp:
+            ae = AE(ae_title="MODALITY")
+            ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+            assoc = ae.associate("127.0.0.1", scp.port, ae_title="FXTRIAGE")
+            assert assoc.is_established
+            rsp = assoc.send_c_store(path)
+            assoc.release()
+            objects = scp.settings.storage_dir
+    finally:
+        pynetdicom._config.STORE_SEND_CHUNKED_DATASET = chunked
+    assert rsp.Status == status
+    assert comment in rsp.ErrorComment
+    assert not list(objects.glob(f"*/*/{ds.SOPInstanceUID}.dcm"))
+
+
+def test_an_associate_rq_arriving_in_pieces_over_a_unix_socket_is_waited_for() -> None:
+    """The TLS port relays the decrypted stream over a ``socketpair`` (AF_UNIX), where
+    ``SO_RCVLOWAT`` does not hold ``poll()`` back: a request arriving in two pieces is still
+    waited for whole, and one whose sender closes half-way is refused, not waited out."""
+    from dicom_node.fuzz.pdus import associate_rq
+    from dicom_node.guard import Limits, await_associate_rq
+
+    limits = Limits(max_pdu=131072, read_timeout=5.0, per_peer=8, associate_timeout=5.0)
+    rq = associate_rq()
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.sendall(rq[:20])
+        timer = threading.Timer(0.3, ours.sendall, args=(rq[20:],))
+        timer.start()
+        started = time.monotonic()
+        first = await_associate_rq(theirs, limits)
+        timer.join()
+        assert first.answer is None, first.reason
+        assert 0.25 < time.monotonic() - started < 3
+        assert theirs.recv(len(rq) + 10) == rq  # only peeked: all of it still there
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.sendall(rq[:20])
+        ours.shutdown(socket.SHUT_WR)
+        started = time.monotonic()
+        first = await_associate_rq(theirs, limits)
+        assert first.answer == b"" and "closed" in first.reason
+        assert time.monotonic() - started < 1

@@ -122,6 +122,23 @@ def test_a_valid_image_passes() -> None:
         ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.4"}, DATASET_MISMATCH, "Affected SOP Class"),
         ({"StudyInstanceUID": None}, DATASET_MISMATCH, "Study Instance UID"),
         ({"SeriesInstanceUID": "x"}, DATASET_MISMATCH, "Series Instance UID"),
+        # What the fuzz harness found stored as received (PS3.3 C.7.6.3.1, PS3.5 8.1.1, 6.2):
+        ({"PixelData": b"\0" * 26}, DATASET_MISMATCH, "has 26 bytes, the header needs 24"),
+        (
+            {"PixelData": RawDataElement(Tag(0x7FE00010), "OW", 40, b"\0" * 24, 0, False, True)},
+            DATASET_MISMATCH,
+            "declares 40 bytes, the data set holds 24",
+        ),
+        ({"PhotometricInterpretation": "FOO"}, DATASET_MISMATCH, "not a defined term"),
+        ({"PhotometricInterpretation": None}, DATASET_MISMATCH, "Interpretation (0028,0004) is"),
+        ({"BitsStored": 65535}, DATASET_MISMATCH, "BitsStored (0028,0101) is not within"),
+        ({"BitsStored": 12, "HighBit": 8}, DATASET_MISMATCH, "HighBit (0028,0102)"),
+        ({"PixelRepresentation": 2}, DATASET_MISMATCH, "PixelRepresentation (0028,0103)"),
+        (
+            {"PatientName": RawDataElement(Tag(0x00100010), "ZZ", 4, b"ABCD", 0, False, True)},
+            CANNOT_UNDERSTAND,
+            "(0010,0010) has an unknown VR",
+        ),
     ],
 )
 def test_refusals(overrides: dict[str, object], status: int, words: str) -> None:

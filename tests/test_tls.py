@@ -296,6 +296,29 @@ def test_per_peer_cap_applies_on_the_tls_port(
                 sock.close()
 
 
+def test_tls_connections_without_a_request_hold_no_association_and_end_at_shutdown(
+    tmp_path: Path, sqlite_db: sessionmaker[Session], pki: Pki
+) -> None:
+    """20 TLS connections that finish their handshake and then send nothing (more than the
+    SCP's 16 associations) leave a trusted client served at once: behind the relay, as on
+    the plain port, no association exists before a whole A-ASSOCIATE-RQ. Stopping the SCP
+    closes them without waiting out the ACSE timeout."""
+    with tls_scp(
+        tmp_path, sqlite_db, pki, max_associations_per_peer=32, dicom_acse_timeout_seconds=60.0
+    ) as scp:
+        held = [tls_client(pki, scp.tls_port) for _ in range(20)]
+        try:
+            time.sleep(0.5)
+            assert tls_echo(pki, scp.tls_port) == 0x0000
+            stopping = time.monotonic()
+            scp.shutdown()
+            assert time.monotonic() - stopping < 10
+            assert all(closed_by_peer(sock, 5) for sock in held)  # type: ignore[arg-type]
+        finally:
+            for sock in held:
+                sock.close()
+
+
 # --- outbound: the SR sent to a TLS destination ----------------------------------------------
 
 

@@ -450,7 +450,9 @@ def test_sweeper_queues_pending_when_the_broker_comes_back(
     sessions = make_sessions(url)
     enqueuer = CeleryEnqueuer(settings)
     try:
-        sweeper = Sweeper(settings, sessions, enqueuer, stale_after=timedelta(seconds=0))
+        sweeper = Sweeper(
+            settings, sessions, enqueuer, stale_after=timedelta(0), pending_after=timedelta(0)
+        )
         ids = [
             record(sessions, require(dicom_samples / name), "1.2.826.0.1.2").id for name in GOOD[:3]
         ]
@@ -519,7 +521,13 @@ def test_sweeper_queues_one_report_per_study_revision_and_pending_sends(
     sessions = make_sessions(database_url)
     enqueuer = CeleryEnqueuer(settings)
     try:
-        sweeper = Sweeper(settings, sessions, enqueuer, send_pending_after=timedelta(0))
+        sweeper = Sweeper(
+            settings,
+            sessions,
+            enqueuer,
+            send_pending_after=timedelta(0),
+            pending_after=timedelta(0),
+        )
         first = record(sessions, require(dicom_samples / GOOD[0]), "1.2.826.0.1.6")
         counts = sweeper.sweep_once()
         assert counts.queued == 1 and counts.reports == 0  # an image not classified yet

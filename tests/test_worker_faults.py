@@ -4,8 +4,10 @@ exactly one result."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
@@ -228,6 +230,80 @@ def test_a_frozen_redis_does_not_stall_stores_or_the_worker(
         counts = result_counts(sessions)
         assert set(counts.values()) == {1}
         assert len(counts) == len(statuses(sessions))
+    finally:
+        enqueuer.close()
+        redis.stop()
+
+
+def _classified_lines(log: Path) -> Counter[str]:
+    """SOP Instance UID -> how many times the worker log says it classified it."""
+    found = re.findall(r"instance (\S+) classified: p=", log.read_text(errors="replace"))
+    return Counter(found)
+
+
+@pytest.mark.timeout(300)
+def test_work_stranded_by_a_redis_kill_and_stall_is_requeued_once_and_classified_once(
+    tmp_path: Path, tiny_model_dir: Path, dicom_samples: Path
+) -> None:
+    """Redis SIGKILLed and restarted empty (the queued instances' messages are lost), then
+    more stores (the queue is never empty again before the worker starts), then Redis frozen
+    (SIGSTOP) for 8 s while stores go on (their publishes time out, yet reach Redis when it
+    thaws, some twice). The sweeper re-sends every lost message although the queue is not
+    empty, and adopts the pending instances whose message arrived after all; then a real
+    Celery worker with two pool children classifies every acknowledged instance exactly once
+    (one attempt, one result, one "classified" line each)."""
+    import os
+    import signal
+
+    database_url = f"sqlite:///{tmp_path / 'triage.db'}"
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    settings = node_settings(tmp_path, database_url, redis.url, tiny_model_dir)
+    sessions = make_sessions(database_url)
+    enqueuer = CeleryEnqueuer(settings)
+    files = [require(dicom_samples / name) for name in GOOD]
+    study = "1.2.826.0.1.7"
+    log = tmp_path / "worker.log"
+    try:
+        with sweeper_thread(settings, stale_after=timedelta(seconds=3)):
+            for i in range(6):
+                assert scp_store(sessions, enqueuer, files[i % len(files)], study)
+            redis.proc.kill()  # type: ignore[union-attr]
+            redis.proc.wait(10)  # type: ignore[union-attr]
+            redis.start()  # same port, empty: the 6 messages are gone
+            for i in range(4):
+                assert scp_store(sessions, enqueuer, files[i % len(files)], study)
+            assert redis.proc is not None
+            os.kill(redis.proc.pid, signal.SIGSTOP)
+            try:
+                for i in range(4):
+                    assert not scp_store(sessions, enqueuer, files[i % len(files)], study)
+                    time.sleep(1)
+            finally:
+                os.kill(redis.proc.pid, signal.SIGCONT)
+            every = set(statuses(sessions))
+            assert len(every) == 14
+            # No worker yet: the queue holds the 4 stored after the restart all along.
+            wait_until(
+                lambda: (
+                    every <= (enqueuer.held_instances() or set())
+                    and set(statuses(sessions).values()) == {InstanceStatus.queued}
+                ),
+                60,
+                "every acknowledged instance queued and held by the broker",
+            )
+            with celery_worker(settings, log, concurrency=2) as worker:
+                worker.wait_ready()
+                wait_until(
+                    lambda: set(statuses(sessions).values()) == {InstanceStatus.done},
+                    120,
+                    "every instance classified",
+                )
+                time.sleep(3)  # duplicate messages still queued run now: they must do nothing
+        assert result_counts(sessions) == dict.fromkeys(every, 1)
+        assert {_attempts(sessions, i) for i in every} == {1}
+        lines = _classified_lines(log)
+        assert len(lines) == 14 and set(lines.values()) == {1}, lines
     finally:
         enqueuer.close()
         redis.stop()

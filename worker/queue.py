@@ -7,8 +7,10 @@ and the sweeper queues it once the broker is back. Nothing acknowledged depends 
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from celery import Celery
@@ -98,8 +100,66 @@ class CeleryEnqueuer:
             log.debug("queue length unknown: %s", exc)
             return None
 
+    def held_instances(self) -> set[int] | None:
+        """Ids of the instances whose classify messages the broker holds: waiting in the
+        queue (every priority) or delivered and not yet acknowledged (kombu's Redis
+        ``unacked`` hash, restored to the queue after the visibility timeout). ``None``
+        when that cannot be read (broker unreachable, or not Redis).
+
+        What "held" means is kombu's Redis transport's layout (kombu 5, ``Channel._q_for_pri``,
+        ``unacked_key``); an unknown message format is skipped, never taken for an instance.
+        """
+        try:
+            with self._app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, timeout=2)
+                channel = conn.default_channel
+                client = channel.client
+                keys = {channel._q_for_pri(QUEUE, p) for p in channel.priority_steps}
+                raw: list[Any] = []
+                for key in sorted(keys):
+                    raw.extend(_lrange_all(client, key))
+                unacked = client.hvals(channel.unacked_key)
+        except Exception as exc:  # noqa: BLE001 - any broker failure: unknown
+            log.debug("broker contents unknown: %s", exc)
+            return None
+        held = set(_instance_ids(raw, wrapped=False))
+        held.update(_instance_ids(unacked, wrapped=True))
+        return held
+
     def close(self) -> None:
         self._app.close()
+
+
+def _lrange_all(client: Any, key: str, page: int = 1000) -> list[Any]:
+    out: list[Any] = []
+    start = 0
+    while True:
+        chunk = client.lrange(key, start, start + page - 1)
+        out.extend(chunk)
+        if len(chunk) < page:
+            return out
+        start += page
+
+
+def _instance_ids(items: Iterable[Any], *, wrapped: bool) -> Iterable[int]:
+    """The ``instance_id`` of each classify message among kombu's stored messages (JSON; in
+    the ``unacked`` hash wrapped as ``[message, exchange, routing_key]``)."""
+    for item in items:
+        try:
+            message = json.loads(item)
+            if wrapped:
+                message = message[0]
+            if message["headers"]["task"] != ClassifyInstance.task:
+                continue
+            body = message["body"]
+            if message["properties"].get("body_encoding") == "base64":
+                body = base64.b64decode(body)
+            args = json.loads(body)[0]
+            instance_id = args[0]["instance_id"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            continue
+        if isinstance(instance_id, int):
+            yield instance_id
 
 
 Enqueue = Callable[[ClassifyInstance], None]

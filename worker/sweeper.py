@@ -2,11 +2,16 @@
 
 Every ``settings.sweeper_interval_seconds`` it
 
-1. queues ``pending`` instances (stored and acknowledged while the broker was down), oldest
-   first, and stops at the first refusal (the broker is still down);
-2. sends again ``queued`` instances that have had no result for ``stale_after`` while the
-   queue is empty (their message was lost, e.g. with a broker restarted without
-   persistence); the task is idempotent, so a needless resend costs one database lookup;
+1. queues ``pending`` instances (stored and acknowledged while the broker was down, or
+   while it did not answer) received at least ``pending_after`` (5 s) ago, so as not to race
+   the SCP's own publish, oldest first, and stops at the first refusal (the broker is still
+   down); one whose message the broker holds after all (a publish that timed out
+   while Redis was frozen reaches it when it thaws) is marked queued, not sent again;
+2. sends again ``queued`` instances that have had no result for ``stale_after`` and whose
+   message the broker no longer holds (``CeleryEnqueuer.held_instances``: lost with a
+   broker killed or restarted without persistence), however long the queue is: once each,
+   since the message sent is then held. It reads the broker's contents twice, so a message
+   being delivered at that moment is not missed;
 3. queues ``report_study`` for studies quiet for ``settings.study_stable_seconds`` whose
    current revision has no SR yet, at most once per (study, revision) every
    ``report_resend_after`` (a lost message is sent again, a slow one is not duplicated);
@@ -16,6 +21,10 @@ It writes no report state itself: the SR task records the SR (or why it cannot b
 and the reported revision in one transaction, so a crash anywhere leaves the study
 reportable, never reports one revision twice (the task checks the reported revision first)
 and a report that cannot be built is not queued again for that revision.
+
+The tasks are idempotent and claim their instance (``worker.claims``), so the rare message
+sent twice (a race with a delivery, a publish that timed out yet arrived) costs a database
+lookup, never a second classification.
 
 Each step of a sweep is one unit of work, committed when it ends: what was handed to the
 broker is marked even if a later step fails (the repository functions never commit).
@@ -39,6 +48,8 @@ from worker.queue import CeleryEnqueuer, EnqueueError, classify_message, queue_i
 log = logging.getLogger(__name__)
 
 STALE_AFTER = timedelta(minutes=2)
+#: A pending instance younger than this may be the SCP's own publish in flight: left to it.
+PENDING_AFTER = timedelta(seconds=5)
 REPORT_RESEND_AFTER_S = 120.0
 SEND_PENDING_AFTER = timedelta(seconds=30)
 PENDING_BATCH = 500
@@ -48,6 +59,8 @@ PENDING_BATCH = 500
 class SweepCounts:
     queued: int = 0
     requeued: int = 0
+    #: pending instances whose message the broker held already (marked queued, not sent)
+    adopted: int = 0
     reports: int = 0
     sends: int = 0
     broker_down: bool = False
@@ -61,6 +74,7 @@ class Sweeper:
     sessions: sessionmaker[Session]
     enqueuer: CeleryEnqueuer
     stale_after: timedelta = STALE_AFTER
+    pending_after: timedelta = PENDING_AFTER
     report_resend_after_s: float = REPORT_RESEND_AFTER_S
     send_pending_after: timedelta = SEND_PENDING_AFTER
     #: study id -> (revision, monotonic time the report was queued)
@@ -85,7 +99,17 @@ class Sweeper:
 
     def _queue_pending(self, session: Session, counts: SweepCounts) -> None:
         # One batch per sweep (a sweep every few seconds still queues hundreds per second).
-        for instance in repository.pending_instances(session, limit=PENDING_BATCH):
+        pending = repository.pending_instances(
+            session, limit=PENDING_BATCH, received_before=self.pending_after
+        )
+        if not pending:
+            return
+        held = self.enqueuer.held_instances()  # None: unknown (down or frozen): send
+        for instance in pending:
+            if held is not None and instance.id in held:
+                repository.mark_queued(session, instance.id)
+                counts.adopted += 1
+                continue
             if not queue_instance(session, self.enqueuer, instance):
                 counts.broker_down = True
                 return
@@ -95,12 +119,17 @@ class Sweeper:
         stale = repository.stale_queued_instances(session, self.stale_after, limit=200)
         if not stale:
             return
-        waiting = self.enqueuer.queue_length()
-        if waiting:
-            # Messages are still waiting: the stale ones are most likely among them (a
-            # backlog), not lost. Resend once the queue has drained.
-            return
+        # Read twice: a message a worker is taking at that moment (popped from the queue, not
+        # yet in the unacked hash) shows in one of them. One finished meanwhile is re-sent,
+        # and the duplicate finds its result.
+        first = self.enqueuer.held_instances()
+        second = self.enqueuer.held_instances()
+        if first is None or second is None:
+            return  # the broker cannot be read: neither can it be sent to
+        held = first | second
         for instance in stale:
+            if instance.id in held:
+                continue  # waiting in a backlog or being classified: not lost
             try:
                 self.enqueuer(classify_message(instance))
             except EnqueueError as exc:
@@ -109,7 +138,7 @@ class Sweeper:
                 return
             repository.mark_requeued(session, instance.id)
             counts.requeued += 1
-            log.info("resent stale instance %s", instance.sop_instance_uid)
+            log.info("resent instance %s: its message was lost", instance.sop_instance_uid)
 
     def _queue_reports(self, session: Session, counts: SweepCounts) -> None:
         now = time.monotonic()
@@ -191,8 +220,13 @@ def run_sweeper(
                 if counts.broker_down != was_down:
                     log.warning("broker %s", "unreachable" if counts.broker_down else "back")
                     was_down = counts.broker_down
-                if counts.queued or counts.requeued:
-                    log.info("queued %d pending, resent %d stale", counts.queued, counts.requeued)
+                if counts.queued or counts.requeued or counts.adopted:
+                    log.info(
+                        "queued %d pending (%d more already on the broker), resent %d lost",
+                        counts.queued,
+                        counts.adopted,
+                        counts.requeued,
+                    )
             stop_event.wait(settings.sweeper_interval_seconds)
     finally:
         if own_enqueuer:

@@ -5,11 +5,15 @@ importing this module builds nothing. Each task body is a plain function taking 
 :class:`WorkerState`, testable without a broker.
 
 Idempotency: one result per (instance, model version). A redelivered or duplicated message
-finds the result and stops; two concurrent runs both reach ``save_result``, which keeps one.
+finds the result and stops; one arriving while another delivery of the same instance is
+being classified finds its claim (``worker.claims``) and stops too, so an instance is
+classified once however many messages name it (``save_result`` still keeps one result if
+two runs ever reach it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -36,6 +40,7 @@ from fracture_triage.messages import (
     SendReport,
 )
 from fracture_triage.settings import Settings
+from worker import claims
 
 if TYPE_CHECKING:
     from model.artifact import ModelCard
@@ -245,7 +250,8 @@ def classify(state: WorkerState, payload: Any) -> str:
     reason), ``no-model`` (the model cannot be loaded: the instance stays queued, no attempt
     counted, and the sweeper sends it again), ``missing`` (no such instance), ``failed``
     (already failed, or the file cannot be decoded/preprocessed: recorded, not retried),
-    ``exists`` (a result for this model version exists), ``done`` (result stored).
+    ``exists`` (a result for this model version exists), ``busy`` (another delivery of it is
+    being classified: see ``worker.claims``), ``done`` (result stored).
     Transient database errors propagate (the task retries them).
     """
     try:
@@ -254,7 +260,7 @@ def classify(state: WorkerState, payload: Any) -> str:
         _fail_refused_instance(state, payload, exc.reason)
         return "invalid"
 
-    from model.inference import ExportError, ImageError
+    from model.inference import ExportError
 
     try:
         # Loaded once per process, on the first message, before an attempt is counted: a
@@ -286,9 +292,17 @@ def classify(state: WorkerState, payload: Any) -> str:
                 repository.refresh_triage(session, instance.series.study_id)
                 session.commit()
             return "exists"
-        attempts = repository.start_attempt(session, instance.id)
+        attempts = repository.claim_attempt(
+            session, instance.id, claims.owner(), claims.attempt_over
+        )
         # Committed before the work starts: a worker killed while classifying leaves it.
         session.commit()
+        if attempts is None:
+            # Another delivery of this instance is being classified right now (a message sent
+            # again, or one whose publish timed out but reached the broker): it records the
+            # result; a second classification would only cost CPU.
+            log.info("instance %s: already being classified, not again", msg.sop_instance_uid)
+            return "busy"
         if attempts > MAX_ATTEMPTS:
             reason = (
                 f"gave up after {attempts - 1} attempts that did not finish "
@@ -300,6 +314,27 @@ def classify(state: WorkerState, payload: Any) -> str:
             return "failed"
         path = Path(instance.storage_path)
 
+    try:
+        return _classify_claimed(state, classifier, msg, path)
+    except BaseException:
+        # The attempt ends without a record (a transient error retried, a soft time limit):
+        # its claim must not make the retry, in another pool child maybe, look like a
+        # duplicate. If the database is down too, the lease or the sweeper ends the claim.
+        with contextlib.suppress(Exception):
+            owner = claims.owner()
+            in_transaction(
+                sessions, lambda s: repository.release_attempt(s, msg.instance_id, owner)
+            )
+        raise
+
+
+def _classify_claimed(
+    state: WorkerState, classifier: Classifier, msg: ClassifyInstance, path: Path
+) -> str:
+    """Classify a claimed instance and record the result or the failure (ends the claim)."""
+    from model.inference import ImageError
+
+    sessions = state.sessions()
     try:
         # the one classification path, shared with `classify` and model.benchmark, with the
         # class activation map and the rendered image for the evidence capture
@@ -319,8 +354,8 @@ def classify(state: WorkerState, payload: Any) -> str:
     release_freed_memory()
     c = repository.Classification(
         probability=prediction.probability,
-        threshold=card.threshold,
-        upper_threshold=card.upper_threshold,
+        threshold=classifier.card.threshold,
+        upper_threshold=classifier.card.upper_threshold,
         fracture=prediction.fracture,
         model_name=classifier.card.name,
         model_version=classifier.card.version,

@@ -28,6 +28,28 @@ if TYPE_CHECKING:
 #: Used when a caller passes ``max_pixels=None``; matches ``Settings.max_pixels``.
 DEFAULT_MAX_PIXELS = 100_000_000
 
+#: PS3.3 C.7.6.3.1.2: the defined terms of Photometric Interpretation (0028,0004), retired
+#: ones included (an old modality may still send them); anything else is not an image anyone
+#: can display.
+PHOTOMETRIC_TERMS = frozenset(
+    {
+        "MONOCHROME1",
+        "MONOCHROME2",
+        "PALETTE COLOR",
+        "RGB",
+        "HSV",
+        "ARGB",
+        "CMYK",
+        "YBR_FULL",
+        "YBR_FULL_422",
+        "YBR_PARTIAL_422",
+        "YBR_PARTIAL_420",
+        "YBR_ICT",
+        "YBR_RCT",
+        "XYB",
+    }
+)
+
 
 @dataclass(frozen=True)
 class PixelGeometry:
@@ -66,6 +88,7 @@ _ATTRIBUTES = {
     "NumberOfFrames": ("Number of Frames", "(0028,0008)"),
     "BitsAllocated": ("Bits Allocated", "(0028,0100)"),
     "BitsStored": ("Bits Stored", "(0028,0101)"),
+    "HighBit": ("High Bit", "(0028,0102)"),
     "PixelRepresentation": ("Pixel Representation", "(0028,0103)"),
 }
 
@@ -129,8 +152,11 @@ def check_pixel_geometry(
     ``transfer_syntax`` decides whether Pixel Data is encapsulated; without it, the file
     meta's, else the element's undefined length. Raises :class:`PreprocessError` whose
     ``reason`` holds no attribute value (:class:`UnreadablePixelDataError` when the element
-    cannot be read at all). Photometric Interpretation, Bits Stored and Pixel Representation
-    are read but not checked: :func:`check_pixel_data` adds what decoding needs.
+    cannot be read at all). Also: Photometric Interpretation present and a defined term,
+    Bits Stored, High Bit and Pixel Representation consistent with Bits Allocated (PS3.3
+    C.7.6.3.1), native Pixel Data no longer than the header describes (plus the padding
+    byte), and the Pixel Data element holding the length it declared. Whether this package
+    can render the Photometric Interpretation is :func:`check_pixel_data`'s business.
     """
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     if "PixelData" not in ds:
@@ -150,17 +176,16 @@ def check_pixel_geometry(
             f"unsupported Bits Allocated {bits_allocated}",
             "BitsAllocated (0028,0100) is not 1, 8, 16, 32 or 64",
         )
+    _check_bits(ds, bits_allocated, bits_stored, representation)
     if rows * columns * samples > limit:
         raise PreprocessError(
             f"image declares {rows} x {columns} x {samples} samples = {rows * columns * samples}"
             f" samples per frame, more than the limit of {limit}",
             f"Rows x Columns x Samples per Pixel exceeds the node's limit of {limit}",
         )
+    photometric = _photometric(ds)
     try:
-        photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
-    except Exception:  # noqa: BLE001 - unreadable: as absent (check_pixel_data refuses it)
-        photometric = ""
-    try:
+        declared = _declared_length(ds)
         value = ds["PixelData"].value
     except Exception as exc:
         raise UnreadablePixelDataError(
@@ -189,15 +214,78 @@ def check_pixel_geometry(
         if fragment_bytes == 0:
             no_data = "encapsulated Pixel Data (7FE0,0010) has no data"
             raise PreprocessError(no_data, no_data)
-    elif len(value) < geometry.native_bytes:
+    elif not geometry.native_bytes <= len(value) <= geometry.native_bytes + 1:
+        # PS3.5 8.1.1: native Pixel Data is exactly what the header describes, padded to an
+        # even length; more than that is a header that does not describe the data either.
         raise PreprocessError(
             f"Pixel Data holds {len(value)} bytes but {rows} x {columns} x {samples} samples "
             f"x {frames} frames x {bits_allocated} bits need {geometry.native_bytes}: "
-            "truncated or inconsistent header",
+            f"{'truncated' if len(value) < geometry.native_bytes else 'overlong'} "
+            "or inconsistent header",
             f"Pixel Data (7FE0,0010) has {len(value)} bytes, the header needs "
             f"{geometry.native_bytes}",
         )
+    if declared is not None and declared != len(value):
+        overrun = (
+            f"Pixel Data (7FE0,0010) declares {declared} bytes, the data set holds {len(value)}"
+        )
+        raise PreprocessError(overrun, overrun)
     return geometry
+
+
+def _check_bits(ds: Dataset, bits_allocated: int, bits_stored: int, representation: int) -> None:
+    """PS3.3 C.7.6.3.1: Bits Stored within 1..Bits Allocated, High Bit (when present) within
+    Bits Stored - 1..Bits Allocated - 1, Pixel Representation 0 (unsigned) or 1 (two's
+    complement)."""
+    if not 1 <= bits_stored <= bits_allocated:
+        raise PreprocessError(
+            f"Bits Stored {bits_stored} is not within 1..Bits Allocated {bits_allocated}",
+            "BitsStored (0028,0101) is not within 1..BitsAllocated (0028,0100)",
+        )
+    high_bit = int_attribute(ds, "HighBit", default=bits_stored - 1)
+    if not bits_stored - 1 <= high_bit <= bits_allocated - 1:
+        raise PreprocessError(
+            f"High Bit {high_bit} does not fit Bits Stored {bits_stored} and Bits Allocated "
+            f"{bits_allocated}",
+            "HighBit (0028,0102) does not fit BitsStored and BitsAllocated",
+        )
+    if representation not in (0, 1):
+        raise PreprocessError(
+            f"invalid Pixel Representation {representation}",
+            "PixelRepresentation (0028,0103) is not 0 or 1",
+        )
+
+
+def _photometric(ds: Dataset) -> str:
+    """Photometric Interpretation (0028,0004), Type 1: present and a defined term."""
+    try:
+        photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    except Exception:  # noqa: BLE001 - unreadable: as absent
+        photometric = ""
+    if not photometric:
+        raise PreprocessError(
+            "missing required attribute Photometric Interpretation (0028,0004)",
+            "PhotometricInterpretation (0028,0004) is missing",
+        )
+    if photometric not in PHOTOMETRIC_TERMS:
+        raise PreprocessError(
+            "Photometric Interpretation (0028,0004) is not a defined term (PS3.3 C.7.6.3.1.2)",
+            "PhotometricInterpretation (0028,0004) is not a defined term",
+        )
+    return photometric
+
+
+def _declared_length(ds: Dataset) -> int | None:
+    """The length the Pixel Data element declared as received, when it is still the raw
+    element read from the stream and of defined length (pydicom reads a value that overruns
+    the data set short, without complaint)."""
+    raw = ds.get_item("PixelData")
+    length = getattr(raw, "length", None)
+    if raw is None or not isinstance(length, int) or length == 0xFFFFFFFF:
+        return None
+    if getattr(raw, "is_undefined_length", False):
+        return None
+    return length
 
 
 def check_pixel_data(ds: Dataset, max_pixels: int | None = None) -> PixelGeometry:
@@ -215,23 +303,14 @@ def check_pixel_data(ds: Dataset, max_pixels: int | None = None) -> PixelGeometr
     geometry = check_pixel_geometry(ds, limit)
     rows, columns = geometry.rows, geometry.columns
     samples, frames = geometry.samples_per_pixel, geometry.frames
-    bits_allocated, bits_stored = geometry.bits_allocated, geometry.bits_stored
+    bits_allocated = geometry.bits_allocated
     photometric = geometry.photometric
-    representation = int_attribute(ds, "PixelRepresentation", default=0)
-    if not photometric:
-        raise PreprocessError("missing required attribute Photometric Interpretation (0028,0004)")
     if rows > 65535 or columns > 65535:
         raise PreprocessError(f"invalid image size {rows} x {columns}")
     if samples not in (1, 3):
         raise PreprocessError(f"unsupported Samples per Pixel {samples}")
     if bits_allocated not in (8, 16, 32):
         raise PreprocessError(f"unsupported Bits Allocated {bits_allocated}")
-    if not 1 <= bits_stored <= bits_allocated:
-        raise PreprocessError(
-            f"Bits Stored {bits_stored} is not within 1..Bits Allocated {bits_allocated}"
-        )
-    if representation not in (0, 1):
-        raise PreprocessError(f"invalid Pixel Representation {representation}")
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
         if samples != 1:
             raise PreprocessError(f"{photometric} with {samples} samples per pixel")
