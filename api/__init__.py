@@ -1,1 +1,2 @@
-"""A small read-only HTTP query API over the results database (``fracture-triage api``)."""
+"""The web application: the radiologists' worklist, its JSON API (``/api/v1``), accounts,
+audit and health (FastAPI served by uvicorn; ``fracture-triage api`` or ``up``)."""

@@ -116,32 +116,13 @@ def by_source(y: np.ndarray, p: np.ndarray, sources: np.ndarray, t: float) -> di
     return out
 
 
-def validation_predictions(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Every validation file through the node's classifier: labels, probabilities, sources."""
-    from model.inference import Classifier, ImageError
-    from model.training.data import integrity_problem, read_all
-    from model.training.train import select
-
-    records = read_all(args.bfmr_dir, args.fracatlas_dir)
-    val = set(select(records, args.split_mode, args.split)["val"])
-    clf = Classifier.load(model_dir)
-    y, p, src = [], [], []
-    for rec in records:
-        if rec.key not in val or integrity_problem(rec.path):
-            continue
-        try:
-            p.append(clf.predict(clf.prepare(rec.path)))
-        except ImageError:
-            continue
-        y.append(rec.label)
-        src.append(rec.source)
-    return {"y": np.array(y), "p": np.array(p), "sources": np.array(src)}
-
-
 def choose(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Choose both thresholds for ``model_dir`` and rewrite its card."""
     card = read_card(model_dir)
-    v = validation_predictions(model_dir, args)
+    from model.training.selection import predictions
+
+    # every validation file through the export the node loads (no cache: a new card)
+    v = predictions(model_dir, "val", argparse.Namespace(**{**vars(args), "predictions_dir": None}))
     y, p, s = v["y"], v["p"], v["sources"]
     lower, per_source = lower_threshold(y, p, s, args.target_sensitivity, args.confidence)
     upper, ppv_bound, reached = upper_threshold(y, p, lower, args.target_ppv, args.confidence)
