@@ -61,6 +61,12 @@ def run_migrations_online() -> None:
     engine = make_engine(url)
     try:
         with engine.connect() as connection:
+            if connection.dialect.name == "sqlite":
+                # Batch mode rebuilds a table (copy, drop, rename); with foreign keys enforced
+                # dropping a table other tables reference fails. The pragma is a no-op inside
+                # a transaction, so it is set before Alembic begins one (Alembic's batch docs).
+                connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+                connection.commit()
             _configure(connection=connection)
             with context.begin_transaction():
                 if connection.dialect.name == "postgresql":
