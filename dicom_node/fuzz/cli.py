@@ -20,6 +20,7 @@ from dicom_node.fuzz.checks import Report, probe, run_dataset_case
 from dicom_node.fuzz.mutations import load_samples
 from dicom_node.fuzz.node import Node
 from dicom_node.fuzz.pdus import PDU_KINDS, run_abort_burst, run_pdu_case
+from fracture_triage.settings import Settings
 
 #: The SCP's read and ACSE timeouts during a fuzz run (its defaults are 30 s).
 SCP_TIMEOUT_S = 3.0
@@ -28,9 +29,10 @@ ECHO_EVERY = 50
 #: idle peer, a truncated A-ASSOCIATE-RQ) hold their connection until the SCP's read deadline,
 #: so they are bounded: submitted without bound they piled up faster than they finished and
 #: a 10,000-case run spent over 15 minutes draining them after its last case. One below the
-#: SCP's per-peer connection cap (8, all from PDU_SOURCE), so that the cap, which closes a
-#: connection at once, does not decide the cases' outcome.
-BACKGROUND_CASES = 7
+#: SCP's per-peer connection cap (the fuzzed node runs with the default; all PDU cases come
+#: from PDU_SOURCE), so that the cap, which closes a connection at once, does not decide the
+#: cases' outcome.
+BACKGROUND_CASES: int = Settings.model_fields["max_associations_per_peer"].default - 1
 
 
 def run(
