@@ -4,7 +4,8 @@ Printed side by side in one run (nothing asserted):
 
 - **inference**: the LiteRT export against the Keras network it was made from (the same
   graph: the card's test-time augmentation, for ``d4`` one batch of 8 views per image), on
-  the same preprocessed images: milliseconds per image, the speed-up, and the largest
+  the same preprocessed images: milliseconds per image (medians over alternating blocks,
+  each engine timed alone after a rest), the speed-up, and the largest
   probability difference (the card holds the figure over every validation file). The Keras
   half needs the ``[train]`` extra and is left out without it;
 - **worker path** (:meth:`Classifier.classify_file`: read, decode, render, resize, infer) on
@@ -82,32 +83,69 @@ def worker_path(classifier: Classifier, files: list[Path], label: str) -> dict[s
     return row
 
 
+#: Rounds of the export/Keras comparison: each round times every image through the export,
+#: then through Keras, so drift in the machine's load falls on both alike.
+ROUNDS = 3
+
+#: Seconds of rest before each block. TensorFlow's and XNNPACK's thread pools spin-wait for a
+#: while after their last job; timed back to back, each engine's idle threads take CPU from the
+#: other (interleaving image by image measured the export ~40 % slower than it runs alone,
+#: which is how the worker runs it: without TensorFlow in the process).
+REST_S = 0.2
+
+
+def _block_ms(run: Any, inputs: list[Any]) -> list[float]:
+    time.sleep(REST_S)
+    out = []
+    for x in inputs:
+        t0 = time.perf_counter()
+        run(x)
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
 def export_vs_keras(model_dir: Path, classifier: Classifier, files: list[Path]) -> dict[str, Any]:
-    """Milliseconds per image of the export and of Keras on the same inputs, and their
-    largest difference; Keras' figures only where TensorFlow is installed."""
+    """Milliseconds per image (median over :data:`ROUNDS` alternating blocks) of the export
+    and of Keras on the same inputs, and their largest difference; Keras' figures only where
+    TensorFlow is installed."""
     images = [classifier.prepare(f) for f in files]
-    classifier.predict(images[0])  # warm-up
-    t0 = time.perf_counter()
+    for x in images[:3]:  # warm-up
+        classifier.predict(x)
     export_p = [classifier.predict(x) for x in images]
-    export_ms = (time.perf_counter() - t0) * 1000 / len(images)
     row: dict[str, Any] = {
         "images": len(images),
         "views_per_image": 8 if classifier.card.test_time_augmentation == "d4" else 1,
-        "export_ms_per_image": round(export_ms, 2),
+        "rounds": ROUNDS,
     }
     if importlib.util.find_spec("tensorflow") is None:
+        export_ms = _block_ms(classifier.predict, images * ROUNDS)
+        row["export_ms_per_image"] = round(float(np.median(export_ms)), 2)
         row["keras"] = "not measured: TensorFlow is not installed (the [train] extra)"
     else:
         from model.training.export import PROBABILITY_OUTPUT, keras_forward
 
         forward = keras_forward(model_dir, classifier.card)
         batch = [x[np.newaxis].astype(np.float32) for x in images]
-        forward(batch[0])  # warm-up: traces the graph
-        t0 = time.perf_counter()
+        for x in batch[:3]:  # warm-up: traces the graph
+            forward(x)
         keras_p = [float(np.asarray(forward(x)[PROBABILITY_OUTPUT])[0]) for x in batch]
-        keras_ms = (time.perf_counter() - t0) * 1000 / len(images)
-        row["keras_ms_per_image"] = round(keras_ms, 2)
-        row["speedup_export_over_keras"] = round(keras_ms / export_ms, 2)
+        export_ms, keras_ms = [], []
+        for _ in range(ROUNDS):
+            export_ms += _block_ms(classifier.predict, images)
+            keras_ms += _block_ms(lambda x: np.asarray(forward(x)[PROBABILITY_OUTPUT]), batch)
+        export_median = float(np.median(export_ms))
+        keras_median = float(np.median(keras_ms))
+        row["export_ms_per_image"] = round(export_median, 2)
+        row["keras_ms_per_image"] = round(keras_median, 2)
+        row["speedup_export_over_keras"] = round(keras_median / export_median, 2)
+        row["speedup_per_round"] = [
+            round(
+                float(np.median(keras_ms[i : i + len(images)]))
+                / float(np.median(export_ms[i : i + len(images)])),
+                2,
+            )
+            for i in range(0, len(export_ms), len(images))
+        ]
         row["max_abs_probability_difference"] = float(
             np.max(np.abs(np.array(export_p) - np.array(keras_p)))
         )

@@ -55,8 +55,13 @@ from fracture_triage.settings import Settings
 from fracture_triage.uids import is_valid_uid
 from fracture_triage.verdict import Decision, study_verdict
 from model.artifact import ModelCard
+from worker import standard_tables
 
 log = logging.getLogger(__name__)
+
+# Before highdicom builds anything here or in worker.evidence (which imports this module): its
+# 22 MB table of the standard's modules is then read one module at a time, not kept whole.
+standard_tables.install()
 
 #: SNOMED CT 72704001 "Fracture" (morphologic abnormality): the evaluated finding.
 FRACTURE = hd.sr.CodedConcept("72704001", "SCT", "Fracture")
