@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from fracture_triage.scope import DEFAULT_BODY_PARTS
+
 
 class Settings(BaseSettings):
     """Everything a role (SCP, worker, sweeper, CLI) needs to know about its surroundings."""
@@ -62,6 +64,13 @@ class Settings(BaseSettings):
     max_object_bytes: int = Field(default=256 * 1024**2, ge=1)
     #: Largest Rows x Columns x Samples accepted, to refuse absurd headers before decoding.
     max_pixels: int = 100_000_000
+    #: Body Part Examined (0018,0015) values that are classified (``fracture_triage.scope``),
+    #: compared stripped and case-insensitively; an empty entry admits an empty or absent
+    #: value, ``*`` every image. Others are stored and recorded "not assessed: out of
+    #: scope". Comma list or JSON list in the environment (``""`` in a JSON list: empty).
+    body_parts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_BODY_PARTS)
+    )
     #: A SOP Instance UID received again with different content: ``keep-first`` stores
     #: nothing new (the stored object and its result stand), ``keep-newest`` replaces the
     #: stored file atomically and classifies it again. Either way Success is answered and the
@@ -100,7 +109,8 @@ class Settings(BaseSettings):
     #: Connections served at once; more get 503 (uvicorn ``limit_concurrency``).
     http_max_connections: int = Field(default=200, ge=1)
     #: PEM certificate and key: the application speaks HTTPS (needed beyond loopback, for the
-    #: ``Secure`` session cookie).
+    #: ``Secure`` session cookie). Unset while ``tls_cert``/``tls_key`` are set: HTTPS with
+    #: the DICOM TLS certificate (``http_tls_files``).
     http_tls_certfile: Path | None = None
     http_tls_keyfile: Path | None = None
     #: Hours a browser session lasts after login.
@@ -150,12 +160,29 @@ class Settings(BaseSettings):
             return [v.strip() for v in text.split(",") if v.strip()]
         return value
 
+    @field_validator("body_parts", mode="before")
+    @classmethod
+    def _split_body_parts(cls, value: object) -> object:
+        # A comma list keeps an empty entry (",HAND" admits an empty value); JSON as above.
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [v.strip() for v in text.split(",")]
+        return value
+
     @model_validator(mode="after")
     def _check_tls(self) -> Settings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("FRACTURE_TRIAGE_TLS_CERT and FRACTURE_TRIAGE_TLS_KEY go together")
         if self.tls_ca is not None and self.tls_cert is None:
             raise ValueError("FRACTURE_TRIAGE_TLS_CA needs FRACTURE_TRIAGE_TLS_CERT and _KEY")
+        if (self.http_tls_certfile is None) != (self.http_tls_keyfile is None):
+            raise ValueError(
+                "FRACTURE_TRIAGE_HTTP_TLS_CERTFILE and FRACTURE_TRIAGE_HTTP_TLS_KEYFILE go together"
+            )
         if self.dicom_port == 0 and self.tls_cert is None:
             raise ValueError(
                 "FRACTURE_TRIAGE_DICOM_PORT=0 turns the plain port off: it needs TLS "
@@ -167,6 +194,17 @@ class Settings(BaseSettings):
     def tls_enabled(self) -> bool:
         """Whether the SCP serves DICOM over TLS on ``tls_port``."""
         return self.tls_cert is not None and self.tls_key is not None
+
+    @property
+    def http_tls_files(self) -> tuple[Path, Path] | None:
+        """The (certificate, key) the web application serves HTTPS with: its own pair when
+        both are set, else the node's DICOM TLS pair (one certificate for the node, as the
+        security review asks), else None (plain HTTP)."""
+        if self.http_tls_certfile is not None and self.http_tls_keyfile is not None:
+            return self.http_tls_certfile, self.http_tls_keyfile
+        if self.tls_cert is not None and self.tls_key is not None:
+            return self.tls_cert, self.tls_key
+        return None
 
     @property
     def storage_dir(self) -> Path:
