@@ -290,7 +290,7 @@ def test_up_stores_a_chest_film_and_reports_it_not_assessed(
     for sop in (hand, lone_chest):
         sr_path = str(rows[sop]["sr_path"])
         dump = subprocess.run(
-            [dcmtk("dsrdump"), sr_path], capture_output=True, text=True, timeout=60
+            [dcmtk("dsrdump"), "+Pl", sr_path], capture_output=True, text=True, timeout=60
         )
         assert dump.returncode == 0, dump.stderr
         assert dump.stdout.count('"Not assessed: out of scope (CHEST)"') == 1
