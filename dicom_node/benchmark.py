@@ -202,7 +202,7 @@ def _dcmtk(name: str) -> str:
 def _radiograph_sources(samples: Path) -> list[pydicom.Dataset]:
     """The large radiographs among the samples, uncompressed: CR and DX of at least one
     megapixel whose pixel data pydicom can read (compressed ones decompressed)."""
-    found = []
+    found: list[pydicom.Dataset] = []
     for path in sorted(samples.glob("*.dcm")):
         if path.name.startswith("BAD_"):
             continue
@@ -264,9 +264,9 @@ def _send_parallel(files: Sequence[Path], port: int, tls_ca: Path | None) -> flo
     ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     seconds = time.perf_counter() - started
-    for proc, out in zip(procs, outputs, strict=True):
+    for command, proc, out in zip(commands, procs, outputs, strict=True):
         if proc.returncode != 0:
-            raise SystemExit(f"{Path(str(proc.args[0])).name} failed:\n{out.decode()[-2000:]}")
+            raise SystemExit(f"{Path(command[0]).name} failed:\n{out.decode()[-2000:]}")
     return seconds
 
 

@@ -79,9 +79,7 @@ def test_api_role_serves_https_with_the_dicom_tls_certificate(pki: Pki, tmp_path
             text=True,
             timeout=60,
         )
-        assert curl.returncode == 0 and '"status":"ok"' in curl.stdout.replace(" ", ""), (
-            curl.stderr
-        )
+        assert curl.returncode == 0 and '"status":"ok"' in curl.stdout.replace(" ", ""), curl.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
