@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     #: stored file atomically and classifies it again. Either way Success is answered and the
     #: conflict is logged and counted on the instance (``conflicting_resends``).
     duplicate_policy: Literal["keep-first", "keep-newest"] = "keep-first"
+    #: Niceness the worker role adds to itself (and its pool children) at start: on a node
+    #: whose cores the worker's inference would fill, the SCP (which must answer each
+    #: C-STORE of a modality) gets the CPU first and the classification backlog waits; 0:
+    #: the same priority as the other roles (``worker.celery_app.run_worker``).
+    worker_nice: int = Field(default=10, ge=0, le=19)
     #: CPU threads of one inference (LiteRT); ``None``: every core this process may use. With
     #: ``--concurrency N`` worker processes, cores / N keeps them from competing.
     inference_threads: int | None = Field(default=None, ge=1)
