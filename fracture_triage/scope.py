@@ -13,55 +13,17 @@ Examined Defined Terms", the code strings mapped to the SNOMED CT regions of CID
 "Common Anatomic Regions"; the first eight of them, with EXTREMITY, ARM and LEG, are the
 original PS3.3 C.7.3.1 list), plus an empty or absent value: many modalities leave the
 attribute empty (it is Type 3), and refusing those would miss most real hand and wrist
-films. Imports nothing of the project.
+films. The list itself is ``fracture_triage.settings.DEFAULT_BODY_PARTS`` (the settings
+import nothing of the project); this module holds the rule that applies it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-#: Body Part Examined defined terms (PS3.16 Annex L) of the limbs, their joints and girdles,
-#: and the pelvis and hips. Upper limb first, then lower limb.
-DEFAULT_BODY_PARTS: tuple[str, ...] = (
-    # upper limb and shoulder girdle
-    "UPRLIMB",
-    "ARM",
-    "SHOULDER",
-    "ACJOINT",
-    "SCJOINT",
-    "CLAVICLE",
-    "SCAPULA",
-    "HUMERUS",
-    "ELBOW",
-    "FOREARM",
-    "RADIUS",
-    "ULNA",
-    "WRIST",
-    "HAND",
-    "FINGER",
-    "THUMB",
-    # either limb
-    "EXTREMITY",
-    # pelvis, hip and lower limb
-    "PELVIS",
-    "SIJOINT",
-    "HIP",
-    "LOWLIMB",
-    "THIGH",
-    "FEMUR",
-    "KNEE",
-    "PATELLA",
-    "LEG",
-    "TIBIA",
-    "FIBULA",
-    "ANKLE",
-    "FOOT",
-    "HEEL",
-    "CALCANEUS",
-    "TOE",
-    # Type 3: absent or empty is common on radiographs of limbs
-    "",
-)
+from fracture_triage.settings import DEFAULT_BODY_PARTS
+
+__all__ = ["ANY", "DEFAULT_BODY_PARTS", "in_scope", "normalise", "out_of_scope_reason"]
 
 #: In ``Settings.body_parts``: every image is in scope, whatever its body part.
 ANY = "*"

@@ -12,7 +12,49 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from fracture_triage.scope import DEFAULT_BODY_PARTS
+#: The default scope (``fracture_triage.scope``): the Body Part Examined (0018,0015) defined
+#: terms of PS3.16 Annex L for the limbs, their joints and girdles, and the pelvis and hips,
+#: plus the empty value. Upper limb first, then lower limb.
+DEFAULT_BODY_PARTS: tuple[str, ...] = (
+    # upper limb and shoulder girdle
+    "UPRLIMB",
+    "ARM",
+    "SHOULDER",
+    "ACJOINT",
+    "SCJOINT",
+    "CLAVICLE",
+    "SCAPULA",
+    "HUMERUS",
+    "ELBOW",
+    "FOREARM",
+    "RADIUS",
+    "ULNA",
+    "WRIST",
+    "HAND",
+    "FINGER",
+    "THUMB",
+    # either limb
+    "EXTREMITY",
+    # pelvis, hip and lower limb
+    "PELVIS",
+    "SIJOINT",
+    "HIP",
+    "LOWLIMB",
+    "THIGH",
+    "FEMUR",
+    "KNEE",
+    "PATELLA",
+    "LEG",
+    "TIBIA",
+    "FIBULA",
+    "ANKLE",
+    "FOOT",
+    "HEEL",
+    "CALCANEUS",
+    "TOE",
+    # Type 3: absent or empty is common on radiographs of limbs
+    "",
+)
 
 
 class Settings(BaseSettings):
