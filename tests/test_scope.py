@@ -26,7 +26,7 @@ from fracture_triage.settings import Settings
 from tests.conftest import require
 from tests.test_cli_results import cli
 from tests.test_cli_up import _wait_for_banner, dcmtk, running_node
-from tests.test_sr import CARD, texts_of
+from tests.test_sr import CARD, assert_valid_sr, texts_of
 from worker import tasks
 from worker.sr import build_study_report
 
@@ -294,6 +294,7 @@ def test_up_stores_a_chest_film_and_reports_it_not_assessed(
         )
         assert dump.returncode == 0, dump.stderr
         assert dump.stdout.count('"Not assessed: out of scope (CHEST)"') == 1
+        assert_valid_sr(Path(sr_path))  # dciodvfy finds no error
         groups = sr_groups(Path(sr_path))
         if sop == hand:
             assert texts_of(groups[hand], COMMENT) == []
