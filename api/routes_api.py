@@ -44,7 +44,7 @@ def _utc(value: datetime | None) -> datetime | None:
 
 def worklist_filter(
     status: InstanceStatus | None = None,
-    flag: Literal["fracture", "doubt", "no_fracture", "unclassified"] | None = None,
+    flag: Literal["fracture", "doubt", "no_fracture", "unclassified", "out_of_scope"] | None = None,
     modality: Annotated[str | None, Query(max_length=16)] = None,
     body_part: Annotated[str | None, Query(max_length=64)] = None,
     received_from: datetime | None = None,

@@ -1,7 +1,8 @@
 """``fracture-triage api``: the web application (``api.app``) served by uvicorn.
 
 Bound to ``Settings.http_bind_address`` (not the SCP's ``bind_address``) and
-``Settings.http_port``; HTTPS when a certificate and key are configured. Idle keep-alive
+``Settings.http_port``; HTTPS when a certificate and key are configured (its own, else the
+node's DICOM TLS certificate: ``Settings.http_tls_files``). Idle keep-alive
 connections are closed after ``http_idle_timeout_seconds``, at most ``http_max_connections``
 are served at once, and request heads are capped at 16 KiB.
 """
@@ -21,7 +22,7 @@ MAX_HEAD_BYTES = 16384
 
 def http_url(settings: Settings) -> str:
     """Where the application answers, for banners and logs."""
-    scheme = "https" if settings.http_tls_certfile else "http"
+    scheme = "https" if settings.http_tls_files else "http"
     host = settings.http_bind_address
     host = f"[{host}]" if ":" in host else host
     return f"{scheme}://{host}:{settings.http_port}/"
@@ -32,6 +33,7 @@ def make_server(settings: Settings) -> object:
 
     from api.app import create_app
 
+    tls = settings.http_tls_files
     config = uvicorn.Config(
         create_app(settings),
         host=settings.http_bind_address,
@@ -45,8 +47,8 @@ def make_server(settings: Settings) -> object:
         timeout_keep_alive=max(1, round(settings.http_idle_timeout_seconds)),
         limit_concurrency=settings.http_max_connections,
         h11_max_incomplete_event_size=MAX_HEAD_BYTES,
-        ssl_certfile=settings.http_tls_certfile,
-        ssl_keyfile=settings.http_tls_keyfile,
+        ssl_certfile=None if tls is None else tls[0],
+        ssl_keyfile=None if tls is None else tls[1],
     )
     return uvicorn.Server(config)
 

@@ -37,12 +37,18 @@ class InstanceStatus(enum.StrEnum):
     queued: a classify message is on the broker.
     done: a result exists for the current model.
     failed: decoding or preprocessing failed; ``failure_reason`` says why. Not retried.
+    out_of_scope: not assessed, its Body Part Examined is not in ``Settings.body_parts``
+    (``fracture_triage.scope``); ``failure_reason`` holds "not assessed: out of scope
+    (PART)". Stored, never classified; settled like ``done`` for the study's report.
     """
 
     pending = "pending"
     queued = "queued"
     done = "done"
     failed = "failed"
+    # The member name is stored (12 characters in the VARCHAR(16) of revision 0001, no CHECK
+    # constraint): a new state changes no schema.
+    out_of_scope = "out_of_scope"
 
 
 class SendStatus(enum.StrEnum):

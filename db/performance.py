@@ -50,7 +50,8 @@ def cases(session: Session) -> list[Case]:
         select(RadiologistVerdict, StudyTriage)
         .join(StudyTriage, StudyTriage.study_id == RadiologistVerdict.study_id)
         .where(RadiologistVerdict.id.in_(newest))
-        .where(StudyTriage.priority != int(Priority.unclassified))
+        # a model decision: neither unclassified nor out of scope (no probability at all)
+        .where(StudyTriage.priority > int(Priority.unclassified))
     ).tuples()
     return [
         Case(

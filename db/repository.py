@@ -236,6 +236,19 @@ def mark_failed(session: Session, instance_id: int, reason: str) -> None:
     refresh_triage(session, instance.series.study_id)
 
 
+def mark_out_of_scope(session: Session, instance_id: int, reason: str) -> None:
+    """Record that an instance is not assessed: its body part is outside the model's scope
+    (``fracture_triage.scope``). Like a failure it is settled and never classified; unlike
+    one, nothing went wrong."""
+    instance = session.get(Instance, instance_id)
+    if instance is None:
+        return
+    instance.status = InstanceStatus.out_of_scope
+    instance.failure_reason = reason[:2000]
+    _end_attempt(instance)
+    refresh_triage(session, instance.series.study_id)
+
+
 def _end_attempt(instance: Instance) -> None:
     instance.attempt_owner = None
     instance.attempt_started_at = None

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from db.models import (
     Evidence,
     Instance,
+    InstanceStatus,
     RadiologistVerdict,
     Result,
     Series,
@@ -133,6 +134,9 @@ def study_detail(session: Session, study: Study, *, include_patient: bool) -> di
         "fracture": verdict.fracture if verdict.assessed else None,
         "decision": None if verdict.decision is None else verdict.decision.value,
         "max_probability": verdict.probability,
+        # every image not assessed: its body part is outside the model's scope
+        "out_of_scope": bool(images)
+        and all(i["status"] == InstanceStatus.out_of_scope.value for i in images),
         "report_failure": study.report_failure,
         "images": images,
         "reports": [

@@ -10,7 +10,9 @@ probability, then the newest study.
 A study's priority is its decision, ``fracture_triage.verdict.study_decision`` as an SQL
 aggregate: the highest level among the latest results of its classified images (fracture >
 doubt > no fracture), unclassified when none is classified; its probability is the highest
-image probability. Images without a result (failed, waiting) count neither way.
+image probability. Images without a result (failed, waiting, out of scope) count neither
+way; a study whose every image is out of scope (``fracture_triage.scope``) is
+:attr:`Priority.out_of_scope`, after the unclassified ones.
 ``fracture-triage results`` takes each study's decision from :func:`study_priorities`, the
 same expression computed now, so the worklist and the results never disagree.
 """
@@ -29,8 +31,11 @@ from fracture_triage.verdict import Decision
 
 
 class Priority(enum.IntEnum):
-    """The worklist's levels; higher is read first: a study's decision, or unclassified."""
+    """The worklist's levels; higher is read first: a study's decision, or unclassified
+    (something still waiting or failed), or out of scope (every image not assessed, its
+    body part outside the model's scope: nothing for the model to rank, listed last)."""
 
+    out_of_scope = -1
     unclassified = 0
     no_fracture = 1
     doubt = 2
@@ -83,13 +88,39 @@ def _from_images(*columns: ColumnElement[Any]) -> Select[*tuple[Any, ...]]:
     )
 
 
+def _out_of_scope_count() -> ColumnElement[Any]:
+    return func.sum(case((Instance.status == InstanceStatus.out_of_scope, 1), else_=0))
+
+
+def _study_priority() -> ColumnElement[int]:
+    """Per study (aggregate): :func:`priority_rank` of its images, or
+    :attr:`Priority.out_of_scope` when every image is out of scope."""
+    every_out = _out_of_scope_count() == func.count(Instance.id)
+    return case(
+        (every_out, int(Priority.out_of_scope)),
+        else_=priority_rank(func.max(_image_priority())),
+    )
+
+
 def study_priorities() -> Subquery:
     """``(study_id, priority)`` of every study with an instance, computed now from its
     results (what :func:`refresh_study` stores): ``fracture-triage results`` reads its
     ``study_decision`` here."""
-    return _from_images(priority_rank(func.max(_image_priority())).label("priority")).subquery(
-        "study_priority"
-    )
+    return _from_images(_study_priority().label("priority")).subquery("study_priority")
+
+
+def out_of_scope_counts(session: Session, study_ids: list[int]) -> dict[int, int]:
+    """Per study of ``study_ids``: how many of its images are out of scope (the worklist
+    shows them apart from those still waiting; one grouped query per page)."""
+    if not study_ids:
+        return {}
+    rows = session.execute(
+        select(Series.study_id, func.count(Instance.id))
+        .join(Instance, Instance.series_id == Series.id)
+        .where(Series.study_id.in_(study_ids), Instance.status == InstanceStatus.out_of_scope)
+        .group_by(Series.study_id)
+    ).all()
+    return {int(study_id): int(count) for study_id, count in rows}
 
 
 def _aggregate() -> Select[*tuple[Any, ...]]:
@@ -98,7 +129,7 @@ def _aggregate() -> Select[*tuple[Any, ...]]:
     done = Instance.status == InstanceStatus.done
     max_probability = func.max(case((done, Result.probability)))
     return _from_images(
-        priority_rank(func.max(_image_priority())).label("priority"),
+        _study_priority().label("priority"),
         max_probability.label("max_probability"),
         func.count(Instance.id).label("instances"),
         func.sum(case((done, 1), else_=0)).label("classified"),

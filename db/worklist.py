@@ -4,8 +4,8 @@ Filtering, ordering and paging run in the database (``GET /api/v1/worklist`` and
 page both call :func:`worklist_page`) over the per-study summary ``study_triage`` that the
 repository keeps current (``db.triage``); the order is ``db.triage.priority_order`` alone:
 the study's decision (fracture, then doubt, then no fracture; ``verdict.study_decision``),
-each by highest probability, unclassified studies last (newest received first within a
-tie).
+each by highest probability, unclassified studies after them and studies whose every image
+is out of the model's scope last (newest received first within a tie).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from db.models import (
     StudyTriage,
 )
 from db.repository import as_utc
-from db.triage import Priority, decision_of_priority, priority_order
+from db.triage import Priority, decision_of_priority, out_of_scope_counts, priority_order
 from fracture_triage.attributes import PATIENT_IDENTIFIERS
 
 
@@ -132,6 +132,7 @@ def worklist_page(
     study_ids = [row.Study.id for row in rows]
     latest_verdicts = _latest_verdicts(session, study_ids)
     latest_reports = _latest_reports(session, study_ids)
+    left_out = out_of_scope_counts(session, study_ids)
     entries = []
     for row in rows:
         study: Study = row.Study
@@ -153,7 +154,12 @@ def worklist_page(
             "instances": summary.instances,
             "classified": summary.classified,
             "failed": summary.failed,
-            "waiting": summary.instances - summary.classified - summary.failed,
+            # not assessed: body part outside the model's scope (``fracture_triage.scope``)
+            "out_of_scope": left_out.get(study.id, 0),
+            "waiting": summary.instances
+            - summary.classified
+            - summary.failed
+            - left_out.get(study.id, 0),
             "modality": summary.modality,
             "body_part_examined": summary.body_part_examined,
             "study_date": study.study_date,

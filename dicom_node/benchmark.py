@@ -13,18 +13,41 @@ profile, :mod:`dicom_node.tls`).
 Both ends use the PDU size under test (the SCP's ``max_pdu`` setting and the SCU's), so the
 figure shows what a modality sees against a node configured with 16 KiB (pynetdicom's
 default) or 128 KiB (this project's default).
+
+``--ingest`` measures instead the whole node against dcmtk's own receiver, as a PACS team
+would compare them::
+
+    python -m dicom_node.benchmark --ingest --files 48 --rounds 3
+
+It builds ``--files`` large uncompressed radiographs from the samples (the uncompressed CR
+and DX of at least a megapixel, and the compressed ones pydicom decodes, decompressed to
+Explicit VR Little Endian; each copy with new Study, Series and SOP Instance UIDs), then for
+each round starts ``fracture-triage up`` (embedded Redis, SCP, worker with the shipped
+model, sweeper, web application: the whole node, every image in scope so the worker
+classifies all of them while they arrive) and, separately, ``storescp --fork`` (one process
+per association, writing the files without fsync; the node fsyncs each object and records
+it in the database before it answers Success), both with a 128 KiB maximum PDU, and sends
+the same files over 4 parallel associations: with ``dcmsend`` over TCP, and over TLS with
+``storescu +tla`` (dcmsend has no TLS) to ``storescp +tls`` and to the node's TLS port. It
+prints MB/s (file bytes / seconds from the first association to the last one released,
+median of the rounds) side by side, their ratio and the goal (0.75).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import shutil
+import signal
 import socket
 import ssl
+import statistics
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pydicom
@@ -153,15 +176,249 @@ def _round(
     return seconds, len(datasets)
 
 
+# --------------------------------------------------------------------------- --ingest
+
+#: The goal of issue 13: the node ingests at least this fraction of storescp's MB/s.
+INGEST_GOAL = 0.75
+#: Parallel associations, as a modality fleet or a PACS forwarding to the node opens them.
+ASSOCIATIONS = 4
+#: Both receivers advertise dcmtk's largest maximum PDU (the node's default is the same).
+INGEST_PDU = 131072
+
+
+def _dcmtk(name: str) -> str:
+    """dcmtk's program ``name``: a real executable (pynetdicom installs a Python
+    ``storescu`` that may come first on PATH), apt's first."""
+    for path in [Path("/usr/bin") / name] + [
+        Path(d) / name for d in os.environ.get("PATH", "").split(os.pathsep) if d
+    ]:
+        if path.is_file() and os.access(path, os.X_OK):
+            with open(path, "rb") as f:
+                if f.read(4) == b"\x7fELF":
+                    return str(path)
+    raise SystemExit(f"dcmtk's {name} is needed (apt-get install dcmtk)")
+
+
+def _radiograph_sources(samples: Path) -> list[pydicom.Dataset]:
+    """The large radiographs among the samples, uncompressed: CR and DX of at least one
+    megapixel whose pixel data pydicom can read (compressed ones decompressed)."""
+    found: list[pydicom.Dataset] = []
+    for path in sorted(samples.glob("*.dcm")):
+        if "BAD_" in path.name:  # refused or truncated on purpose
+            continue
+        try:
+            head = pydicom.dcmread(path, stop_before_pixels=True)
+            if head.get("Modality") not in ("CR", "DX"):
+                continue
+            if int(head.get("Rows", 0)) * int(head.get("Columns", 0)) < 1_000_000:
+                continue
+            ds = pydicom.dcmread(path)
+            if ds.file_meta.TransferSyntaxUID.is_compressed:
+                ds.decompress()  # to Explicit VR Little Endian
+            elif ds.file_meta.TransferSyntaxUID != pydicom.uid.ExplicitVRLittleEndian:
+                continue  # big endian, deflated: not what a modality sends in bulk
+        except Exception:  # noqa: BLE001 - a sample this machine cannot decode is left out
+            continue
+        found.append(ds)
+    if not found:
+        raise SystemExit(f"no large decodable CR/DX radiograph in {samples}")
+    return found
+
+
+def _write_ingest_files(sources: Sequence[pydicom.Dataset], folder: Path, count: int) -> int:
+    """``count`` files in ``folder``, cycling through ``sources``, each with new UIDs (one
+    study each, as received from a modality); returns the total file bytes."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    total = 0
+    for i in range(count):
+        ds = sources[i % len(sources)]
+        ds.StudyInstanceUID = pydicom.uid.generate_uid()
+        ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        target = folder / f"{i:04d}.dcm"
+        ds.save_as(target, enforce_file_format=True)
+        total += target.stat().st_size
+    return total
+
+
+def _send_parallel(files: Sequence[Path], port: int, tls_ca: Path | None) -> float:
+    """Send ``files`` over :data:`ASSOCIATIONS` parallel associations (one dcmtk client per
+    share, each one association); return the seconds until the last one ended. Raises
+    SystemExit when a client fails (a refused object would make the figure meaningless)."""
+    shares = [list(files[i::ASSOCIATIONS]) for i in range(ASSOCIATIONS)]
+    env = {**os.environ, "TCP_NODELAY": "1"}  # Debian's dcmtk: no 40 ms stall per object
+    commands = []
+    for share in shares:
+        if tls_ca is None:
+            cmd = [_dcmtk("dcmsend"), "-aec", "FXTRIAGE", "127.0.0.1", str(port)]
+        else:
+            cmd = [_dcmtk("storescu"), "+tla", "+cf", str(tls_ca), "-aec", "FXTRIAGE"]
+            cmd += ["127.0.0.1", str(port)]
+        commands.append(cmd + [str(f) for f in share])
+    started = time.perf_counter()
+    procs = [
+        subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for c in commands
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    seconds = time.perf_counter() - started
+    for command, proc, out in zip(commands, procs, outputs, strict=True):
+        if proc.returncode != 0:
+            raise SystemExit(f"{Path(command[0]).name} failed:\n{out.decode()[-2000:]}")
+    return seconds
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"{what} did not listen on {port} within {timeout:.0f} s")
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def _storescp(folder: Path, tls: tuple[Path, Path] | None) -> Iterator[int]:
+    """dcmtk's ``storescp --fork`` writing into ``folder``; yields its port."""
+    port = _free_port()
+    out = folder / "received"
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [_dcmtk("storescp"), "--fork", "-pdu", str(INGEST_PDU), "-od", str(out)]
+    if tls is not None:
+        cmd += ["+tls", str(tls[1]), str(tls[0]), "-ic"]  # key, certificate; no client cert
+    proc = subprocess.Popen([*cmd, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port, proc, "storescp", 30)
+        yield port
+    finally:
+        _stop(proc, 10)
+        # --fork children end with their association; the parent's SIGINT ends the rest
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _fracture_triage() -> list[str]:
+    """The ``fracture-triage`` console script beside this interpreter."""
+    script = Path(sys.executable).with_name("fracture-triage")
+    found = str(script) if script.is_file() else shutil.which("fracture-triage")
+    if found is None:
+        raise SystemExit("the fracture-triage command is not installed (pip install .)")
+    return [found]
+
+
+@contextlib.contextmanager
+def _node(folder: Path, tls: tuple[Path, Path] | None) -> Iterator[int]:
+    """``fracture-triage up`` in ``folder`` (every image in scope); yields the DICOM port the
+    clients use: the plain one, or the TLS port when ``tls`` is given."""
+    dicom_port, tls_port, http_port = _free_port(), _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRACTURE_TRIAGE_")}
+    env["FRACTURE_TRIAGE_BODY_PARTS"] = "*"  # the worker classifies every image received
+    if tls is not None:
+        env |= {
+            "FRACTURE_TRIAGE_TLS_CERT": str(tls[0]),
+            "FRACTURE_TRIAGE_TLS_KEY": str(tls[1]),
+            "FRACTURE_TRIAGE_TLS_PORT": str(tls_port),
+        }
+    log = open(folder / "up.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [*_fracture_triage(), "up", "--data-dir", str(folder / "data")]
+        + ["--dicom-port", str(dicom_port), "--http-port", str(http_port)],
+        env=env,
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        port = tls_port if tls is not None else dicom_port
+        _wait_port(port, proc, "fracture-triage up", 180)
+        deadline = time.monotonic() + 120
+        while b"Press Ctrl-C" not in (folder / "up.log").read_bytes():
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit(f"up did not start: see {folder / 'up.log'}")
+            time.sleep(0.2)
+        yield port
+    finally:
+        _stop(proc, 90)
+        log.close()
+
+
+def run_ingest(samples: Path, count: int, rounds: int) -> dict[str, dict[str, float]]:
+    """The ingest figures: per transport (TCP, TLS), the median MB/s of the node and of
+    storescp over ``rounds``; printed as a table, returned for callers."""
+    sources = _radiograph_sources(samples)
+    figures: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="fxt-ingest-") as tmp:
+        root = Path(tmp)
+        tls_pair = _certificate(root)
+        mb = _write_ingest_files(sources, root / "files", count) / 1e6
+        print(
+            f"{count} files, {mb:.0f} MB (from {len(sources)} radiographs of "
+            f"{samples}), {ASSOCIATIONS} associations, {rounds} round(s)",
+            flush=True,
+        )
+        for transport in ("TCP", "TLS"):
+            tls = tls_pair if transport == "TLS" else None
+            runs: dict[str, list[float]] = {"node": [], "storescp": []}
+            for r in range(rounds):
+                for target in ("storescp", "node"):
+                    work = root / f"{target}-{transport}-{r}"
+                    work.mkdir()
+                    # fresh UIDs every time: a re-sent object would not be stored again
+                    _write_ingest_files(sources, root / "files", count)
+                    files = sorted((root / "files").glob("*.dcm"))
+                    receiver = _storescp(work, tls) if target == "storescp" else _node(work, tls)
+                    with receiver as port:
+                        seconds = _send_parallel(files, port, tls[0] if tls else None)
+                    runs[target].append(mb / seconds)
+                    print(f"  {transport} {target:8} round {r + 1}: {mb / seconds:6.0f} MB/s")
+                    shutil.rmtree(work, ignore_errors=True)
+            figures[transport] = {k: statistics.median(v) for k, v in runs.items()}
+    clients = {"TCP": "dcmsend", "TLS": "storescu +tla"}
+    print(
+        f"\n{'transport':10} {'client':14} {'node MB/s':>10} {'storescp MB/s':>14} "
+        f"{'ratio':>6} {'goal':>5}"
+    )
+    for transport, f in figures.items():
+        ratio = f["node"] / f["storescp"]
+        print(
+            f"{transport:10} {clients[transport]:14} {f['node']:10.0f} {f['storescp']:14.0f} "
+            f"{ratio:6.2f} {INGEST_GOAL:5.2f}{'' if ratio >= INGEST_GOAL else '  below goal'}"
+        )
+    return figures
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=Path, default=Path("../shared/dicom-samples"))
     parser.add_argument("--repeat", type=int, default=10, help="times each file is sent")
     parser.add_argument("--pdu", type=int, nargs="+", default=[16384, 131072])
     parser.add_argument("--tls", action="store_true", help="each size over TCP and over TLS")
+    parser.add_argument(
+        "--ingest",
+        action="store_true",
+        help="the whole node (fracture-triage up) against storescp --fork, 4 associations",
+    )
+    parser.add_argument("--files", type=int, default=48, help="--ingest: files per round")
+    parser.add_argument("--rounds", type=int, default=3, help="--ingest: rounds (median)")
     args = parser.parse_args(argv)
-    if args.repeat < 1:
-        parser.error("--repeat must be at least 1")
+    if args.repeat < 1 or args.files < ASSOCIATIONS or args.rounds < 1:
+        parser.error(f"--repeat and --rounds must be at least 1, --files {ASSOCIATIONS}")
+    if args.ingest:
+        run_ingest(args.samples, args.files, args.rounds)
+        return
     run(args.samples, args.repeat, args.pdu, args.tls)
 
 

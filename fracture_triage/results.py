@@ -16,7 +16,7 @@ from typing import Any, TextIO
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import Evidence, Instance, Result, Series, SRDocument, Study
+from db.models import Evidence, Instance, InstanceStatus, Result, Series, SRDocument, Study
 from db.repository import as_utc
 from db.triage import decision_of_priority, latest_results, study_priorities
 from fracture_triage.attributes import PATIENT_IDENTIFIERS
@@ -77,6 +77,7 @@ def collect_results(
             "upper_threshold": None if result is None else float(result.upper_threshold),
             "model_name": None if result is None else result.model_name,
             "model_version": None if result is None else result.model_version,
+            # why there is no result: the failure, or "not assessed: out of scope (PART)"
             "failure_reason": instance.failure_reason,
             # The result's evidence Secondary Capture (heat map): its file, or why none.
             "evidence_path": None if evidence is None else evidence.path,
@@ -127,7 +128,7 @@ def write_table(rows: list[dict[str, Any]], out: TextIO) -> None:
         ("DECISION", "decision", None),
         ("STUDY INSTANCE UID", "study_instance_uid", None),
         ("SOP INSTANCE UID", "sop_instance_uid", None),
-        ("FAILURE / SR", None, 70),
+        ("FAILURE / NOT ASSESSED / SR", None, 70),
     ]
     table: list[list[str]] = []
     for row in rows:
@@ -151,10 +152,11 @@ def write_table(rows: list[dict[str, Any]], out: TextIO) -> None:
         f"{sum(r['decision'] == d.value for r in rows)} {d.value}" for d in DECISION_ORDER
     )
     failed = sum(r["status"] == "failed" for r in rows)
+    left_out = sum(r["status"] == InstanceStatus.out_of_scope.value for r in rows)
     studies = len({r["study_instance_uid"] for r in rows})
     reported = len({r["study_instance_uid"] for r in rows if r["sr_path"]})
     out.write(
         f"{len(rows)} instances in {studies} studies: {done} classified ({levels}), "
-        f"{failed} failed, {len(rows) - done - failed} waiting; "
-        f"{reported} studies reported\n"
+        f"{failed} failed, {left_out} not assessed (out of scope), "
+        f"{len(rows) - done - failed - left_out} waiting; {reported} studies reported\n"
     )

@@ -78,7 +78,9 @@ def due_objects(session: Session, cutoff: datetime) -> list[tuple[int, int, str]
         .where(
             Instance.purged_at.is_(None),
             Instance.received_at <= covered.c.until,
-            Instance.status.in_([InstanceStatus.done, InstanceStatus.failed]),
+            Instance.status.in_(
+                [InstanceStatus.done, InstanceStatus.failed, InstanceStatus.out_of_scope]
+            ),
         )
     )
     refused = (

@@ -12,6 +12,50 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+#: The default scope (``fracture_triage.scope``): the Body Part Examined (0018,0015) defined
+#: terms of PS3.16 Annex L for the limbs, their joints and girdles, and the pelvis and hips,
+#: plus the empty value. Upper limb first, then lower limb.
+DEFAULT_BODY_PARTS: tuple[str, ...] = (
+    # upper limb and shoulder girdle
+    "UPRLIMB",
+    "ARM",
+    "SHOULDER",
+    "ACJOINT",
+    "SCJOINT",
+    "CLAVICLE",
+    "SCAPULA",
+    "HUMERUS",
+    "ELBOW",
+    "FOREARM",
+    "RADIUS",
+    "ULNA",
+    "WRIST",
+    "HAND",
+    "FINGER",
+    "THUMB",
+    # either limb
+    "EXTREMITY",
+    # pelvis, hip and lower limb
+    "PELVIS",
+    "SIJOINT",
+    "HIP",
+    "LOWLIMB",
+    "THIGH",
+    "FEMUR",
+    "KNEE",
+    "PATELLA",
+    "LEG",
+    "TIBIA",
+    "FIBULA",
+    "ANKLE",
+    "FOOT",
+    "HEEL",
+    "CALCANEUS",
+    "TOE",
+    # Type 3: absent or empty is common on radiographs of limbs
+    "",
+)
+
 
 class Settings(BaseSettings):
     """Everything a role (SCP, worker, sweeper, CLI) needs to know about its surroundings."""
@@ -62,11 +106,23 @@ class Settings(BaseSettings):
     max_object_bytes: int = Field(default=256 * 1024**2, ge=1)
     #: Largest Rows x Columns x Samples accepted, to refuse absurd headers before decoding.
     max_pixels: int = 100_000_000
+    #: Body Part Examined (0018,0015) values that are classified (``fracture_triage.scope``),
+    #: compared stripped and case-insensitively; an empty entry admits an empty or absent
+    #: value, ``*`` every image. Others are stored and recorded "not assessed: out of
+    #: scope". Comma list or JSON list in the environment (``""`` in a JSON list: empty).
+    body_parts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_BODY_PARTS)
+    )
     #: A SOP Instance UID received again with different content: ``keep-first`` stores
     #: nothing new (the stored object and its result stand), ``keep-newest`` replaces the
     #: stored file atomically and classifies it again. Either way Success is answered and the
     #: conflict is logged and counted on the instance (``conflicting_resends``).
     duplicate_policy: Literal["keep-first", "keep-newest"] = "keep-first"
+    #: Niceness the worker role adds to itself (and its pool children) at start: on a node
+    #: whose cores the worker's inference would fill, the SCP (which must answer each
+    #: C-STORE of a modality) gets the CPU first and the classification backlog waits; 0:
+    #: the same priority as the other roles (``worker.celery_app.run_worker``).
+    worker_nice: int = Field(default=10, ge=0, le=19)
     #: CPU threads of one inference (LiteRT); ``None``: every core this process may use. With
     #: ``--concurrency N`` worker processes, cores / N keeps them from competing.
     inference_threads: int | None = Field(default=None, ge=1)
@@ -100,7 +156,8 @@ class Settings(BaseSettings):
     #: Connections served at once; more get 503 (uvicorn ``limit_concurrency``).
     http_max_connections: int = Field(default=200, ge=1)
     #: PEM certificate and key: the application speaks HTTPS (needed beyond loopback, for the
-    #: ``Secure`` session cookie).
+    #: ``Secure`` session cookie). Unset while ``tls_cert``/``tls_key`` are set: HTTPS with
+    #: the DICOM TLS certificate (``http_tls_files``).
     http_tls_certfile: Path | None = None
     http_tls_keyfile: Path | None = None
     #: Hours a browser session lasts after login.
@@ -150,12 +207,29 @@ class Settings(BaseSettings):
             return [v.strip() for v in text.split(",") if v.strip()]
         return value
 
+    @field_validator("body_parts", mode="before")
+    @classmethod
+    def _split_body_parts(cls, value: object) -> object:
+        # A comma list keeps an empty entry (",HAND" admits an empty value); JSON as above.
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [v.strip() for v in text.split(",")]
+        return value
+
     @model_validator(mode="after")
     def _check_tls(self) -> Settings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("FRACTURE_TRIAGE_TLS_CERT and FRACTURE_TRIAGE_TLS_KEY go together")
         if self.tls_ca is not None and self.tls_cert is None:
             raise ValueError("FRACTURE_TRIAGE_TLS_CA needs FRACTURE_TRIAGE_TLS_CERT and _KEY")
+        if (self.http_tls_certfile is None) != (self.http_tls_keyfile is None):
+            raise ValueError(
+                "FRACTURE_TRIAGE_HTTP_TLS_CERTFILE and FRACTURE_TRIAGE_HTTP_TLS_KEYFILE go together"
+            )
         if self.dicom_port == 0 and self.tls_cert is None:
             raise ValueError(
                 "FRACTURE_TRIAGE_DICOM_PORT=0 turns the plain port off: it needs TLS "
@@ -167,6 +241,17 @@ class Settings(BaseSettings):
     def tls_enabled(self) -> bool:
         """Whether the SCP serves DICOM over TLS on ``tls_port``."""
         return self.tls_cert is not None and self.tls_key is not None
+
+    @property
+    def http_tls_files(self) -> tuple[Path, Path] | None:
+        """The (certificate, key) the web application serves HTTPS with: its own pair when
+        both are set, else the node's DICOM TLS pair (one certificate for the node, as the
+        security review asks), else None (plain HTTP)."""
+        if self.http_tls_certfile is not None and self.http_tls_keyfile is not None:
+            return self.http_tls_certfile, self.http_tls_keyfile
+        if self.tls_cert is not None and self.tls_key is not None:
+            return self.tls_cert, self.tls_key
+        return None
 
     @property
     def storage_dir(self) -> Path:

@@ -46,6 +46,15 @@ SLOW_PROGRAMS = frozenset(
 
 
 @pytest.fixture(autouse=True)
+def _every_body_part(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Most of the DICOM samples are chest films, which the node's default scope
+    (``fracture_triage.scope``) leaves unclassified: tests of classification, reports and
+    the worklist classify whatever they send (``FRACTURE_TRIAGE_BODY_PARTS=*``, inherited by
+    the roles they start). The scope's own tests set or delete the variable themselves."""
+    monkeypatch.setenv("FRACTURE_TRIAGE_BODY_PARTS", "*")
+
+
+@pytest.fixture(autouse=True)
 def _no_server_outside_slow_tests(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -92,6 +92,7 @@ def test_plain_install_up_receives_classifies_and_reports(
     data = tmp_path / "data"
     port, http = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRACTURE_TRIAGE_")}
+    env["FRACTURE_TRIAGE_BODY_PARTS"] = "*"  # the study is a chest film: outside the default
     log = open(tmp_path / "up.log", "wb")  # noqa: SIM115 - closed below
     up = subprocess.Popen(
         [str(plain_venv / "bin" / "fracture-triage"), "up", "--data-dir", str(data)]

@@ -26,6 +26,7 @@ Delivery guarantees come from the broker configuration here:
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from typing import Any
 
@@ -173,6 +174,10 @@ def run_worker(
     and pygments), ~20 MB that each pool child would inherit.
     """
     quiet_third_party_logs()
+    if settings.worker_nice:
+        # Classification is background work: ingestion goes first (``Settings.worker_nice``).
+        # Inherited by the prefork pool's children, which do the inference.
+        os.nice(settings.worker_nice)
     app = make_celery(settings)
     worker = app.Worker(**worker_options(concurrency, loglevel, hostname))
     worker.start()

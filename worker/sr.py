@@ -21,7 +21,10 @@ The document follows IHE AI Results (AIR):
   (DCM 121200 "Illustration of ROI"), and the capture is listed in the Current Requested
   Procedure Evidence Sequence with the radiographs (PS3.3 C.17.2.3);
 - an image that could not be classified keeps its group: "Fracture" = Undetermined and a
-  TEXT comment giving the reason, so nothing received is silently left out;
+  TEXT comment giving the reason, so nothing received is silently left out; an image out
+  of the model's scope (its Body Part Examined not in ``Settings.body_parts``) likewise,
+  its comment "Not assessed: out of scope (CHEST)" naming the body part; a study whose
+  images are all out of scope gets an SR of such groups only, with no probability;
 - a report that replaces an earlier one of the same study lists it in the Predecessor
   Documents Sequence (PS3.3 C.17.2) and the older row is marked ``superseded_by``.
 
@@ -173,6 +176,9 @@ class ImageFinding:
     #: The evidence Secondary Capture of the result (SOP Instance and Series Instance UID).
     evidence_sop_instance_uid: str | None = None
     evidence_series_instance_uid: str | None = None
+    #: Not assessed because its Body Part Examined is outside the model's scope: ``reason``
+    #: says "not assessed: out of scope (PART)"; it has no result and counts neither way.
+    out_of_scope: bool = False
 
 
 @dataclass(frozen=True)
@@ -370,7 +376,12 @@ def _measurement_group(
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(FRACTURE, evaluation)],
         source_images=sources or None,
     )
-    if not assessed:
+    if not assessed and finding.out_of_scope:
+        # Not a failure: the model was not asked (its body part is outside the model's
+        # scope, ``fracture_triage.scope``); the reason names the body part.
+        reason = finding.reason or "not assessed: out of scope"
+        group[0].ContentSequence.append(_comment(reason[:1].upper() + reason[1:]))
+    elif not assessed:
         group[0].ContentSequence.append(
             _comment(f"Not assessable: {finding.reason or 'not classified'}")
         )
@@ -516,6 +527,14 @@ def _finding(session: Session, instance: Instance, card: ModelCard) -> ImageFind
             evidence_series_instance_uid=(
                 evidence.series_instance_uid if produced and evidence else None
             ),
+        )
+    if instance.status == InstanceStatus.out_of_scope:
+        return ImageFinding(
+            *uids,
+            probability=None,
+            fracture=None,
+            reason=instance.failure_reason or "not assessed: out of scope",
+            out_of_scope=True,
         )
     if instance.status == InstanceStatus.failed:
         reason = instance.failure_reason or "failed"

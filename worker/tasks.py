@@ -39,6 +39,7 @@ from fracture_triage.messages import (
     ReportStudy,
     SendReport,
 )
+from fracture_triage.scope import in_scope, out_of_scope_reason
 from fracture_triage.settings import Settings
 from worker import claims
 
@@ -250,6 +251,8 @@ def classify(state: WorkerState, payload: Any) -> str:
     reason), ``no-model`` (the model cannot be loaded: the instance stays queued, no attempt
     counted, and the sweeper sends it again), ``missing`` (no such instance), ``failed``
     (already failed, or the file cannot be decoded/preprocessed: recorded, not retried),
+    ``out-of-scope`` (its Body Part Examined is not in ``Settings.body_parts``: recorded as
+    not assessed, never classified; checked before the model is even loaded),
     ``exists`` (a result for this model version exists), ``busy`` (another delivery of it is
     being classified: see ``worker.claims``), ``done`` (result stored).
     Transient database errors propagate (the task retries them).
@@ -259,6 +262,8 @@ def classify(state: WorkerState, payload: Any) -> str:
     except RefusedMessageError as exc:
         _fail_refused_instance(state, payload, exc.reason)
         return "invalid"
+    if _leave_out_of_scope(state, msg):
+        return "out-of-scope"
 
     from model.inference import ExportError
 
@@ -284,6 +289,8 @@ def classify(state: WorkerState, payload: Any) -> str:
             return "missing"
         if instance.status == InstanceStatus.failed:
             return "failed"
+        if instance.status == InstanceStatus.out_of_scope:
+            return "out-of-scope"
         if repository.find_result(session, instance.id, card.version) is not None:
             if instance.status != InstanceStatus.done:
                 # A result stored by a run that died before marking the instance (or a
@@ -326,6 +333,27 @@ def classify(state: WorkerState, payload: Any) -> str:
                 sessions, lambda s: repository.release_attempt(s, msg.instance_id, owner)
             )
         raise
+
+
+def _leave_out_of_scope(state: WorkerState, msg: ClassifyInstance) -> bool:
+    """Whether the instance is outside the model's scope (``fracture_triage.scope``): then
+    it is recorded so (``out_of_scope``, with the reason naming its body part) and not
+    classified. The body part is the one recorded for its series by the SCP (General Series
+    module, PS3.3 C.7.3.1). An instance already classified or failed keeps its record."""
+    with state.sessions()() as session:
+        instance = session.get(Instance, msg.instance_id)
+        if instance is None or instance.sop_instance_uid != msg.sop_instance_uid:
+            return False  # the caller reports it missing
+        if instance.status not in (InstanceStatus.pending, InstanceStatus.queued):
+            return instance.status == InstanceStatus.out_of_scope
+        body_part = instance.series.body_part_examined
+        if in_scope(body_part, state.settings.body_parts):
+            return False
+        reason = out_of_scope_reason(body_part)
+        repository.mark_out_of_scope(session, instance.id, reason)
+        session.commit()
+    log.info("instance %s %s", msg.sop_instance_uid, reason)
+    return True
 
 
 def _classify_claimed(
