@@ -13,17 +13,18 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: The default scope (``fracture_triage.scope``): the Body Part Examined (0018,0015) defined
-#: terms of PS3.16 Annex L for the limbs, their joints and girdles, and the pelvis and hips,
-#: plus the empty value. Upper limb first, then lower limb.
+#: terms of PS3.16 Annex L (Table L-1, as highdicom ships it: ``tests/test_scope.py`` checks
+#: each against that table) for the limbs, their joints and girdles, and the pelvis and hips;
+#: ARM and LEG, PS3.3's older terms that modalities still send; and the empty value.
 DEFAULT_BODY_PARTS: tuple[str, ...] = (
     # upper limb and shoulder girdle
-    "UPRLIMB",
-    "ARM",
+    "UPPERLIMB",
     "SHOULDER",
     "ACJOINT",
     "SCJOINT",
     "CLAVICLE",
     "SCAPULA",
+    "UPPERARM",
     "HUMERUS",
     "ELBOW",
     "FOREARM",
@@ -33,28 +34,35 @@ DEFAULT_BODY_PARTS: tuple[str, ...] = (
     "HAND",
     "FINGER",
     "THUMB",
-    # either limb
+    # either limb, any joint
     "EXTREMITY",
+    "JOINT",
     # pelvis, hip and lower limb
     "PELVIS",
+    "PELVISLOWEXTREMT",
     "SIJOINT",
     "HIP",
-    "LOWLIMB",
+    "LOWERLIMB",
     "THIGH",
     "FEMUR",
     "KNEE",
     "PATELLA",
-    "LEG",
+    "LOWERLEG",
     "TIBIA",
     "FIBULA",
     "ANKLE",
     "FOOT",
-    "HEEL",
     "CALCANEUS",
     "TOE",
+    # PS3.3's earlier defined terms, still sent by modalities
+    "ARM",
+    "LEG",
     # Type 3: absent or empty is common on radiographs of limbs
     "",
 )
+
+#: Defaults that are not PS3.16 Annex L terms (see above).
+LEGACY_BODY_PARTS: frozenset[str] = frozenset({"ARM", "LEG", ""})
 
 
 class Settings(BaseSettings):

@@ -304,3 +304,18 @@ def test_up_stores_a_chest_film_and_reports_it_not_assessed(
         for ln in table.splitlines()
     )
     assert "1 classified" in table and "2 not assessed (out of scope)" in table
+
+
+def test_default_terms_are_ps3_16_annex_l_body_part_examined_terms() -> None:
+    # highdicom ships PS3.16 Annex L's Body Part Examined -> SNOMED CT table: every default
+    # but PS3.3's older ARM and LEG and the empty value is one of its terms, so a typo
+    # (a term no modality sends) cannot hide in the default.
+    from importlib import resources
+
+    from fracture_triage.settings import LEGACY_BODY_PARTS
+
+    annex_l = json.loads(
+        (resources.files("highdicom") / "_standard/anatomic_regions.json").read_bytes()
+    )
+    assert set(DEFAULT_BODY_PARTS) - LEGACY_BODY_PARTS <= set(annex_l)
+    assert {"CHEST", "SKULL", "ABDOMEN"}.isdisjoint(DEFAULT_BODY_PARTS)
