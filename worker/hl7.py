@@ -31,6 +31,7 @@ from datetime import datetime
 
 import hl7
 from hl7.client import CR, EB, SB
+from hl7.exceptions import HL7Exception
 
 from fracture_triage.verdict import Decision
 
@@ -215,7 +216,7 @@ def ack_error(ack: str, control_id: str) -> str | None:
     try:
         parsed = hl7.parse(ack.replace("\n", "\r").strip("\r") + "\r")
         msa = parsed.segment("MSA")
-    except (KeyError, ValueError, IndexError) as exc:
+    except (HL7Exception, KeyError, ValueError, IndexError) as exc:
         return f"the answer is not an HL7 ACK ({type(exc).__name__})"
     code = str(msa[1]).strip() if len(msa) > 1 else ""
     acked = str(msa[2]).strip() if len(msa) > 2 else ""
