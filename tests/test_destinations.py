@@ -13,7 +13,7 @@ import socketserver
 import subprocess
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from hl7.client import CR, EB, SB
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.deliveries import resend
 from db.migrations import upgrade
 from db.models import Delivery, DeliveryState, SRDocument, Study
 from db.repository import as_utc, utcnow
@@ -34,6 +35,7 @@ from tests.servers import OrthancServer, free_port, orthanc_server
 from tests.test_cli_results import cli
 from tests.test_sr import RG3, classify, receive, report, study_id_of
 from tests.test_sr_send import orthanc_instance
+from tests.webapp import ADMIN_PASSWORD, login, serve
 from worker import hl7 as ris
 from worker.delivery import deliver
 from worker.tasks import WorkerState
@@ -316,6 +318,31 @@ def test_a_refusing_ris_is_retried_with_its_text_then_gives_up(
     assert PATIENT_ID not in caplog.text and "ACC" not in caplog.text
     assert str(row.message_control_id) in caplog.text
 
+    # What an administrator sees: the admin page, the API's study detail, the study page.
+    with sessions() as session:
+        study_uid = session.scalars(select(Study.study_instance_uid)).one()
+    url = f"sqlite:///{tmp_path / 'triage.db'}"
+    with serve(url, tmp_path) as app:
+        admin, _ = login(app, "boss", ADMIN_PASSWORD)
+        with closing(admin):
+            page = admin.get("/admin").text
+            gave_up = page.split('id="gave-up"')[1].split("</table>")[0]
+            assert study_uid in gave_up and doc.sop_instance_uid in gave_up
+            assert "ris" in gave_up and "unknown order | check accession" in gave_up
+            counts = page.split('id="deliveries"')[1].split("</table>")[0]
+            assert '<tr class="gave-up"><td>ris</td><td>0</td><td>0</td><td>1</td>' in counts
+            study_page = admin.get(f"/studies/{study_uid}").text
+            assert '<li class="gave-up">ris (hl7): gave up after 2 attempt(s)' in study_page
+        with closing(app.api()) as api:
+            detail = api.get(f"/api/v1/studies/{study_uid}").json()
+        (delivery,) = detail["reports"][0]["deliveries"]
+        assert (delivery["destination"], delivery["state"], delivery["attempts"]) == (
+            "ris",
+            "gave up",
+            2,
+        )
+        assert delivery["message_control_id"] == row.message_control_id
+
 
 def test_ack_codes() -> None:
     msh = "MSH|^~\\&|RIS||FX||20261202||ACK|1|P|2.5.1\r"
@@ -339,3 +366,43 @@ def test_nothing_listening_is_an_error_not_a_hang(tmp_path: Path) -> None:
             ris.send_mllp("127.0.0.1", silent.getsockname()[1], "MSH|^~\\&|X\r", timeout=1)
     finally:
         silent.close()
+
+
+def test_srs_sent_before_revision_0009_keep_their_state_as_deliveries(tmp_path: Path) -> None:
+    """An upgraded node shows the old single destination's history, and `resend --failed`
+    can put back an SR that failed before the upgrade."""
+    from sqlalchemy import create_engine, text
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    upgrade(url, "0008")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO studies (id, study_instance_uid, last_received_at, revision) "
+                "VALUES (1, '1.2.3', '2026-01-01 00:00:00', 1)"
+            )
+        )
+        for i, status in enumerate(["pending", "sent", "failed", "none"], start=1):
+            conn.execute(
+                text(
+                    "INSERT INTO sr_documents (id, study_id, study_revision, sop_instance_uid,"
+                    " series_instance_uid, path, created_at, fracture, instance_count,"
+                    " send_status, send_attempts, send_error) VALUES (:i, 1, :i, :uid, '1.9',"
+                    " 'x.dcm', '2026-01-01 00:00:00', 0, 1, :s, 5, :e)"
+                ),
+                {"i": i, "uid": f"1.2.3.{i}", "s": status, "e": "refused" if i == 3 else None},
+            )
+    engine.dispose()
+    upgrade(url)
+    sessions = make_session_factory(make_engine(url))
+    with sessions() as session:
+        rows = session.scalars(select(Delivery).order_by(Delivery.sr_document_id)).all()
+        got = [(r.sr_document_id, r.destination, r.state, r.attempts, r.last_error) for r in rows]
+        assert got == [
+            (1, "sr_destination", DeliveryState.pending, 5, None),
+            (2, "sr_destination", DeliveryState.sent, 5, None),
+            (3, "sr_destination", DeliveryState.gave_up, 5, "refused"),
+        ]
+        requeued = resend(session, gave_up=True)
+        assert requeued is not None and [r.sr_sop_instance_uid for r in requeued] == ["1.2.3.3"]
