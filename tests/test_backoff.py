@@ -125,3 +125,29 @@ def test_the_legacy_name_cannot_be_taken_twice(tmp_path: Path) -> None:
             sr_destination_port=104,
             sr_destination_ae_title="P",
         )
+
+
+def test_destinations_travel_to_up_s_children(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`fracture-triage up` hands its settings to each role as environment variables."""
+    from fracture_triage.up import settings_environment
+
+    settings = Settings(
+        data_dir=tmp_path,
+        destinations=[
+            Destination(
+                name="pacs",
+                kind="dicom",
+                host="h",
+                port=104,
+                ae_title="PACS",
+                tls=True,
+                tls_ca=tmp_path / "ca.pem",
+            ),
+            Destination(name="ris", kind="hl7", host="r", port=2575),
+        ],
+    )
+    for key, value in settings_environment(settings).items():
+        monkeypatch.setenv(key, value)
+    assert Settings().all_destinations == settings.all_destinations

@@ -406,3 +406,59 @@ def test_srs_sent_before_revision_0009_keep_their_state_as_deliveries(tmp_path: 
         ]
         requeued = resend(session, gave_up=True)
         assert requeued is not None and [r.sr_sop_instance_uid for r in requeued] == ["1.2.3.3"]
+
+
+@pytest.mark.slow  # Redis, a Celery worker, Orthanc and an MLLP listener
+def test_the_whole_node_delivers_each_report_to_a_pacs_and_a_ris(
+    tmp_path: Path, dicom_samples: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Received, classified and reported by the real worker; the report task queues one
+    delivery per destination; the SR lands in Orthanc and the ORU at the RIS."""
+    import json
+
+    from model.artifact import resolve_model_dir
+    from tests.test_worker import celery_worker, redis_node, scp_store, sweeper_thread, wait_until
+
+    study = "1.2.826.0.1.3680043.10.1.78"
+    with orthanc_server(tmp_path / "orthanc") as pacs, ris_listener("AA") as ris_server:
+        destinations = [
+            Destination(
+                name="pacs",
+                kind="dicom",
+                host="127.0.0.1",
+                port=pacs.dicom_port,
+                ae_title=pacs.ae_title,
+            ),
+            Destination(
+                name="ris", kind="hl7", host="127.0.0.1", port=ris_server.server_address[1]
+            ),
+        ]
+        # the worker process reads its destinations from the environment, like everything
+        monkeypatch.setenv(
+            "FRACTURE_TRIAGE_DESTINATIONS",
+            json.dumps([d.model_dump(mode="json") for d in destinations]),
+        )
+        database_url = f"sqlite:///{tmp_path / 'node.db'}"
+        with redis_node(
+            tmp_path,
+            database_url,
+            resolve_model_dir(None),
+            study_stable_seconds=1.0,
+            destinations=destinations,
+        ) as (settings, node_sessions, enqueuer):
+            assert scp_store(node_sessions, enqueuer, require(dicom_samples / RG3), study)
+            with celery_worker(settings, tmp_path / "worker.log"), sweeper_thread(settings):
+
+                def delivered() -> bool:
+                    with node_sessions() as session:
+                        states = session.scalars(select(Delivery.state)).all()
+                    return len(states) == 2 and set(states) == {DeliveryState.sent}
+
+                wait_until(delivered, 150, "the report delivered to the PACS and the RIS")
+            with node_sessions() as session:
+                doc = session.scalars(select(SRDocument)).one()
+                assert doc.send_status == "sent"
+        assert orthanc_instance(pacs, doc.sop_instance_uid) is not None
+        (message,) = ris_server.received
+        obx = {str(s[3][0][0]): s for s in hl7.parse(message).segments("OBX")}
+        assert str(obx["SRUID"][5]) == doc.sop_instance_uid
