@@ -41,7 +41,6 @@ from worker.delivery import deliver
 from worker.tasks import WorkerState
 from worker.tasks import deliver as deliver_task
 
-PATIENT_ID = "PAT-0042"
 ACCESSION = "ACC|77^X"  # HL7 delimiters inside: must arrive escaped and come back whole
 
 
@@ -54,6 +53,13 @@ def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
     engine.dispose()
 
 
+def _patient_id(samples: Path) -> str:
+    """The Patient ID the sample (and so the study) carries."""
+    import pydicom
+
+    return str(pydicom.dcmread(require(samples / RG3), stop_before_pixels=True).PatientID)
+
+
 def _reported_study(
     sessions: sessionmaker[Session], settings: Settings, samples: Path, probability: float
 ) -> SRDocument:
@@ -62,7 +68,7 @@ def _reported_study(
     with sessions() as session:
         study = session.get(Study, study_id)
         assert study is not None
-        study.patient_id, study.accession_number = PATIENT_ID, ACCESSION
+        study.accession_number = ACCESSION
         session.commit()
     classify(sessions, instance, probability)
     return report(sessions, settings, study_id)
@@ -169,7 +175,7 @@ def test_one_pacs_down_retries_gives_up_and_resend_delivers_it_when_back(
     assert "1 deliveries GAVE UP" in table.getvalue()
     shown = _run_cli(tmp_path, "results", "--json")
     assert shown.returncode == 0, shown.stderr
-    assert '"state": "gave up"' in shown.stdout and PATIENT_ID not in shown.stdout
+    assert '"state": "gave up"' in shown.stdout and _patient_id(dicom_samples) not in shown.stdout
 
     # resend: an unknown study is an error; --failed puts back only what gave up.
     unknown = _run_cli(tmp_path, "resend", "--study", "1.2.3.4.999")
@@ -274,7 +280,7 @@ def test_the_ris_receives_an_oru_it_can_sort_by_priority(
     msh, pid, obr = message.segment("MSH"), message.segment("PID"), message.segment("OBR")
     assert str(msh[9]) == "ORU^R01^ORU_R01" and str(msh[12]) == "2.5.1"
     assert str(msh[10]) == row.message_control_id
-    assert str(pid[3]) == PATIENT_ID
+    assert str(pid[3]) == _patient_id(dicom_samples)
     # the accession number: filler order number and placer field 1, delimiters escaped
     assert "ACC\\F\\77\\S\\X" in server.received[0]
     assert message.unescape(str(obr[3])) == ACCESSION
@@ -315,7 +321,7 @@ def test_a_refusing_ris_is_retried_with_its_text_then_gives_up(
     assert ids == {row.message_control_id}
     assert str(hl7.parse(server.received[0]).segment("OBR")[5]) == "R"  # no fracture: routine
     # never a patient identifier in the log; the control id is there
-    assert PATIENT_ID not in caplog.text and "ACC" not in caplog.text
+    assert _patient_id(dicom_samples) not in caplog.text and "ACC" not in caplog.text
     assert str(row.message_control_id) in caplog.text
 
     # What an administrator sees: the admin page, the API's study detail, the study page.
@@ -462,3 +468,73 @@ def test_the_whole_node_delivers_each_report_to_a_pacs_and_a_ris(
         (message,) = ris_server.received
         obx = {str(s[3][0][0]): s for s in hl7.parse(message).segments("OBX")}
         assert str(obx["SRUID"][5]) == doc.sop_instance_uid
+
+
+@pytest.mark.slow  # an MLLP server on loopback
+def test_a_newer_report_is_a_correction_and_an_older_one_never_follows_it(
+    tmp_path: Path, dicom_samples: Path, sessions: sessionmaker[Session]
+) -> None:
+    from tests.test_sr import RG3_J2K, RG3_JLS
+
+    with ris_listener("AA") as server:
+        settings = _hl7_settings(tmp_path, server.server_address[1])
+        first = _reported_study(sessions, settings, dicom_samples, 0.1)
+        with sessions() as session:
+            assert deliver(session, settings, _delivery(sessions, first, "ris").id) == "sent"
+        study_id = first.study_id
+        # A second image: a new report, which the RIS gets as a correction (C) ...
+        second_image = receive(sessions, require(dicom_samples / RG3_JLS))
+        classify(sessions, second_image, 0.95)
+        second = report(sessions, settings, study_id)
+        # ... and a third, reported before the second could be delivered (RIS down).
+        third_image = receive(sessions, require(dicom_samples / RG3_J2K))
+        classify(sessions, third_image, 0.2)
+        third = report(sessions, settings, study_id)
+        with sessions() as session:
+            assert deliver(session, settings, _delivery(sessions, third, "ris").id) == "sent"
+            # the older, superseded one is not sent after the newer one
+            assert deliver(session, settings, _delivery(sessions, second, "ris").id) == "superseded"
+        assert len(server.received) == 2
+    statuses = [str(hl7.parse(m).segment("OBR")[25]) for m in server.received]
+    assert statuses == ["F", "C"]
+    uids = [str(hl7.parse(m).segments("OBX")[2][5]) for m in server.received]
+    assert uids == [first.sop_instance_uid, third.sop_instance_uid]
+    skipped = _delivery(sessions, second, "ris")
+    assert skipped.state == DeliveryState.gave_up and "superseded" in (skipped.last_error or "")
+
+
+@pytest.mark.slow  # Redis
+def test_the_sweeper_queues_only_what_is_due_to_a_configured_destination(
+    tmp_path: Path, dicom_samples: Path, sessions: sessionmaker[Session]
+) -> None:
+    from tests.servers import RedisServer
+    from worker.queue import CeleryEnqueuer
+    from worker.sweeper import Sweeper
+
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    settings = Settings(
+        data_dir=tmp_path,
+        broker_url=redis.url,
+        destinations=[
+            Destination(
+                name="pacs", kind="dicom", host="127.0.0.1", port=free_port(), ae_title="PACS"
+            ),
+            Destination(name="ris", kind="hl7", host="127.0.0.1", port=free_port()),
+        ],
+    )
+    enqueuer = CeleryEnqueuer(settings)
+    try:
+        doc = _reported_study(sessions, settings, dicom_samples, 0.5)
+        with sessions() as session:  # the RIS is down: its delivery waits 30 s
+            assert deliver(session, settings, _delivery(sessions, doc, "ris").id) == "retry"
+        sweeper = Sweeper(settings, sessions, enqueuer)
+        assert sweeper.sweep_once().sends == 1  # the PACS delivery only
+        assert sweeper.sweep_once().sends == 0  # queued recently: not again
+        # A destination no longer configured is left alone (resend shows it waiting).
+        only_ris = settings.model_copy(update={"destinations": settings.destinations[1:]})
+        assert Sweeper(only_ris, sessions, enqueuer).sweep_once().sends == 0
+        assert enqueuer.queue_length() == 1
+    finally:
+        enqueuer.close()
+        redis.stop()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import deliveries
@@ -30,9 +31,12 @@ from worker.sr_send import SendError, send_files
 
 log = logging.getLogger(__name__)
 
+#: Why an HL7 delivery of a superseded SR is not made (its state: gave up).
+SUPERSEDED = "superseded by a newer report of the study before it was delivered (that one is sent)"
+
 
 def _dicom_attempt(
-    session: Session, settings: Settings, destination: Destination, doc: SRDocument
+    session: Session, doc: SRDocument
 ) -> tuple[list[str | Path], list[tuple[int, str]]]:
     """The files of one dicom attempt: the study's produced captures, then the SR."""
     captures = [
@@ -45,7 +49,9 @@ def _dicom_attempt(
     return paths, [(i, uid) for i, _, uid in captures]
 
 
-def _ris_result(settings: Settings, destination: Destination, row: Delivery) -> ResultForRis:
+def _ris_result(
+    session: Session, settings: Settings, destination: Destination, row: Delivery
+) -> ResultForRis:
     doc = row.sr_document
     study: Study = doc.study
     return ResultForRis(
@@ -62,20 +68,33 @@ def _ris_result(settings: Settings, destination: Destination, row: Delivery) -> 
         decision=doc.decision,
         probability=doc.probability,
         reported_at=utcnow(),
-        correction=_replaces_another(doc),
+        correction=_corrects_a_sent_result(session, doc, destination.name),
     )
 
 
-def _replaces_another(doc: SRDocument) -> bool:
-    """Whether an earlier SR of the study exists (this one is then a correction)."""
-    return any(other.id < doc.id for other in doc.study.reports)
+def _corrects_a_sent_result(session: Session, doc: SRDocument, destination: str) -> bool:
+    """Whether this destination already has an earlier report of the study: this one is
+    then a correction (OBR-25 and OBX-11 ``C``), not a first final result."""
+    earlier = session.scalars(
+        select(Delivery.id)
+        .join(SRDocument, Delivery.sr_document_id == SRDocument.id)
+        .where(
+            SRDocument.study_id == doc.study_id,
+            SRDocument.id < doc.id,
+            Delivery.destination == destination,
+            Delivery.state == DeliveryState.sent,
+        )
+    ).first()
+    return earlier is not None
 
 
 def deliver(session: Session, settings: Settings, delivery_id: int, *, force: bool = False) -> str:
     """Make one attempt of a delivery if it is due (any time with ``force``); return what
     happened: ``sent``, ``retry`` (failed, tried again later), ``gave up``, or without an
     attempt ``exists`` (sent already), ``missing``, ``not due`` (claimed by another attempt
-    or not due yet), ``unknown destination`` (no longer configured: left as it is)."""
+    or not due yet), ``unknown destination`` (no longer configured: left as it is),
+    ``superseded`` (an HL7 result replaced by a newer report before it was sent: given up,
+    so that the RIS never gets an older result after a newer one)."""
     row = session.get(Delivery, delivery_id)
     if row is None:
         return "missing"
@@ -96,7 +115,7 @@ def deliver(session: Session, settings: Settings, delivery_id: int, *, force: bo
     capture_errors: dict[int, str | None] = {}
     error: str | None
     if destination.kind == "dicom":
-        paths, captures = _dicom_attempt(session, settings, destination, doc)
+        paths, captures = _dicom_attempt(session, doc)
         session.commit()  # no read transaction held across the network exchange
         try:
             errors = send_files(settings, paths, destination)
@@ -108,8 +127,20 @@ def deliver(session: Session, settings: Settings, delivery_id: int, *, force: bo
             refused = [(uid, err) for (_, uid), err in zip(captures, errors, strict=False) if err]
             if refused:
                 error = f"evidence capture {refused[0][0]} not stored: {refused[0][1]}"
+    elif doc.superseded_by_id is not None:
+        # A newer report of the study exists, with its own delivery: this older result must
+        # not reach the RIS after it (a RIS keeps the last result it got for an order).
+        error = SUPERSEDED
+        claimed.next_attempt_at = None
+        claimed.state = DeliveryState.gave_up
+        claimed.last_error = error
+        session.flush()
+        deliveries.settle(session, doc.id, capture_errors={})
+        session.commit()
+        log.info("SR %s: not sent to %s, superseded", sr_uid, claimed.destination)
+        return "superseded"
     else:
-        result = _ris_result(settings, destination, claimed)
+        result = _ris_result(session, settings, destination, claimed)
         session.commit()
         error = send_oru(destination.host, destination.port, result)
     done = deliveries.record_attempt(session, delivery_id, error, settings, capture_errors)
@@ -164,7 +195,7 @@ def send_and_record(
         if "retry" in outcomes:
             doc = session.get(SRDocument, sr_document_id)
             raise SendError(doc.send_error if doc is not None and doc.send_error else "failed")
-    if "gave up" in outcomes:
+    if "gave up" in outcomes or "superseded" in outcomes:
         return "failed"
     if all(o == "exists" for o in outcomes):
         return "exists"

@@ -103,7 +103,7 @@ def _person_name(dicom_pn: str | None) -> str:
 
 def build_oru(result: ResultForRis) -> str:
     """The ORU^R01 message text, segments separated by carriage returns."""
-    when = result.reported_at.strftime("%Y%m%d%H%M%S")
+    when = result.reported_at.strftime("%Y%m%d%H%M%S%z")  # DTM with its UTC offset
     priority = PRIORITY.get(result.decision or "", "R")
     code, text = DECISION_CODES.get(result.decision, DECISION_CODES[None])
     status = "C" if result.correction else "F"
