@@ -85,7 +85,8 @@ def parse_destinations(value: object) -> list[Destination]:
             out.append(Destination.model_validate(item))
         except ValidationError as exc:
             problems = "; ".join(
-                (".".join(map(str, e["loc"])) + ": " if e["loc"] else "") + e["msg"]
+                (".".join(map(str, e["loc"])) + ": " if e["loc"] else "")
+                + e["msg"].removeprefix("Value error, ")
                 for e in exc.errors()
             )
             raise ValueError(f"{label}: {problems}") from None
