@@ -323,6 +323,7 @@ def test_a_refusing_ris_is_retried_with_its_text_then_gives_up(
     # never a patient identifier in the log; the control id is there
     assert _patient_id(dicom_samples) not in caplog.text and "ACC" not in caplog.text
     assert str(row.message_control_id) in caplog.text
+    assert "ACK AE" in caplog.text and "check accession" not in caplog.text  # the RIS's words
 
     # What an administrator sees: the admin page, the API's study detail, the study page.
     with sessions() as session:

@@ -26,7 +26,7 @@ from db.evidence import study_evidence
 from db.models import Delivery, DeliveryState, SendStatus, SRDocument, Study
 from db.repository import utcnow
 from fracture_triage.settings import Destination, Settings
-from worker.hl7 import ResultForRis, send_oru
+from worker.hl7 import ResultForRis, loggable, send_oru
 from worker.sr_send import SendError, send_files
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,8 @@ def deliver(session: Session, settings: Settings, delivery_id: int, *, force: bo
     if done is None:
         return "missing"
     control = f" (HL7 {done.message_control_id})" if done.message_control_id else ""
+    if error is not None and done.kind == "hl7":
+        error = loggable(error)
     if done.state == DeliveryState.sent:
         log.info("SR %s delivered to %s%s", sr_uid, done.destination, control)
         return "sent"

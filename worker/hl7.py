@@ -228,6 +228,14 @@ def ack_error(ack: str, control_id: str) -> str | None:
     return f"ACK {code or '(no MSA-1)'}" + (f": {text}" if text else "")
 
 
+def loggable(error: str) -> str:
+    """``error`` fit for the log: an ACK's free text (MSA-3, the RIS's words, which may quote
+    the patient) is left out; it is kept in the database's ``last_error`` only."""
+    if error.startswith("ACK ") and ": " in error:
+        return error.split(": ", 1)[0] + " (its text is in the delivery's last_error)"
+    return error
+
+
 def send_oru(host: str, port: int, result: ResultForRis) -> str | None:
     """Send the ORU of ``result`` and check its ACK; ``None`` when accepted, else the error."""
     try:
