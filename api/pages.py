@@ -23,7 +23,7 @@ from api.routes_api import (
     worklist_filter,
 )
 from api.templating import render
-from db import accounts, audit, node_state, performance, reviews
+from db import accounts, audit, deliveries, node_state, performance, reviews
 from db.worklist import WorklistFilter, worklist_page
 
 router = APIRouter(include_in_schema=False)
@@ -124,6 +124,8 @@ def admin_page(
         "reports": node_state.sr_counts(session),
         "report_failures": node_state.report_failures(session),
         "disk_free_gib": None if disk is None else round(disk.free / 2**30, 1),
+        "deliveries": deliveries.delivery_counts(session),
+        "gave_up": deliveries.gave_up_deliveries(session),
     }
     return render(
         request,

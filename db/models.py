@@ -64,6 +64,21 @@ class SendStatus(enum.StrEnum):
     failed = "failed"
 
 
+class DeliveryState(enum.StrEnum):
+    """One produced SR's delivery to one destination (``deliveries``, revision 0009).
+
+    pending: to send, at ``next_attempt_at`` (the first attempt at once, retries by
+    ``fracture_triage.backoff``). sent: the destination accepted it (C-STORE Success or
+    warning for the SR and every evidence capture; an HL7 ACK of AA or CA). gave up: the
+    backoff's limit was reached; ``last_error`` says why; ``fracture-triage resend`` puts it
+    back to pending.
+    """
+
+    pending = "pending"
+    sent = "sent"
+    gave_up = "gave up"
+
+
 class EvidenceState(enum.StrEnum):
     """Whether the evidence Secondary Capture of a result was made.
 
@@ -265,8 +280,57 @@ class SRDocument(Base):
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     #: When retention deleted the SR file; the row stays.
     purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: The study decision the SR reports (``Decision`` value; None: nothing assessed, or
+    #: recorded before revision 0009): what the HL7 result carries.
+    decision: Mapped[str | None] = mapped_column(String(16))
 
     study: Mapped[Study] = relationship(back_populates="reports")
+    deliveries: Mapped[list[Delivery]] = relationship(
+        back_populates="sr_document", order_by="Delivery.id"
+    )
+
+
+class Delivery(Base):
+    """One SR document's delivery to one configured destination (``Settings.destinations``):
+    a dicom destination gets the SR and the study's evidence captures in one association, an
+    hl7 one the ORU^R01 of the report (``message_control_id`` is its MSH-10, the same on
+    every retry so a RIS can tell a repeat). The SR's own ``send_*`` columns are this
+    table's summary (``db.deliveries.settle``)."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("sr_document_id", "destination", name="uq_delivery_destination"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sr_document_id: Mapped[int] = mapped_column(ForeignKey("sr_documents.id"), index=True)
+    #: ``Destination.name``; a name no longer configured is left as it is (not retried).
+    destination: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(8))
+    state: Mapped[DeliveryState] = mapped_column(
+        Enum(
+            DeliveryState,
+            name="delivery_state",
+            native_enum=False,
+            length=16,
+            values_callable=lambda e: [m.value for m in e],
+        )
+    )
+    #: Failed attempts since ``pending_since`` (what the backoff counts).
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    #: When it was last put pending (created, or resent): the backoff's age counts from here.
+    pending_since: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    #: When the next attempt is due (pending), or until when an attempt under way holds it.
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    message_control_id: Mapped[str | None] = mapped_column(String(20))
+
+    sr_document: Mapped[SRDocument] = relationship(back_populates="deliveries")
+
+
+Index("ix_deliveries_state_due", Delivery.state, Delivery.next_attempt_at)
 
 
 # --------------------------------------------------------------------------- the web application

@@ -7,15 +7,17 @@ is the unit of work.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from db.deliveries import create_deliveries
 from db.models import SendStatus, SRDocument, Study
 from db.repository import utcnow
+from fracture_triage.settings import Destination
 
 
 def study_reports(session: Session, study_id: int) -> Sequence[SRDocument]:
@@ -61,10 +63,15 @@ class ProducedReport:
     probability: float | None
     instance_count: int
     send_status: SendStatus
+    #: The study's decision (``fracture_triage.verdict.Decision`` value; None: not assessed).
+    decision: str | None = None
 
 
-def record_report(session: Session, report: ProducedReport) -> SRDocument:
-    """Record the SR of one study revision, once; mark the study's earlier SRs superseded.
+def record_report(
+    session: Session, report: ProducedReport, destinations: Iterable[Destination] = ()
+) -> SRDocument:
+    """Record the SR of one study revision, once, with a pending delivery to each of
+    ``destinations`` (``db.deliveries``); mark the study's earlier SRs superseded.
 
     Returns the SR recorded for that revision by another task meanwhile when there is one
     (the caller then removes its own file), else the new row. Sets ``reported_revision``
@@ -88,9 +95,11 @@ def record_report(session: Session, report: ProducedReport) -> SRDocument:
         instance_count=report.instance_count,
         send_status=report.send_status,
         send_attempts=0,
+        decision=report.decision,
     )
     session.add(doc)
     session.flush()
+    create_deliveries(session, doc, destinations)
     for old in session.scalars(
         select(SRDocument).where(
             SRDocument.study_id == report.study_id,

@@ -16,7 +16,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from db import identity, triage
-from db.models import Instance, InstanceStatus, Result, SendStatus, Series, SRDocument, Study
+from db.models import Instance, InstanceStatus, Result, Series, SRDocument, Study
 from fracture_triage.attributes import STUDY_FIELDS
 from fracture_triage.verdict import Decision, decide
 
@@ -448,16 +448,3 @@ def mark_requeued(session: Session, instance_id: int) -> None:
     instance = session.get(Instance, instance_id)
     if instance is not None and instance.status == InstanceStatus.queued:
         instance.queued_at = utcnow()
-
-
-def sr_documents_to_send(
-    session: Session, older_than: timedelta, limit: int = 100
-) -> Sequence[SRDocument]:
-    """SRs waiting to be sent (``send_status`` pending) created before ``older_than`` ago."""
-    cutoff = utcnow() - older_than
-    return session.scalars(
-        select(SRDocument)
-        .where(SRDocument.send_status == SendStatus.pending, SRDocument.created_at < cutoff)
-        .order_by(SRDocument.id)
-        .limit(limit)
-    ).all()

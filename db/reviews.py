@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from db.deliveries import delivery_dict
 from db.models import (
     Evidence,
     Instance,
@@ -149,6 +150,8 @@ def study_detail(session: Session, study: Study, *, include_patient: bool) -> di
                 "superseded": d.superseded_by_id is not None,
                 "send_status": d.send_status.value,
                 "send_error": d.send_error,
+                # one per destination: pending (retrying), sent or gave up
+                "deliveries": [delivery_dict(x) for x in d.deliveries],
             }
             for d in reports
         ],

@@ -42,6 +42,7 @@ MIGRATING_COMMANDS = (
     "sweeper",
     "api",
     "purge",
+    "resend",
     "user",
     "token",
     "audit",
@@ -212,6 +213,19 @@ def build_parser(with_model_commands: bool = True) -> argparse.ArgumentParser:
     _common(purge, broker=False)
     purge.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
     purge.set_defaults(handler=cmd_purge)
+
+    resend = sub.add_parser(
+        "resend",
+        help="put SR deliveries back to pending, due now: a study's (sent or not) or every "
+        "one that gave up; the sweeper sends them",
+    )
+    _common(resend, broker=False)
+    which = resend.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--study", metavar="STUDY_INSTANCE_UID", help="every delivery of this study's current SR"
+    )
+    which.add_argument("--failed", action="store_true", help="every delivery that gave up")
+    resend.set_defaults(handler=cmd_resend)
 
     db = sub.add_parser("db", help="database maintenance")
     db_sub = db.add_subparsers(dest="db_command", metavar="DB_COMMAND", required=True)
@@ -463,6 +477,39 @@ def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         engine.dispose()
     print(done.summary())
+    return 0
+
+
+def cmd_resend(args: argparse.Namespace, settings: Settings) -> int:
+    """``db.deliveries.resend``; prints what was put back (UIDs and destinations only)."""
+    from db.deliveries import resend
+    from db.session import make_engine, make_session_factory
+
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            requeued = resend(session, study_instance_uid=args.study, gave_up=args.failed)
+            session.commit()
+    finally:
+        engine.dispose()
+    if requeued is None:
+        print(f"error: no study with Study Instance UID {args.study}", file=sys.stderr)
+        return 1
+    configured = {d.name for d in settings.all_destinations}
+    for r in requeued:
+        note = "" if r.destination in configured else " (destination not configured: waits)"
+        print(
+            f"requeued study {r.study_instance_uid} SR {r.sr_sop_instance_uid} to "
+            f"{r.destination} (was {r.was.value}){note}"
+        )
+    if not requeued:
+        print(
+            "nothing to requeue: no delivery gave up"
+            if args.failed
+            else f"nothing to requeue: study {args.study} has no SR delivery yet"
+        )
+    else:
+        print(f"{len(requeued)} delivery(ies) due now: the sweeper queues them")
     return 0
 
 

@@ -51,8 +51,17 @@ class ReportStudy(QueueMessage):
 
 
 class SendReport(QueueMessage):
-    """Send one produced SR to the configured destination."""
+    """Send one produced SR to its destinations (before revision 0009; still read, for the
+    messages a broker held across the upgrade)."""
 
     task: ClassVar[str] = "worker.send_report"
 
     sr_document_id: int
+
+
+class Deliver(QueueMessage):
+    """Make one attempt of one SR's delivery to one destination (``deliveries`` row)."""
+
+    task: ClassVar[str] = "worker.deliver"
+
+    delivery_id: int

@@ -3,8 +3,9 @@
 One row per received instance with its latest classification (probability, the two
 thresholds, the ``fracture`` flag and the ``decision`` level), its study's decision
 (``study_decision``: the highest level among the study's classified images, as the worklist
-ranks it) and the path of its study's latest Structured Report. Patient identifiers are left
-out unless explicitly asked for.
+ranks it), the path of its study's latest Structured Report and that SR's deliveries (one
+per destination: state pending, sent or gave up, attempts, last error, next attempt).
+Patient identifiers are left out unless explicitly asked for.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, TextIO
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from db.deliveries import latest_deliveries
 from db.models import Evidence, Instance, InstanceStatus, Result, Series, SRDocument, Study
 from db.repository import as_utc
 from db.triage import decision_of_priority, latest_results, study_priorities
@@ -56,6 +58,7 @@ def collect_results(
         select(SRDocument).where(SRDocument.superseded_by_id.is_(None)).order_by(SRDocument.id)
     ):
         latest_sr[doc.study_id] = doc
+    deliveries = latest_deliveries(session)
 
     rows: list[dict[str, Any]] = []
     for instance, series, study, result, evidence, priority in session.execute(query).tuples():
@@ -90,6 +93,8 @@ def collect_results(
             "study_decision": None if study_decision is None else study_decision.value,
             # Why the study's report could not be built (not retried until a new image).
             "report_failure": study.report_failure,
+            # The latest SR's delivery to each destination (empty: none configured).
+            "deliveries": deliveries.get(study.id, []),
         }
         if include_patient:
             for name in PATIENT_IDENTIFIERS:
@@ -128,13 +133,16 @@ def write_table(rows: list[dict[str, Any]], out: TextIO) -> None:
         ("DECISION", "decision", None),
         ("STUDY INSTANCE UID", "study_instance_uid", None),
         ("SOP INSTANCE UID", "sop_instance_uid", None),
+        ("DELIVERIES", "deliveries", None),
         ("FAILURE / NOT ASSESSED / SR", None, 70),
     ]
     table: list[list[str]] = []
     for row in rows:
         cells = []
         for _, key, width in columns:
-            if key is None:
+            if key == "deliveries":
+                value = delivery_cell(row["deliveries"])
+            elif key is None:
                 value = row["failure_reason"] or row["sr_path"]
                 if value is None and row["report_failure"]:
                     value = f"report failed: {row['report_failure']}"
@@ -153,6 +161,12 @@ def write_table(rows: list[dict[str, Any]], out: TextIO) -> None:
     )
     failed = sum(r["status"] == "failed" for r in rows)
     left_out = sum(r["status"] == InstanceStatus.out_of_scope.value for r in rows)
+    gave_up = {
+        (r["study_instance_uid"], d["destination"])
+        for r in rows
+        for d in r["deliveries"]
+        if d["state"] == "gave up"
+    }
     studies = len({r["study_instance_uid"] for r in rows})
     reported = len({r["study_instance_uid"] for r in rows if r["sr_path"]})
     out.write(
@@ -160,3 +174,24 @@ def write_table(rows: list[dict[str, Any]], out: TextIO) -> None:
         f"{failed} failed, {left_out} not assessed (out of scope), "
         f"{len(rows) - done - failed - left_out} waiting; {reported} studies reported\n"
     )
+    if gave_up:
+        out.write(
+            f"{len(gave_up)} deliveries GAVE UP: see `results --json` for the error; "
+            "`fracture-triage resend --failed` tries them again\n"
+        )
+
+
+def delivery_cell(deliveries: list[dict[str, Any]]) -> str:
+    """``pacs:sent ris:GAVE-UP(3)``: each destination's state, the gave-up ones loud, the
+    pending ones with their failed attempts so far."""
+    if not deliveries:
+        return "-"
+    parts = []
+    for d in deliveries:
+        state = d["state"]
+        if state == "gave up":
+            state = f"GAVE-UP({d['attempts']})"
+        elif state == "pending" and d["attempts"]:
+            state = f"retrying({d['attempts']})"
+        parts.append(f"{d['destination']}:{state}")
+    return " ".join(parts)

@@ -2,11 +2,14 @@
 
 ``Settings.retention_days`` (unset: kept for ever): a received object's file is deleted once
 a Structured Report covering it (produced after the object was received) has been sent to
-the destination that many days ago -- or produced that many days ago when no destination is
-configured. An SR still pending or failed keeps its study's objects: the result has not
-arrived anywhere. Objects the node refused (``objects/rejected/``) are deleted that many
-days after they arrived. ``Settings.sr_retention_days`` (unset: kept for ever) does the same
-for the node's own SR files, counted from their sending (or production).
+every destination that many days ago (``send_status`` sent: the summary of its
+``deliveries``, the last one's time) -- or produced that many days ago when no destination
+is configured. An SR still pending at one destination, or given up there, keeps its study's
+objects until ``fracture-triage resend`` delivers it: the result has not arrived
+everywhere, and a PACS administrator expects the node to keep what it could still resend.
+Objects the node refused (``objects/rejected/``) are deleted that many days after they
+arrived. ``Settings.sr_retention_days`` (unset: kept for ever) does the same for the node's
+own SR files, counted from their sending (or production).
 
 Database rows stay, with ``purged_at`` set, so results, worklists and audits keep the
 history. ``fracture-triage purge [--dry-run]`` runs it; run it daily (cron, a systemd

@@ -6,10 +6,11 @@ then the defaults below. Nothing here opens a connection or reads a file.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: The default scope (``fracture_triage.scope``): the Body Part Examined (0018,0015) defined
@@ -63,6 +64,89 @@ DEFAULT_BODY_PARTS: tuple[str, ...] = (
 
 #: Defaults that are not PS3.16 Annex L terms (see above).
 LEGACY_BODY_PARTS: frozenset[str] = frozenset({"ARM", "LEG", ""})
+
+#: The name the ``sr_destination_*`` settings' destination goes by (and the deliveries that
+#: revision 0009 made of the SRs sent before it).
+LEGACY_DESTINATION = "sr_destination"
+
+
+def check_ae_title(value: str) -> str:
+    """``value`` stripped, if it is an AE title; ``ValueError`` otherwise."""
+    # PS3.5 Table 6.2-1: AE is 1-16 characters of the default repertoire, not all spaces.
+    if not 0 < len(value.strip()) <= 16 or "\\" in value:
+        raise ValueError(f"AE title must be 1-16 characters without backslash: {value!r}")
+    return value.strip()
+
+
+class Destination(BaseModel):
+    """One place every produced result goes: a DICOM node (the SR and the evidence
+    Secondary Captures, C-STORE, PS3.4 B.2) or a RIS (an HL7 v2.5.1 ORU^R01 over MLLP)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: Unique among the destinations: the deliveries' key, shown in results and resend.
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: Literal["dicom", "hl7"]
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    #: dicom only: the destination's (called) AE title.
+    ae_title: str | None = None
+    #: dicom only: DICOM over TLS (PS3.15 Annex B), verifying the peer against ``tls_ca``
+    #: (or the system's CAs) and offering the node's ``tls_cert`` when it has one.
+    tls: bool = False
+    tls_ca: Path | None = None
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> Destination:
+        if self.kind == "dicom":
+            if self.ae_title is None:
+                raise ValueError(f"destination {self.name!r}: a dicom destination needs ae_title")
+            object.__setattr__(self, "ae_title", check_ae_title(self.ae_title))
+        elif self.ae_title is not None or self.tls or self.tls_ca is not None:
+            raise ValueError(
+                f"destination {self.name!r}: an hl7 destination takes host and port only "
+                "(no ae_title, tls or tls_ca)"
+            )
+        if self.tls_ca is not None and not self.tls:
+            raise ValueError(f"destination {self.name!r}: tls_ca is given but tls is false")
+        return self
+
+
+def parse_destinations(value: object) -> list[Destination]:
+    """The ``FRACTURE_TRIAGE_DESTINATIONS`` list (JSON text or a list of dicts), checked:
+    each entry by :class:`Destination`, names unique. ``ValueError`` names the entry (by
+    position and name) and the field at fault."""
+    if isinstance(value, str):
+        if not value.strip():
+            return []
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"FRACTURE_TRIAGE_DESTINATIONS is not JSON: {exc}") from None
+    if not isinstance(value, list):
+        raise ValueError("FRACTURE_TRIAGE_DESTINATIONS must be a JSON list of objects")
+    out: list[Destination] = []
+    for index, item in enumerate(value):
+        if isinstance(item, Destination):
+            out.append(item)
+            continue
+        label = f"destination #{index + 1}"
+        if isinstance(item, dict) and isinstance(item.get("name"), str):
+            label += f" ({item['name']!r})"
+        try:
+            out.append(Destination.model_validate(item))
+        except ValidationError as exc:
+            problems = "; ".join(
+                (".".join(map(str, e["loc"])) + ": " if e["loc"] else "")
+                + e["msg"].removeprefix("Value error, ")
+                for e in exc.errors()
+            )
+            raise ValueError(f"{label}: {problems}") from None
+    names = [d.name for d in out]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"destination names must be unique: {', '.join(twice)} given twice")
+    return out
 
 
 class Settings(BaseSettings):
@@ -147,7 +231,19 @@ class Settings(BaseSettings):
     sr_destination_host: str | None = None
     sr_destination_port: int | None = None
     sr_destination_ae_title: str | None = None
-    sr_send_retries: int = 5
+    #: Deprecated name of ``delivery_max_attempts`` (used when that is unset).
+    sr_send_retries: int | None = Field(default=None, ge=1)
+    #: Where every result goes (``Destination``): a JSON list in the environment, e.g.
+    #: ``[{"name": "pacs", "kind": "dicom", "host": "10.0.0.5", "port": 104,
+    #: "ae_title": "PACS"}, {"name": "ris", "kind": "hl7", "host": "10.0.0.6", "port": 2575}]``.
+    #: The ``sr_destination_*`` settings above, when set, add one more dicom destination
+    #: named ``sr_destination`` (``LEGACY_DESTINATION``).
+    destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
+    #: Each delivery is retried with ``fracture_triage.backoff`` (30 s doubling to 4 h) until
+    #: this many attempts (unset: no limit by count) or this many hours after it was put
+    #: pending, then it "gave up" (``fracture-triage resend`` puts it back).
+    delivery_max_attempts: int | None = Field(default=None, ge=1)
+    delivery_max_age_hours: float = Field(default=72.0, gt=0)
 
     # The web application (api/): its own bind address, so that opening the SCP to the
     # modalities (bind_address 0.0.0.0) does not open the worklist too.
@@ -196,12 +292,12 @@ class Settings(BaseSettings):
     @field_validator("ae_title", "sr_destination_ae_title")
     @classmethod
     def _check_ae_title(cls, value: str | None) -> str | None:
-        # PS3.5 Table 6.2-1: AE is 1-16 characters of the default repertoire, not all spaces.
-        if value is None:
-            return value
-        if not 0 < len(value.strip()) <= 16 or "\\" in value:
-            raise ValueError(f"AE title must be 1-16 characters without backslash: {value!r}")
-        return value.strip()
+        return None if value is None else check_ae_title(value)
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _parse_destinations(cls, value: object) -> list[Destination]:
+        return parse_destinations(value)
 
     @field_validator("allowed_calling_aets", "allowed_peers", "http_allowed_hosts", mode="before")
     @classmethod
@@ -243,7 +339,51 @@ class Settings(BaseSettings):
                 "FRACTURE_TRIAGE_DICOM_PORT=0 turns the plain port off: it needs TLS "
                 "(FRACTURE_TRIAGE_TLS_CERT and FRACTURE_TRIAGE_TLS_KEY)"
             )
+        if self.sr_destination is not None and LEGACY_DESTINATION in {
+            d.name for d in self.destinations
+        }:
+            raise ValueError(
+                f"destination name {LEGACY_DESTINATION!r} is the FRACTURE_TRIAGE_SR_DESTINATION_* "
+                "destination's: name the FRACTURE_TRIAGE_DESTINATIONS entry otherwise"
+            )
         return self
+
+    @property
+    def max_delivery_attempts(self) -> int | None:
+        """Failed attempts after which a delivery gives up (None: only its age counts)."""
+        if self.delivery_max_attempts is not None:
+            return self.delivery_max_attempts
+        return self.sr_send_retries
+
+    @property
+    def all_destinations(self) -> list[Destination]:
+        """Every destination: ``destinations`` and the ``sr_destination_*`` one, if set."""
+        out = list(self.destinations)
+        legacy = self.sr_destination
+        if legacy is not None:
+            host, port, aet = legacy
+            out.append(
+                Destination(
+                    name=LEGACY_DESTINATION,
+                    kind="dicom",
+                    host=host,
+                    port=port,
+                    ae_title=aet,
+                    tls=self.sr_destination_tls,
+                    # the CA means nothing without TLS (as before: ignored)
+                    tls_ca=self.sr_destination_tls_ca if self.sr_destination_tls else None,
+                )
+            )
+        return out
+
+    @property
+    def sends_dicom(self) -> bool:
+        """Whether a dicom destination is configured (evidence captures are then sent)."""
+        return any(d.kind == "dicom" for d in self.all_destinations)
+
+    def destination(self, name: str) -> Destination | None:
+        """The configured destination called ``name``, if any."""
+        return next((d for d in self.all_destinations if d.name == name), None)
 
     @property
     def tls_enabled(self) -> bool:

@@ -210,7 +210,8 @@ def picky_destination() -> Iterator[tuple[int, list[str]]]:
 def test_a_refused_capture_is_retried_like_the_sr_and_its_failure_recorded(
     tmp_path: Path, dicom_samples: Path
 ) -> None:
-    from worker.sr_send import SendError, send_and_record
+    from worker.delivery import send_and_record
+    from worker.sr_send import SendError
 
     with picky_destination() as (port, offered):
         settings = _settings(
@@ -230,28 +231,32 @@ def test_a_refused_capture_is_retried_like_the_sr_and_its_failure_recorded(
             )
             session.commit()
 
-        # First attempt: the SR is stored, the capture refused: the task must retry.
-        with pytest.raises(SendError, match="evidence capture not stored.*0xA700"):
+        # First attempt: the SR is stored, the capture refused: the delivery is not complete
+        # (the result has not fully arrived), it will be retried.
+        with pytest.raises(SendError, match="evidence capture .* not stored.*0xA700"):
             send_and_record(settings, sessions, doc.id)
         assert offered == [SECONDARY_CAPTURE, "1.2.840.10008.5.1.4.1.1.88.34"]
         with sessions() as session:
             sr_row = session.get(SRDocument, doc.id)
             ev = session.get(Evidence, evidence.id)
             assert sr_row is not None and ev is not None
-            assert sr_row.send_status == SendStatus.sent
+            assert sr_row.send_status == SendStatus.pending
             assert (ev.send_status, ev.send_attempts) == (SendStatus.pending, 1)
             assert ev.send_error and "0xA700" in ev.send_error
 
-        # The retry sends only the capture; refused again, it is the last attempt: failed.
-        assert send_and_record(settings, sessions, doc.id) == "sent"
-        assert offered[2:] == [SECONDARY_CAPTURE]
+        # The retry sends both again; refused again, it is the last attempt: gave up.
+        assert send_and_record(settings, sessions, doc.id) == "failed"
+        assert offered[2:] == [SECONDARY_CAPTURE, "1.2.840.10008.5.1.4.1.1.88.34"]
         with sessions() as session:
             ev = session.get(Evidence, evidence.id)
             assert ev is not None and (ev.send_status, ev.send_attempts) == (SendStatus.failed, 2)
             assert ev.send_error and "failed with status 0xA700" in ev.send_error
+            sr_row = session.get(SRDocument, doc.id)
+            assert sr_row is not None and sr_row.send_status == SendStatus.failed
+            assert sr_row.send_error and "0xA700" in sr_row.send_error
         # Settled: a late redelivery sends nothing more.
-        assert send_and_record(settings, sessions, doc.id) == "exists"
-        assert len(offered) == 3
+        assert send_and_record(settings, sessions, doc.id) == "failed"
+        assert len(offered) == 4
 
 
 def test_decision_text_comes_from_one_place() -> None:

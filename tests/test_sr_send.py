@@ -10,12 +10,14 @@ import pydicom
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.deliveries import resend
 from db.models import SRDocument
-from fracture_triage.settings import Settings
+from fracture_triage.settings import LEGACY_DESTINATION, Settings
 from tests.conftest import require
 from tests.servers import OrthancServer, free_port, orthanc_server
 from tests.test_sr import RG3, RG3_BAD, classify, receive, report, session_factory, study_id_of
-from worker.sr_send import SendError, record_send_attempt, send_and_record, send_report
+from worker.delivery import send_and_record
+from worker.sr_send import SendError, send_report
 
 __all__ = ["session_factory"]  # the fixture, shared with test_sr
 
@@ -115,12 +117,17 @@ def test_failed_sends_raise_and_are_recorded(
     assert send_and_record(settings_for(tmp_path, orthanc), session_factory, doc.id) == "failed"
     assert orthanc_instance(orthanc, doc.sop_instance_uid) is None
 
-    # The retry to the right destination succeeds and says so.
-    send_report(settings_for(tmp_path, orthanc), doc.path)
+    # Put back by `resend --failed`, it goes to the right destination and says so.
     with session_factory() as session:
-        record_send_attempt(session, doc.id, None)
+        requeued = resend(session, gave_up=True)
+        session.commit()
+    assert requeued is not None and [(r.destination, r.was) for r in requeued] == [
+        (LEGACY_DESTINATION, "gave up")
+    ]
+    assert send_and_record(settings_for(tmp_path, orthanc), session_factory, doc.id) == "sent"
+    with session_factory() as session:
         row = session.get(SRDocument, doc.id)
-        assert row is not None and (row.send_status, row.send_attempts) == ("sent", 3)
+        assert row is not None and (row.send_status, row.send_attempts) == ("sent", 1)
     assert orthanc_instance(orthanc, doc.sop_instance_uid) is not None
 
 

@@ -28,6 +28,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repository
+from db.deliveries import create_deliveries
 from db.models import Instance, InstanceStatus, Result, SRDocument, Study
 from fracture_triage.messages import SCHEMA_VERSION, ClassifyInstance, ReportStudy
 from fracture_triage.results import collect_results
@@ -525,7 +526,6 @@ def test_sweeper_queues_one_report_per_study_revision_and_pending_sends(
             settings,
             sessions,
             enqueuer,
-            send_pending_after=timedelta(0),
             pending_after=timedelta(0),
         )
         first = record(sessions, require(dicom_samples / GOOD[0]), "1.2.826.0.1.6")
@@ -543,21 +543,22 @@ def test_sweeper_queues_one_report_per_study_revision_and_pending_sends(
         with sessions() as session:
             study = session.scalars(select(Study)).one()
             study.reported_revision = study.revision  # what the SR task records
-            session.add(
-                SRDocument(
-                    study_id=study.id,
-                    study_revision=study.revision,
-                    sop_instance_uid="2.25.9",
-                    series_instance_uid="2.25.8",
-                    path=str(tmp_path / "sr.dcm"),
-                    created_at=repository.utcnow(),
-                    fracture=True,
-                    probability=0.9,
-                    instance_count=2,
-                    send_status="pending",
-                    send_attempts=0,
-                )
+            doc = SRDocument(
+                study_id=study.id,
+                study_revision=study.revision,
+                sop_instance_uid="2.25.9",
+                series_instance_uid="2.25.8",
+                path=str(tmp_path / "sr.dcm"),
+                created_at=repository.utcnow(),
+                fracture=True,
+                probability=0.9,
+                instance_count=2,
+                send_status="pending",
+                send_attempts=0,
             )
+            session.add(doc)
+            session.flush()
+            create_deliveries(session, doc, settings.all_destinations)
             session.commit()
         counts = sweeper.sweep_once()
         assert counts.reports == 0 and counts.sends == 1

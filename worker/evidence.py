@@ -250,7 +250,7 @@ def make_evidence(
         path=str(target),
         sop_instance_uid=sop_uid,
         series_instance_uid=series_uid,
-        send_status=SendStatus.pending if settings.sr_destination else SendStatus.none,
+        send_status=SendStatus.pending if settings.sends_dicom else SendStatus.none,
     )
     t1 = time.perf_counter()
     return MadeEvidence(

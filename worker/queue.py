@@ -18,7 +18,14 @@ from sqlalchemy.orm import Session
 
 from db import repository
 from db.models import Instance
-from fracture_triage.messages import QUEUE, ClassifyInstance, QueueMessage, ReportStudy, SendReport
+from fracture_triage.messages import (
+    QUEUE,
+    ClassifyInstance,
+    Deliver,
+    QueueMessage,
+    ReportStudy,
+    SendReport,
+)
 from fracture_triage.settings import Settings
 from worker.celery_app import make_celery
 
@@ -92,6 +99,9 @@ class CeleryEnqueuer:
         self._send(msg)
 
     def enqueue_send(self, msg: SendReport) -> None:
+        self._send(msg)
+
+    def enqueue_delivery(self, msg: Deliver) -> None:
         self._send(msg)
 
     def _send(self, msg: QueueMessage) -> None:

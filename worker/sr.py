@@ -631,8 +631,10 @@ def build_study_report(
                 fracture=findings.fracture,
                 probability=findings.probability,
                 instance_count=len(images),
-                send_status=SendStatus.pending if settings.sr_destination else SendStatus.none,
+                send_status=SendStatus.pending if settings.all_destinations else SendStatus.none,
+                decision=None if findings.decision is None else findings.decision.value,
             ),
+            destinations=settings.all_destinations,
         )
     except BaseException:
         target.unlink(missing_ok=True)

@@ -15,7 +15,9 @@ Every ``settings.sweeper_interval_seconds`` it
 3. queues ``report_study`` for studies quiet for ``settings.study_stable_seconds`` whose
    current revision has no SR yet, at most once per (study, revision) every
    ``report_resend_after`` (a lost message is sent again, a slow one is not duplicated);
-4. queues ``send_report`` for SRs still waiting to be sent.
+4. queues ``deliver`` for each SR delivery that is due (``db.deliveries.due_deliveries``:
+   pending, its backoff time passed, to a destination still configured), at most once every
+   ``report_resend_after`` per delivery (the task claims the row, so a duplicate is cheap).
 
 It writes no report state itself: the SR task records the SR (or why it cannot be built)
 and the reported revision in one transaction, so a crash anywhere leaves the study
@@ -41,7 +43,8 @@ from datetime import timedelta
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repository
-from fracture_triage.messages import ReportStudy, SendReport
+from db.deliveries import due_deliveries
+from fracture_triage.messages import Deliver, ReportStudy
 from fracture_triage.settings import Settings
 from worker.queue import CeleryEnqueuer, EnqueueError, classify_message, queue_instance
 
@@ -51,7 +54,6 @@ STALE_AFTER = timedelta(minutes=2)
 #: A pending instance younger than this may be the SCP's own publish in flight: left to it.
 PENDING_AFTER = timedelta(seconds=5)
 REPORT_RESEND_AFTER_S = 120.0
-SEND_PENDING_AFTER = timedelta(seconds=30)
 PENDING_BATCH = 500
 
 
@@ -76,10 +78,9 @@ class Sweeper:
     stale_after: timedelta = STALE_AFTER
     pending_after: timedelta = PENDING_AFTER
     report_resend_after_s: float = REPORT_RESEND_AFTER_S
-    send_pending_after: timedelta = SEND_PENDING_AFTER
     #: study id -> (revision, monotonic time the report was queued)
     _reports: dict[int, tuple[int, float]] = field(default_factory=dict)
-    #: SR document id -> monotonic time its send was queued
+    #: delivery id -> monotonic time its attempt was queued
     _sends: dict[int, float] = field(default_factory=dict)
 
     def sweep_once(self) -> SweepCounts:
@@ -163,25 +164,26 @@ class Sweeper:
             log.info("queued report of study %s rev %d", study.study_instance_uid, study.revision)
 
     def _queue_sends(self, session: Session, counts: SweepCounts) -> None:
-        if self.settings.sr_destination is None:
+        names = [d.name for d in self.settings.all_destinations]
+        if not names:
             return
         now = time.monotonic()
-        waiting = repository.sr_documents_to_send(session, self.send_pending_after)
-        waiting_ids = {doc.id for doc in waiting}
-        for doc_id in list(self._sends):
-            if doc_id not in waiting_ids:
-                del self._sends[doc_id]
-        for doc in waiting:
-            queued_at = self._sends.get(doc.id)
+        due = due_deliveries(session, names)
+        due_ids = {d.id for d in due}
+        for delivery_id in list(self._sends):
+            if delivery_id not in due_ids:
+                del self._sends[delivery_id]
+        for delivery in due:
+            queued_at = self._sends.get(delivery.id)
             if queued_at is not None and now - queued_at < self.report_resend_after_s:
                 continue
             try:
-                self.enqueuer.enqueue_send(SendReport(sr_document_id=doc.id))
+                self.enqueuer.enqueue_delivery(Deliver(delivery_id=delivery.id))
             except EnqueueError as exc:
-                log.warning("send of SR %s not queued: %s", doc.sop_instance_uid, exc)
+                log.warning("delivery %d not queued: %s", delivery.id, exc)
                 counts.broker_down = True
                 return
-            self._sends[doc.id] = now
+            self._sends[delivery.id] = now
             counts.sends += 1
 
 

@@ -1,4 +1,4 @@
-"""Celery tasks: classify one instance, report one study, send one SR.
+"""Celery tasks: classify one instance, report one study, deliver one SR to one destination.
 
 Tasks are registered on an app by :func:`register_tasks` (called by ``make_celery``), so
 importing this module builds nothing. Each task body is a plain function taking a
@@ -35,6 +35,7 @@ from db.session import in_transaction
 from fracture_triage.messages import (
     SCHEMA_VERSION,
     ClassifyInstance,
+    Deliver,
     QueueMessage,
     ReportStudy,
     SendReport,
@@ -473,33 +474,45 @@ def report(state: WorkerState, payload: Any) -> str:
             session.commit()
             log.error("report of study %d revision %d failed: %s", msg.study_id, revision, exc)
             return "failed"
-    if sr_doc.send_status == SendStatus.pending and state.settings.sr_destination is not None:
-        send_msg = SendReport(sr_document_id=sr_doc.id)
+    if sr_doc.send_status == SendStatus.pending:
+        from db.deliveries import document_deliveries
         from worker.queue import EnqueueError
 
+        with state.sessions()() as session:
+            pending = [d.id for d in document_deliveries(session, sr_doc.id)]
         try:
-            state.enqueuer().enqueue_send(send_msg)
+            for delivery_id in pending:
+                state.enqueuer().enqueue_delivery(Deliver(delivery_id=delivery_id))
         except EnqueueError as exc:
-            # The SR is recorded as pending: the sweeper queues the send later.
-            log.warning("SR %s recorded, send not queued yet: %s", sr_doc.sop_instance_uid, exc)
+            # The deliveries are recorded as pending and due: the sweeper queues them later.
+            log.warning("SR %s recorded, delivery not queued yet: %s", sr_doc.sop_instance_uid, exc)
     return "done"
 
 
+def deliver(state: WorkerState, payload: Any) -> str:
+    """Make one attempt of one delivery (``worker.delivery.deliver``). A failure is recorded
+    with its next attempt's time, not retried here: the sweeper queues what is due."""
+    try:
+        msg = _parse(Deliver, payload)
+    except RefusedMessageError:
+        return "invalid"  # the sweeper queues due deliveries again
+    from worker.delivery import deliver as deliver_one
+
+    with state.sessions()() as session:
+        return deliver_one(session, state.settings, msg.delivery_id)
+
+
 def send(state: WorkerState, payload: Any) -> str:
-    """Send one recorded SR to the configured destination (C-STORE, with retries)."""
+    """A ``worker.send_report`` message queued before revision 0009: the due deliveries of
+    that SR are attempted (as ``worker.deliver`` would)."""
     try:
         msg = _parse(SendReport, payload)
     except RefusedMessageError:
-        return "invalid"  # the sweeper queues SRs left pending again
-    from worker.sr_send import SendError, send_sr_document
+        return "invalid"
+    from worker.delivery import deliver_document
 
-    try:
-        with state.sessions()() as session:
-            return str(send_sr_document(session, state.settings, msg.sr_document_id))
-    except SendError as exc:
-        # The attempt is recorded; the destination may come back: retry with backoff (the
-        # sweeper also resends SRs left pending).
-        raise TransientError(str(exc)) from exc
+    with state.sessions()() as session:
+        return ",".join(deliver_document(session, state.settings, msg.sr_document_id)) or "missing"
 
 
 class AckOrForgetRequest(Request):  # type: ignore[misc]
@@ -566,4 +579,5 @@ def register_tasks(app: Celery, settings: Settings) -> WorkerState:
     register(ClassifyInstance.task, classify)
     register(ReportStudy.task, report)
     register(SendReport.task, send)
+    register(Deliver.task, deliver)
     return state
