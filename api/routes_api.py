@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
@@ -17,10 +18,11 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from api.deps import ApiAdmin, ApiPrincipal, AppSettings, DbSession, check_csrf, client_address
-from api.preview import PreprocessError, render_preview
+from api.preview import PreprocessError, render_evidence, render_preview
 from db import audit, performance, reviews
 from db.accounts import Principal
-from db.models import AuditEvent, InstanceStatus, RadiologistVerdict, Study
+from db.evidence import produced_evidence_of_instance
+from db.models import AuditEvent, Instance, InstanceStatus, RadiologistVerdict, Study
 from db.repository import as_utc
 from db.triage import Priority
 from db.worklist import WorklistFilter, verdict_dict, worklist_page
@@ -140,6 +142,21 @@ def get_study(
     return detail
 
 
+def _instance_or_404(session: DbSession, study_uid: str, sop_uid: str) -> Instance:
+    study = _study_or_404(session, study_uid)
+    instance = reviews.find_instance(session, study, sop_uid)
+    if instance is None:
+        raise HTTPException(404, f"no image {sop_uid} in study {study_uid}")
+    return instance
+
+
+def _png(path: Path) -> FileResponse:
+    """A cached rendering (patient data: private to the browser, never a shared cache)."""
+    return FileResponse(
+        path, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"}
+    )
+
+
 @router.get("/studies/{study_uid}/images/{sop_uid}/preview.png", response_class=FileResponse)
 def get_preview(
     session: DbSession,
@@ -149,10 +166,7 @@ def get_preview(
     sop_uid: StudyUid,
 ) -> FileResponse:
     """The image rendered for a screen (``Settings.preview_size``), PNG, cached on disk."""
-    study = _study_or_404(session, study_uid)
-    instance = reviews.find_instance(session, study, sop_uid)
-    if instance is None:
-        raise HTTPException(404, f"no image {sop_uid} in study {study_uid}")
+    instance = _instance_or_404(session, study_uid, sop_uid)
     try:
         path = render_preview(
             instance, settings.preview_dir, settings.preview_size, settings.max_pixels
@@ -161,9 +175,33 @@ def get_preview(
         raise HTTPException(404, str(exc)) from None
     except PreprocessError as exc:
         raise HTTPException(422, f"the image cannot be rendered: {exc}") from None
-    return FileResponse(
-        path, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"}
-    )
+    return _png(path)
+
+
+@router.get("/studies/{study_uid}/images/{sop_uid}/evidence.png", response_class=FileResponse)
+def get_evidence(
+    session: DbSession,
+    settings: AppSettings,
+    principal: ApiPrincipal,
+    study_uid: StudyUid,
+    sop_uid: StudyUid,
+) -> FileResponse:
+    """The image's evidence (the worker's Secondary Capture: the class activation map over
+    the rendered radiograph), PNG sized and cached as the preview; 404 when the image's
+    latest result has no produced evidence."""
+    instance = _instance_or_404(session, study_uid, sop_uid)
+    evidence = produced_evidence_of_instance(session, instance.id)
+    if evidence is None:
+        raise HTTPException(404, f"no evidence for image {sop_uid}")
+    try:
+        path = render_evidence(
+            evidence, settings.preview_dir, settings.preview_size, settings.max_pixels
+        )
+    except FileNotFoundError as exc:
+        raise HTTPException(404, str(exc)) from None
+    except PreprocessError as exc:
+        raise HTTPException(422, f"the evidence cannot be rendered: {exc}") from None
+    return _png(path)
 
 
 class VerdictIn(BaseModel):
