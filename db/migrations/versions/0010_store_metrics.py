@@ -1,0 +1,42 @@
+"""instances: the SCP's handling time of each stored object (``store_ms``); store_refusals:
+every C-STORE answered with a failure status. Both for ``/metrics``.
+
+Numbered 0010 because 0009 is taken on another branch; it follows 0008 here (the merge sets
+``down_revision`` to whatever precedes it there).
+
+Revision ID: 0010
+Revises: 0008
+Create Date: 2026-12-02 18:00:00
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0010"
+down_revision: str | Sequence[str] | None = "0008"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("instances") as batch:
+        batch.add_column(sa.Column("store_ms", sa.Float(), nullable=True))
+    op.create_table(
+        "store_refusals",
+        sa.Column("id", sa.Integer(), primary_key=True),
+        sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("status", sa.Integer(), nullable=False),
+        sa.Column("sop_instance_uid", sa.String(64), nullable=True),
+        sa.Column("calling_ae_title", sa.String(16), nullable=True),
+        sa.Column("reason", sa.Text(), nullable=True),
+    )
+    op.create_index("ix_store_refusals_status", "store_refusals", ["status"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_store_refusals_status", table_name="store_refusals")
+    op.drop_table("store_refusals")
+    with op.batch_alter_table("instances") as batch:
+        batch.drop_column("store_ms")
