@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 
 from api.deps import ApiAdmin, ApiPrincipal, AppSettings, DbSession, check_csrf, client_address
@@ -44,7 +44,7 @@ def _utc(value: datetime | None) -> datetime | None:
     return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def worklist_filter(
+async def worklist_filter(
     status: InstanceStatus | None = None,
     flag: Literal["fracture", "doubt", "no_fracture", "unclassified"] | None = None,
     modality: Annotated[str | None, Query(max_length=16)] = None,
@@ -55,7 +55,8 @@ def worklist_filter(
     study_date_to: DicomDate = None,
     reviewed: bool | None = None,
 ) -> WorklistFilter:
-    """The worklist's query parameters (shared by the API and the page)."""
+    """The worklist's query parameters (shared by the API and the page); ``async`` only to
+    run without a thread-pool hop (it does no I/O)."""
     return WorklistFilter(
         status=status,
         priority=None if flag is None else Priority[flag],
@@ -100,8 +101,12 @@ def get_worklist(
     page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
     page_size: Annotated[int, Query(ge=1, le=200)] = 50,
     include_patient: bool = False,
-) -> dict[str, Any]:
-    """One entry per study, likely fractures first (see ``db.worklist.priority_order``)."""
+) -> JSONResponse:
+    """One entry per study, likely fractures first (see ``db.worklist.priority_order``).
+
+    Answered as a ready ``JSONResponse``: the entries are JSON values already, and FastAPI's
+    validation and encoding of a returned ``dict`` took several times as long as
+    ``json.dumps`` (measured on 50 entries)."""
     found = worklist_page(
         session, criteria, page=page, page_size=page_size, include_patient=include_patient
     )
@@ -111,12 +116,14 @@ def get_worklist(
             session, principal, request, audit.WORKLIST_VIEW, uids, f"API worklist page {page}"
         )
         session.commit()
-    return {
-        "page": found.page,
-        "page_size": found.page_size,
-        "total": found.total,
-        "studies": found.entries,
-    }
+    return JSONResponse(
+        {
+            "page": found.page,
+            "page_size": found.page_size,
+            "total": found.total,
+            "studies": found.entries,
+        }
+    )
 
 
 def _study_or_404(session: DbSession, study_uid: str) -> Study:

@@ -377,8 +377,10 @@ class StoreRefusal(Base):
 # Declared here rather than on the columns above so the tables of revision 0001 read unchanged.
 Index("ix_studies_last_received_at", Study.last_received_at)
 Index("ix_studies_study_date", Study.study_date)
-Index("ix_series_modality", Series.modality)
-Index("ix_series_body_part_examined", Series.body_part_examined)
+# With the study id (revision 0010): the worklist's modality and body part filters are
+# EXISTS over series by study, answered from the index alone.
+Index("ix_series_modality_study", Series.modality, Series.study_id)
+Index("ix_series_body_part_study", Series.body_part_examined, Series.study_id)
 Index("ix_instances_series_status", Instance.series_id, Instance.status)
 
 

@@ -1,5 +1,6 @@
 """instances: the SCP's handling time of each stored object (``store_ms``); store_refusals:
-every C-STORE answered with a failure status. Both for ``/metrics``.
+every C-STORE answered with a failure status. Both for ``/metrics``. And the series indexes of
+the worklist's modality and body part filters carry the study id (index-only EXISTS).
 
 Numbered 0010 because 0009 is taken on another branch; it follows 0008 here (the merge sets
 ``down_revision`` to whatever precedes it there).
@@ -33,9 +34,17 @@ def upgrade() -> None:
         sa.Column("reason", sa.Text(), nullable=True),
     )
     op.create_index("ix_store_refusals_status", "store_refusals", ["status"])
+    op.drop_index("ix_series_modality", "series")
+    op.drop_index("ix_series_body_part_examined", "series")
+    op.create_index("ix_series_modality_study", "series", ["modality", "study_id"])
+    op.create_index("ix_series_body_part_study", "series", ["body_part_examined", "study_id"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_series_body_part_study", "series")
+    op.drop_index("ix_series_modality_study", "series")
+    op.create_index("ix_series_modality", "series", ["modality"])
+    op.create_index("ix_series_body_part_examined", "series", ["body_part_examined"])
     op.drop_index("ix_store_refusals_status", table_name="store_refusals")
     op.drop_table("store_refusals")
     with op.batch_alter_table("instances") as batch:
