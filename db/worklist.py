@@ -98,6 +98,29 @@ def count_studies(session: Session, criteria: WorklistFilter) -> int:
     return int(session.scalar(query.where(*terms)) or 0)
 
 
+#: What a worklist entry shows of the study and of its summary (their names do not clash).
+_STUDY_COLUMNS = (
+    Study.id,
+    Study.study_instance_uid,
+    Study.study_date,
+    Study.study_description,
+    Study.last_received_at,
+    Study.report_failure,
+    *(getattr(Study, name) for name in PATIENT_IDENTIFIERS),
+)
+_SUMMARY_COLUMNS = (
+    StudyTriage.priority,
+    StudyTriage.max_probability,
+    StudyTriage.instances,
+    StudyTriage.classified,
+    StudyTriage.failed,
+    StudyTriage.modality,
+    StudyTriage.body_part_examined,
+    StudyTriage.first_received_at,
+    StudyTriage.last_result_at,
+)
+
+
 @dataclass(frozen=True)
 class WorklistPage:
     entries: list[dict[str, Any]]
@@ -155,8 +178,10 @@ def worklist_page(
     if needs_study:
         total_query = total_query.join(Study, Study.id == StudyTriage.study_id)
     total_column = total_query.where(*terms).scalar_subquery().label("total")
+    # Columns rather than Study and StudyTriage objects: building 100 ORM objects was a
+    # tenth of a request's time (py-spy) and the page only reads them.
     rows = session.execute(
-        select(Study, StudyTriage, RadiologistVerdict, SRDocument, total_column)
+        select(*_STUDY_COLUMNS, *_SUMMARY_COLUMNS, RadiologistVerdict, SRDocument, total_column)
         .join(keys, keys.c.study_id == Study.id)
         .join(StudyTriage, StudyTriage.study_id == Study.id)
         .outerjoin(RadiologistVerdict, RadiologistVerdict.id == keys.c.verdict_id)
@@ -166,8 +191,7 @@ def worklist_page(
     total = int(rows[0].total) if rows else count_studies(session, criteria)
     entries = []
     for row in rows:
-        study: Study = row.Study
-        summary: StudyTriage = row.StudyTriage
+        study = summary = row  # the columns of both, by their names
         verdict: RadiologistVerdict | None = row.RadiologistVerdict
         report: SRDocument | None = row.SRDocument
         first, last_result = summary.first_received_at, summary.last_result_at
