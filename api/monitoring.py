@@ -1,7 +1,10 @@
 """``/health`` (anyone) and ``/metrics`` (an API token, or a client on loopback).
 
 The metrics are read from the database at each scrape (the SCP, worker and sweeper are other
-processes; the database is what they share), in the Prometheus text format.
+processes; the database is what they share), in the Prometheus text format. Counters are
+totals over rows that are appended and never deleted (instances, results, SRs, refused
+C-STOREs); the histograms (C-STORE handling time, time to result) are computed in SQL over
+the same rows with fixed buckets (``db.node_state``), so they survive restarts of any role.
 """
 
 from __future__ import annotations
@@ -13,7 +16,12 @@ from collections.abc import Iterator
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
@@ -87,6 +95,22 @@ class NodeCollector(Collector):
             studies = node_state.study_count(session)
             report_failures = node_state.report_failures(session)
             refused = node_state.refused_count(session)
+            totals = node_state.totals(session)
+            refusals = node_state.refusals_by_status(session)
+            store = node_state.store_seconds(session)
+            to_result = node_state.result_seconds(session)
+        yield from counters(totals, refusals)
+        yield histogram(
+            "fracture_triage_cstore_seconds",
+            "C-STORE handling time of each stored instance (data set received to recorded "
+            "and queued)",
+            store,
+        )
+        yield histogram(
+            "fracture_triage_time_to_result_seconds",
+            "Time from an instance received to its first result",
+            to_result,
+        )
         by_status = GaugeMetricFamily(
             "fracture_triage_instances", "Received instances by state", labels=["status"]
         )
@@ -123,6 +147,46 @@ class NodeCollector(Collector):
             "Free bytes of the data directory's file system",
             value=next(self.data_dir_free),
         )
+
+
+def counters(totals: node_state.Totals, refusals: dict[str, int]) -> Iterator[Metric]:
+    """The counter-like totals (``_total`` samples)."""
+    simple = (
+        ("fracture_triage_instances_received", "Instances stored and recorded", totals.received),
+        ("fracture_triage_instances_classified", "Classifications stored", totals.classified),
+        (
+            "fracture_triage_instances_failed",
+            "Received instances that could not be classified",
+            totals.failed,
+        ),
+        ("fracture_triage_srs_built", "SR documents built", totals.srs_built),
+        ("fracture_triage_srs_sent", "SR documents sent to the destination", totals.srs_sent),
+        (
+            "fracture_triage_srs_failed",
+            "SR documents whose sending was given up",
+            totals.srs_failed,
+        ),
+    )
+    for name, documentation, value in simple:
+        yield CounterMetricFamily(name, documentation, value=value)
+    refused = CounterMetricFamily(
+        "fracture_triage_instances_refused",
+        "C-STOREs answered with a failure status, by status (PS3.4 Table B.2-1)",
+        labels=["status"],
+    )
+    for status, n in sorted(refusals.items()):
+        refused.add_metric([status], n)
+    yield refused
+
+
+def histogram(name: str, documentation: str, h: node_state.Histogram) -> Metric:
+    family = HistogramMetricFamily(name, documentation)
+    family.add_metric([], buckets=[(_le(bound), n) for bound, n in h.buckets], sum_value=h.total)
+    return family
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
 
 
 def _free_bytes(settings: AppSettings) -> Iterator[float]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.models import Evidence, EvidenceState, Instance, Result, SendStatus, Series
@@ -30,6 +30,18 @@ class EvidenceRecord:
 
 def evidence_of_result(session: Session, result_id: int) -> Evidence | None:
     return session.scalars(select(Evidence).where(Evidence.result_id == result_id)).first()
+
+
+def produced_evidence_of_instance(session: Session, instance_id: int) -> Evidence | None:
+    """The produced evidence capture of the instance's latest result (the one the study page
+    shows, ``db.triage.latest_results``); None when that result has none or there is no
+    result."""
+    latest = select(func.max(Result.id)).where(Result.instance_id == instance_id).scalar_subquery()
+    return session.scalars(
+        select(Evidence).where(
+            Evidence.result_id == latest, Evidence.state == EvidenceState.produced
+        )
+    ).first()
 
 
 def record_evidence(session: Session, result_id: int, record: EvidenceRecord) -> Evidence:

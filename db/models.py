@@ -170,6 +170,10 @@ class Instance(Base):
     #: When retention deleted the stored file (``fracture-triage purge``); the row and its
     #: results stay.
     purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: How long the SCP took to handle the C-STORE that stored this object, in ms: from the
+    #: whole data set received to the instance recorded (and queued, when it was). None
+    #: before revision 0010. ``/metrics`` makes its histogram of it.
+    store_ms: Mapped[float | None] = mapped_column(Float)
 
     series: Mapped[Series] = relationship(back_populates="instances")
     results: Mapped[list[Result]] = relationship(back_populates="instance")
@@ -422,12 +426,31 @@ class AuditEvent(Base):
     client_address: Mapped[str | None] = mapped_column(String(64))
 
 
+class StoreRefusal(Base):
+    """One C-STORE the SCP answered with a failure status (PS3.4 Table B.2-1: 0xA700 out of
+    resources, 0xA900 data set does not match SOP Class, 0xC000 cannot understand, ...),
+    whether or not the object could be recorded as an instance. Appended, never changed:
+    ``/metrics`` counts them by status. No patient data: the reason is the status comment."""
+
+    __tablename__ = "store_refusals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    status: Mapped[int] = mapped_column(Integer, index=True)
+    #: The Affected SOP Instance UID when it is a valid UID (PS3.5 9.1), else None.
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+
+
 # Worklist filters and ordering run in SQL (db/worklist.py); these keep them off full scans.
 # Declared here rather than on the columns above so the tables of revision 0001 read unchanged.
 Index("ix_studies_last_received_at", Study.last_received_at)
 Index("ix_studies_study_date", Study.study_date)
-Index("ix_series_modality", Series.modality)
-Index("ix_series_body_part_examined", Series.body_part_examined)
+# With the study id (revision 0010): the worklist's modality and body part filters are
+# EXISTS over series by study, answered from the index alone.
+Index("ix_series_modality_study", Series.modality, Series.study_id)
+Index("ix_series_body_part_study", Series.body_part_examined, Series.study_id)
 Index("ix_instances_series_status", Instance.series_id, Instance.status)
 
 

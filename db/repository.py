@@ -218,9 +218,15 @@ def replace_conflicting(session: Session, instance: Instance, rec: ReceivedInsta
     return instance
 
 
-def mark_queued(session: Session, instance_id: int) -> None:
+def mark_queued(session: Session, instance_id: int, store_ms: float | None = None) -> None:
+    """The instance's classify message is on the broker; ``store_ms`` (the SCP's, once it
+    has queued what it stored) replaces the handling time recorded with the instance."""
     instance = session.get(Instance, instance_id)
-    if instance is not None and instance.status == InstanceStatus.pending:
+    if instance is None:
+        return
+    if store_ms is not None:
+        instance.store_ms = store_ms
+    if instance.status == InstanceStatus.pending:
         instance.status = InstanceStatus.queued
         instance.queued_at = utcnow()
 

@@ -33,7 +33,7 @@ from pynetdicom.events import Event
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import identity, repository
+from db import identity, node_state, repository
 from db.identity import IdentityConflict
 from db.models import Instance, InstanceStatus, Series, Study
 from db.repository import ReceivedInstance
@@ -61,6 +61,10 @@ logger = logging.getLogger(__name__)
 Enqueue = Callable[[ClassifyInstance], None]
 
 _LOCK_STRIPES = 64
+
+#: The Error Comment of a 0xA700 answered because the database is down: such a refusal is
+#: not written to the database too (the attempt would wait on the same failure).
+DATABASE_UNAVAILABLE = "database unavailable; retry later"
 
 
 class InFlight:
@@ -306,20 +310,64 @@ def _record_refusal(
 
 
 def handle_store(event: Event, ctx: StoreContext) -> Dataset:
-    """C-STORE (Storage Service Class, PS3.4 Annex B): validate, store, record, queue."""
+    """C-STORE (Storage Service Class, PS3.4 Annex B): validate, store, record, queue.
+    Every failure status answered is also recorded (``db.node_state.record_refusal``)."""
     with ctx.in_flight.track():
         start = time.monotonic()
-        full = ctx.watermark.refusal(_received_bytes(event))
-        if full is not None:
-            # 0xA700 Refused: Out of Resources - below the free-space watermark; nothing of
-            # the object is written, the peer keeps it and retries later.
-            return _status(OUT_OF_RESOURCES, full)
-        try:
-            return _store(event, ctx, start)
-        except Exception:  # anything unforeseen: nothing was acknowledged, the peer may retry
-            logger.exception("C-STORE from %s failed unexpectedly", _peer(event))
-            # 0xA700 Refused: Out of Resources - transient from the peer's point of view.
-            return _status(OUT_OF_RESOURCES, "internal error; retry later")
+        answer = _answer_store(event, ctx, start)
+        if is_failure(int(answer.Status)):
+            _note_refusal(ctx, event, answer)
+        return answer
+
+
+def is_failure(status: int) -> bool:
+    """A failure status of a C-STORE response: neither Success (0x0000) nor a Warning
+    (0x0001, 0x0107, 0x0116, 0xB000-0xBFFF; PS3.4 Table B.2-1, PS3.7 C.4)."""
+    return status not in (SUCCESS, 0x0001, 0x0107, 0x0116) and not 0xB000 <= status <= 0xBFFF
+
+
+def _note_refusal(ctx: StoreContext, event: Event, answer: Dataset) -> None:
+    """Record a refused C-STORE for ``/metrics``, best effort (the answer goes out anyway)."""
+    comment = str(answer.get("ErrorComment", "") or "")
+    if comment == DATABASE_UNAVAILABLE:
+        return
+    affected = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
+    try:
+        calling_ae = event.assoc.requestor.ae_title.strip()
+    except AttributeError:
+        calling_ae = ""
+
+    def note(session: Session) -> None:
+        node_state.record_refusal(
+            session,
+            int(answer.Status),
+            comment or None,
+            sop_instance_uid=affected if is_valid_uid(affected) else None,
+            calling_ae_title=calling_ae or None,
+        )
+
+    try:
+        in_transaction(ctx.session_factory, note)
+    except Exception as exc:  # noqa: BLE001 - a metric lost is no reason to fail the answer
+        logger.warning("could not record a refused C-STORE: %s", type(exc).__name__)
+
+
+def _answer_store(event: Event, ctx: StoreContext, start: float) -> Dataset:
+    full = ctx.watermark.refusal(_received_bytes(event))
+    if full is not None:
+        # 0xA700 Refused: Out of Resources - below the free-space watermark; nothing of
+        # the object is written, the peer keeps it and retries later.
+        return _status(OUT_OF_RESOURCES, full)
+    try:
+        return _store(event, ctx, start)
+    except Exception:  # anything unforeseen: nothing was acknowledged, the peer may retry
+        logger.exception("C-STORE from %s failed unexpectedly", _peer(event))
+        # 0xA700 Refused: Out of Resources - transient from the peer's point of view.
+        return _status(OUT_OF_RESOURCES, "internal error; retry later")
+
+
+def _elapsed_ms(start: float) -> float:
+    return round((time.monotonic() - start) * 1000, 3)
 
 
 def _received_bytes(event: Event) -> int:
@@ -400,7 +448,7 @@ def _store(event: Event, ctx: StoreContext, start: float) -> Dataset:
                 "database unavailable, refusing %s: %s", uids.sop_instance_uid, type(exc).__name__
             )
             # 0xA700 Refused: Out of Resources - the database is down; the peer retries later.
-            return _status(OUT_OF_RESOURCES, "database unavailable; retry later")
+            return _status(OUT_OF_RESOURCES, DATABASE_UNAVAILABLE)
         if existing is not None and not repository.is_refused(existing):
             # Most archives answer Success to a resent instance, which is what modalities
             # and PACS expect (a warning makes some of them flag the transfer as faulty).
@@ -441,7 +489,9 @@ def _store(event: Event, ctx: StoreContext, start: float) -> Dataset:
             return _status(OUT_OF_RESOURCES, "cannot write to storage; retry later")
 
         try:
-            instance, created = in_transaction(ctx.session_factory, lambda s: _record(s, rec))
+            instance, created = in_transaction(
+                ctx.session_factory, lambda s: _record(s, rec, start)
+            )
             instance_id = instance.id
             status = instance.status
         except IdentityConflict as exc:
@@ -453,7 +503,7 @@ def _store(event: Event, ctx: StoreContext, start: float) -> Dataset:
             logger.error("cannot record %s: %s", uids.sop_instance_uid, type(exc).__name__)
             # 0xA700 Refused: Out of Resources - stored but not recorded: not acknowledged,
             # the peer retries and the file is simply written again.
-            return _status(OUT_OF_RESOURCES, "database unavailable; retry later")
+            return _status(OUT_OF_RESOURCES, DATABASE_UNAVAILABLE)
 
     if not created:  # another process recorded it between our check and our write
         logger.info("duplicate %s recorded concurrently; not queued again", uids.sop_instance_uid)
@@ -461,7 +511,7 @@ def _store(event: Event, ctx: StoreContext, start: float) -> Dataset:
 
     queued = False
     if status == InstanceStatus.pending:
-        queued = _queue(ctx, instance_id, uids.sop_instance_uid)
+        queued = _queue(ctx, instance_id, uids.sop_instance_uid, start)
     logger.info(
         "stored %s study=%s series=%s from %s ts=%s %s in %.0f ms",
         uids.sop_instance_uid,
@@ -544,7 +594,7 @@ def _conflicting_resend(
         except SQLAlchemyError as exc:
             logger.error("cannot record the re-send of %s: %s", uid, type(exc).__name__)
             # 0xA700 Refused: Out of Resources - retried, the conflict is recorded then.
-            return _status(OUT_OF_RESOURCES, "database unavailable; retry later")
+            return _status(OUT_OF_RESOURCES, DATABASE_UNAVAILABLE)
         return _status(SUCCESS)  # 0x0000 Success
 
     try:
@@ -564,7 +614,7 @@ def _conflicting_resend(
         instance_id, status, before = in_transaction(ctx.session_factory, replace)
     except SQLAlchemyError as exc:
         logger.error("cannot record %s: %s", uid, type(exc).__name__)
-        return _status(OUT_OF_RESOURCES, "database unavailable; retry later")
+        return _status(OUT_OF_RESOURCES, DATABASE_UNAVAILABLE)
     if Path(before) != path:  # the new object names another study or series
         try:
             Path(before).unlink(missing_ok=True)
@@ -575,17 +625,25 @@ def _conflicting_resend(
     return _status(SUCCESS)  # 0x0000 Success
 
 
-def _record(session: Session, rec: ReceivedInstance) -> tuple[Instance, bool]:
-    """Record the stored object (one unit of work); whether it is new to the database."""
+def _record(session: Session, rec: ReceivedInstance, start: float) -> tuple[Instance, bool]:
+    """Record the stored object (one unit of work); whether it is new to the database. A new
+    record carries the handling time so far (``Instance.store_ms``)."""
     found = repository.find_instance(session, rec.sop_instance_uid)
     if found is not None and repository.is_refused(found):
         # A corrected resend of an object refused earlier replaces its record.
-        return repository.reopen_refused(session, found, rec), True
-    return repository.record_received(session, rec)
+        instance, created = repository.reopen_refused(session, found, rec), True
+    else:
+        instance, created = repository.record_received(session, rec)
+    if created:
+        instance.store_ms = _elapsed_ms(start)
+    return instance, created
 
 
-def _queue(ctx: StoreContext, instance_id: int, sop_instance_uid: str) -> bool:
-    """Queue the instance; on any failure it stays ``pending`` and the sweeper queues it."""
+def _queue(
+    ctx: StoreContext, instance_id: int, sop_instance_uid: str, start: float | None = None
+) -> bool:
+    """Queue the instance; on any failure it stays ``pending`` and the sweeper queues it.
+    With ``start`` (the C-STORE's), the handling time up to now replaces the recorded one."""
     msg = ClassifyInstance(instance_id=instance_id, sop_instance_uid=sop_instance_uid)
     try:
         ctx.enqueue(msg)
@@ -598,7 +656,9 @@ def _queue(ctx: StoreContext, instance_id: int, sop_instance_uid: str) -> bool:
         return False
     try:
         with ctx.session_factory() as session:
-            repository.mark_queued(session, instance_id)
+            repository.mark_queued(
+                session, instance_id, None if start is None else _elapsed_ms(start)
+            )
             session.commit()
     except SQLAlchemyError as exc:
         # The message is on the broker; the record stays pending and the sweeper may send it

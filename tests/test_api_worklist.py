@@ -12,10 +12,12 @@ from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from db import repository as repo
+from db.models import Result
 from db.session import make_engine, make_session_factory
 from tests.conftest import require
 from tests.test_cli_results import PATIENT_ID, PATIENT_NAME, STUDY_A, STUDY_B, _rec, populate
@@ -28,8 +30,8 @@ GOOD_SAMPLE = "CR_extremity_RG3_MONO1_10b_EVRLE.dcm"
 BAD_SAMPLE = "BAD_MR_truncated_pixeldata.dcm"
 
 
-def _classify(s: object, instance_id: int, p: float) -> None:
-    repo.save_result(
+def _classify(s: object, instance_id: int, p: float) -> Result:
+    return repo.save_result(
         s,  # type: ignore[arg-type]
         instance_id,
         repo.Classification(
@@ -66,6 +68,47 @@ def populate_worklist(url: str, objects: Path, samples: Path) -> None:
             repo.record_received(s, dataclasses.replace(_rec(STUDY_E, n), storage_path=str(target)))
         s.commit()
     engine.dispose()
+
+
+STUDY_F = "1.2.826.0.1.3680043.8.498.700"
+
+
+def add_study_with_evidence(app: WebApp, samples: Path) -> tuple[str, str]:
+    """Study F: the renderable radiograph classified 0.8 with an evidence capture made by the
+    worker's own ``make_evidence`` (a class activation map bright in one corner). Returns the
+    study's and the image's UIDs."""
+    from db.evidence import record_evidence
+    from model.artifact import read_card, resolve_model_dir
+    from model.imaging import dicom_to_uint8
+    from worker.evidence import make_evidence
+
+    target = app.settings.data_dir / "objects-f" / GOOD_SAMPLE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(require(samples / GOOD_SAMPLE), target)
+    cam = np.zeros((7, 7), dtype=np.float32)
+    cam[:3, :3] = 4.0
+    engine = make_engine(app.settings.resolved_database_url)
+    with make_session_factory(engine)() as s:
+        instance, _ = repo.record_received(
+            s, dataclasses.replace(_rec(STUDY_F, 1), storage_path=str(target))
+        )
+        result = _classify(s, instance.id, 0.8)
+        made = make_evidence(
+            app.settings,
+            instance,
+            instance.series.study,
+            read_card(resolve_model_dir(None)),
+            dicom_to_uint8(target),
+            cam,
+            0.8,
+            0.5,
+        )
+        assert made.path is not None, made.record.reason
+        record_evidence(s, result.id, made.record)
+        sop = instance.sop_instance_uid
+        s.commit()
+    engine.dispose()
+    return STUDY_F, sop
 
 
 @pytest.fixture
@@ -198,6 +241,42 @@ def test_preview_is_rendered_once_cached_privately_and_sized(app: WebApp) -> Non
         assert broken.status_code == 422 and "cannot be rendered" in broken.json()["error"]
         other = api.get(f"/api/v1/studies/{STUDY_A}/images/{good}/preview.png")
         assert other.status_code == 404  # an image of another study is not this study's
+    with app.client() as anonymous:
+        assert anonymous.get(url).status_code == 401
+
+
+def test_evidence_is_the_capture_in_colour_cached_and_sized(
+    app: WebApp, dicom_samples: Path
+) -> None:
+    study, sop = add_study_with_evidence(app, dicom_samples)
+    url = f"/api/v1/studies/{study}/images/{sop}/evidence.png"
+    with app.api() as api:
+        detail = api.get(f"/api/v1/studies/{study}").json()
+        assert detail["images"][0]["evidence"]["state"] == "produced"
+        r = api.get(url)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        assert r.headers["cache-control"] == "private, max-age=3600"
+        (cached,) = app.settings.preview_dir.glob("evidence-*.png")
+        assert stat.S_IMODE(os.stat(cached).st_mode) & 0o077 == 0
+        picture = Image.open(cached)
+        assert max(picture.size) == app.settings.preview_size and picture.mode == "RGB"
+        # The map is coloured (red over the bright corner); the radiograph elsewhere is gray.
+        pixels = np.asarray(picture, dtype=np.int16)
+        colour = np.abs(pixels[..., 0] - pixels[..., 2])
+        assert (colour > 60).mean() > 0.02
+        assert api.get(url).content == r.content  # from the cache
+
+        # No evidence: an image without a result, an image of another study, unknown UIDs
+        e_good = api.get(f"/api/v1/studies/{STUDY_E}").json()["images"][0]["sop_instance_uid"]
+        none = api.get(f"/api/v1/studies/{STUDY_E}/images/{e_good}/evidence.png")
+        assert none.status_code == 404 and none.json() == {
+            "error": f"no evidence for image {e_good}"
+        }
+        a = api.get(f"/api/v1/studies/{STUDY_A}").json()["images"][0]["sop_instance_uid"]
+        assert api.get(f"/api/v1/studies/{STUDY_A}/images/{a}/evidence.png").status_code == 404
+        assert api.get(f"/api/v1/studies/{STUDY_E}/images/{sop}/evidence.png").status_code == 404
+        unknown = api.get(f"/api/v1/studies/1.2.3.999/images/{sop}/evidence.png")
+        assert unknown.status_code == 404 and "error" in unknown.json()
     with app.client() as anonymous:
         assert anonymous.get(url).status_code == 401
 

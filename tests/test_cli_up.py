@@ -19,9 +19,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
 
+from db.repository import REFUSED_PREFIX
 from fracture_triage.up import find_redis_server
 from tests.conftest import require
 from tests.servers import free_port, wait_for_port
@@ -296,6 +298,10 @@ def test_up_receives_classifies_reports_and_stops_cleanly(
     assert {s["study_instance_uid"] for s in studies_list} >= studies
     assert all(s["reported"] for s in studies_list if s["study_instance_uid"] in studies)
 
+    # /metrics (a loopback client needs no token), parsed as Prometheus does: what was sent
+    # is counted, and each stored image is one observation of both histograms.
+    assert_metrics(http_port, received=len(files), refused={bad_status(by_sop, bad_uid): 1})
+
     table = subprocess.run(
         [*cli(), "results", "--data-dir", str(data_dir)],
         capture_output=True,
@@ -328,6 +334,49 @@ def test_up_receives_classifies_reports_and_stops_cleanly(
     }
     leaked = [line for line in log.splitlines() if any(ident in line for ident in identifiers)]
     assert leaked == [], "patient identifiers in the log:\n" + "\n".join(leaked[:10])
+
+
+def bad_status(by_sop: dict[str, dict[str, object]], bad_uid: str) -> str:
+    """The status the SCP refused the broken object with, as recorded with it."""
+    reason = str(by_sop[bad_uid]["failure_reason"])
+    assert reason.startswith(REFUSED_PREFIX), reason
+    return reason[len(REFUSED_PREFIX) :].split(")")[0].strip(" (")
+
+
+def assert_metrics(http_port: int, *, received: int, refused: dict[str, int]) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    answer = httpx.get(f"http://127.0.0.1:{http_port}/metrics", timeout=30)
+    assert answer.status_code == 200, answer.text
+    families = {f.name: f for f in text_string_to_metric_families(answer.text)}
+
+    def value(name: str, suffix: str = "_total", **labels: str) -> float:
+        found = [
+            s.value
+            for s in families[name].samples
+            if s.name == name + suffix and s.labels == labels
+        ]
+        assert len(found) == 1, (name, labels, families[name].samples)
+        return found[0]
+
+    assert value("fracture_triage_instances_received") == received
+    assert value("fracture_triage_instances_classified") == received
+    assert value("fracture_triage_instances_failed") == 0
+    for status, n in refused.items():
+        assert value("fracture_triage_instances_refused", status=status) == n
+    # One SR per study at least (a study whose images were classified apart gets a new one)
+    assert value("fracture_triage_srs_built") >= 4
+    assert value("fracture_triage_srs_sent") == value("fracture_triage_srs_failed") == 0
+    for name in ("fracture_triage_cstore_seconds", "fracture_triage_time_to_result_seconds"):
+        assert families[name].type == "histogram"
+        assert value(name, "_count") == received
+        assert value(name, "_bucket", le="+Inf") == received
+        assert value(name, "_sum") > 0
+        buckets = [s.value for s in families[name].samples if s.name == name + "_bucket"]
+        assert buckets == sorted(buckets)  # cumulative
+    # Stored in well under the guard's timeout; a result within the test's own wait
+    assert value("fracture_triage_cstore_seconds", "_bucket", le="10.0") == received
+    assert value("fracture_triage_time_to_result_seconds", "_bucket", le="300.0") == received
 
 
 @pytest.mark.slow  # runs `up`

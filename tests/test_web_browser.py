@@ -15,7 +15,13 @@ from pathlib import Path
 import pytest
 from selenium.webdriver.chrome.webdriver import WebDriver
 
-from tests.test_api_worklist import STUDY_A, STUDY_D, STUDY_E, populate_worklist
+from tests.test_api_worklist import (
+    STUDY_A,
+    STUDY_D,
+    STUDY_E,
+    add_study_with_evidence,
+    populate_worklist,
+)
 from tests.test_cli_results import PATIENT_NAME
 from tests.webapp import ADMIN_PASSWORD, PASSWORD, WebApp, serve
 
@@ -92,7 +98,7 @@ def _log_in(chrome: WebDriver, name: str, password: str) -> None:
 
 @pytest.mark.timeout(300)
 def test_radiologist_reads_the_worklist_in_chromium(
-    app: WebApp, browser: WebDriver, tmp_path: Path
+    app: WebApp, browser: WebDriver, tmp_path: Path, dicom_samples: Path
 ) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -145,6 +151,30 @@ def test_radiologist_reads_the_worklist_in_chromium(
         )
     )
     assert int(loaded) > 100, "the preview image did not load"
+    assert not c.find_elements(By.CSS_SELECTOR, ".image img.evidence")  # none made for E
+
+    # A classified image with its evidence capture: the two side by side.
+    study_f, _ = add_study_with_evidence(app, dicom_samples)
+    c.get(f"{app.url}/studies/{study_f}")
+    preview = c.find_element(By.CSS_SELECTOR, ".image img.preview")
+    evidence = c.find_element(By.CSS_SELECTOR, ".image img.evidence")
+    for shown in (preview, evidence):
+
+        def natural_width(d: WebDriver, i: object = shown) -> int:
+            return int(
+                d.execute_script("const i = arguments[0]; return i.complete && i.naturalWidth;", i)
+            )
+
+        assert wait.until(natural_width) > 100, f"{shown.get_attribute('class')} did not load"
+    side = c.execute_script(
+        "const [a, b] = arguments; const r = a.getBoundingClientRect(),"
+        " s = b.getBoundingClientRect(); return s.left >= r.right && s.top < r.bottom;",
+        preview,
+        evidence,
+    )
+    assert side, "the evidence is not beside its image"
+    c.save_screenshot(str(shots / "study-evidence.png"))
+    c.get(f"{app.url}/studies/{STUDY_E}")
     c.find_element(By.ID, "comment").send_keys("scaphoid")
     c.find_element(By.ID, "verdict-fracture").click()
     wait.until(EC.url_contains("#verdicts"))

@@ -46,8 +46,9 @@ def test_study_page_and_verdict_form(app: WebApp) -> None:
     with closing(client):
         page = client.get(f"/studies/{STUDY_E}")
         assert page.status_code == 200 and PATIENT_NAME in page.text
-        previews = re.findall(r'<img src="([^"]+preview\.png)"', page.text)
+        previews = re.findall(r'<img class="preview" src="([^"]+preview\.png)"', page.text)
         assert len(previews) == 2
+        assert "evidence.png" not in page.text  # nothing classified: no evidence to show
         assert client.get(previews[0]).headers["content-type"] == "image/png"
         assert client.get("/studies/1.2.3.999").status_code == 404
 
