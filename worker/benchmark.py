@@ -209,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "FRACTURE_TRIAGE_DICOM_PORT": str(dicom_port),
         "FRACTURE_TRIAGE_HTTP_PORT": str(http_port),
         "FRACTURE_TRIAGE_STUDY_STABLE_SECONDS": "3600",  # classification only, no reports
+        # every sample classified: most are chest films, outside the default scope
+        "FRACTURE_TRIAGE_BODY_PARTS": "*",
     }
     cli = [sys.executable, "-m", "fracture_triage.cli"]
 

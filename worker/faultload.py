@@ -94,6 +94,8 @@ class Node:
             "FRACTURE_TRIAGE_BROKER_URL": f"redis://127.0.0.1:{self.redis_port}/0",
             "FRACTURE_TRIAGE_DICOM_PORT": str(self.dicom_port),
             "FRACTURE_TRIAGE_STUDY_STABLE_SECONDS": "3600",
+            # every sample classified: most are chest films, outside the default scope
+            "FRACTURE_TRIAGE_BODY_PARTS": "*",
         }
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
