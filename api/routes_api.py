@@ -8,6 +8,7 @@ Patient identifiers (name, id, birth date, accession number) are returned only w
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -174,15 +175,12 @@ def get_preview(
 ) -> FileResponse:
     """The image rendered for a screen (``Settings.preview_size``), PNG, cached on disk."""
     instance = _instance_or_404(session, study_uid, sop_uid)
-    try:
-        path = render_preview(
+    return _rendered_png(
+        "the image",
+        lambda: render_preview(
             instance, settings.preview_dir, settings.preview_size, settings.max_pixels
-        )
-    except FileNotFoundError as exc:
-        raise HTTPException(404, str(exc)) from None
-    except PreprocessError as exc:
-        raise HTTPException(422, f"the image cannot be rendered: {exc}") from None
-    return _png(path)
+        ),
+    )
 
 
 @router.get("/studies/{study_uid}/images/{sop_uid}/evidence.png", response_class=FileResponse)
@@ -200,14 +198,23 @@ def get_evidence(
     evidence = produced_evidence_of_instance(session, instance.id)
     if evidence is None:
         raise HTTPException(404, f"no evidence for image {sop_uid}")
-    try:
-        path = render_evidence(
+    return _rendered_png(
+        "the evidence",
+        lambda: render_evidence(
             evidence, settings.preview_dir, settings.preview_size, settings.max_pixels
-        )
+        ),
+    )
+
+
+def _rendered_png(what: str, render: Callable[[], Path]) -> FileResponse:
+    """``render()``'s cached PNG; 404 when its stored object is gone (purged), 422 when it
+    cannot be rendered."""
+    try:
+        path = render()
     except FileNotFoundError as exc:
         raise HTTPException(404, str(exc)) from None
     except PreprocessError as exc:
-        raise HTTPException(422, f"the evidence cannot be rendered: {exc}") from None
+        raise HTTPException(422, f"{what} cannot be rendered: {exc}") from None
     return _png(path)
 
 
