@@ -130,11 +130,11 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 @pytest.fixture
 def sqlite_db(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
     """A migrated SQLite database, for tests about the network rather than the database."""
-    from db.migrations import upgrade
     from db.session import make_engine, make_session_factory
+    from tests.databases import migrated
 
     url = f"sqlite:///{tmp_path / 'net.db'}"
-    upgrade(url)
+    migrated(url)
     engine = make_engine(url)
     yield make_session_factory(engine)
     engine.dispose()

@@ -89,6 +89,7 @@ def test_login_form_without_its_csrf_token_is_refused(app: WebApp) -> None:
         assert r.status_code == 403 and "ft_session" not in r.headers.get("set-cookie", "")
 
 
+@pytest.mark.slow  # waits 3.5 s by design (the slow-down it checks)
 def test_failed_logins_are_slowed_down_recorded_and_logged(
     app: WebApp, caplog: pytest.LogCaptureFixture
 ) -> None:

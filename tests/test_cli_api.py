@@ -13,12 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from db import repository as repo
 from db.session import make_engine, make_session_factory
 from tests.servers import free_port, wait_for_port
 from tests.test_cli_results import PATIENT_NAME, STUDY_A, STUDY_B, _rec, cli, populate, run_cli
 from tests.webapp import cookie_header, form_token
+
+# Each test starts the node's API role as its own process (a server).
+pytestmark = pytest.mark.slow
 
 STUDY_C = "1.2.826.0.1.3680043.8.498.300"
 

@@ -12,11 +12,11 @@ import pytest
 from sqlalchemy import select
 
 from db import repository as repo
-from db.migrations import upgrade
 from db.models import SRDocument, Study
 from db.session import make_engine, make_session_factory
 from fracture_triage.settings import Settings
 from fracture_triage.up import settings_environment
+from tests.databases import migrated
 
 STUDY_A = "1.2.826.0.1.3680043.8.498.100"
 STUDY_B = "1.2.826.0.1.3680043.8.498.200"
@@ -60,7 +60,7 @@ def _rec(study: str, n: int, failure: str | None = None) -> repo.ReceivedInstanc
 def populate(url: str) -> None:
     """Study A: two images classified, one failed, reported twice (the first SR superseded).
     Study B: one image still queued, no report."""
-    upgrade(url)
+    migrated(url)
     engine = make_engine(url)
     with make_session_factory(engine)() as s:
         a1, _ = repo.record_received(s, _rec(STUDY_A, 1))

@@ -17,9 +17,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import identity, reports
 from db import repository as repo
-from db.migrations import upgrade
 from db.models import Instance, InstanceStatus, Result, Series, SRDocument, Study
 from db.session import in_transaction, make_engine, make_session_factory
+from tests.databases import migrated
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 SERIES = "1.2.826.0.1.3680043.8.498.1.1"
@@ -28,7 +28,7 @@ CR = "1.2.840.10008.5.1.4.1.1.1"
 
 @pytest.fixture
 def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
-    upgrade(database_url)
+    migrated(database_url)
     engine = make_engine(database_url)
     yield make_session_factory(engine)
     engine.dispose()

@@ -10,6 +10,9 @@ import pytest
 
 from model.experiments.compare import main, paired_auroc_difference
 
+# Thousands of bootstrap resamples through scikit-learn: seconds, not the fast tier.
+pytestmark = pytest.mark.slow
+
 
 def scores(noise: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)

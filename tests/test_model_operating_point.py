@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from model.training.operating_point import lower_threshold, upper_threshold
 from model.training.selection import paired_gain
@@ -58,6 +59,7 @@ def test_upper_threshold_says_when_the_ppv_cannot_be_reached() -> None:
     assert not reached and upper == p.max()
 
 
+@pytest.mark.slow  # 2 x 2,000 bootstrap resamples of a macro AUROC: ~35 s
 def test_selection_rule_does_not_choose_noise_but_chooses_a_real_gain() -> None:
     rng = np.random.default_rng(6)
     y = np.array([1] * 150 + [0] * 280)

@@ -9,9 +9,9 @@ from sqlalchemy import update
 
 from db import node_state
 from db import repository as repo
-from db.migrations import upgrade
 from db.models import Result
 from db.session import make_engine, make_session_factory
+from tests.databases import migrated
 from tests.test_api_worklist import _classify
 from tests.test_cli_results import _rec
 
@@ -19,7 +19,7 @@ STUDY = "1.2.826.0.1.3680043.8.498.900"
 
 
 def test_totals_refusals_and_histograms(database_url: str) -> None:
-    upgrade(database_url)
+    migrated(database_url)
     engine = make_engine(database_url)
     with make_session_factory(engine)() as s:
         fast, _ = repo.record_received(s, _rec(STUDY, 1))

@@ -43,7 +43,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.migrations import upgrade
 from db.models import Instance, InstanceStatus, Study
 from db.repository import REFUSED_PREFIX, study_instances
 from db.session import make_engine, make_session_factory
@@ -57,6 +56,7 @@ from fracture_triage.messages import QUEUE, ClassifyInstance
 from fracture_triage.settings import Settings
 from fracture_triage.uids import is_valid_uid
 from tests.conftest import REPO
+from tests.databases import migrated
 from tests.servers import RedisServer, free_port, wait_for_port
 from tests.test_worker import _classified
 from worker.queue import CeleryEnqueuer
@@ -87,7 +87,7 @@ def dcmtk(name: str) -> str:
 @pytest.fixture
 def db(database_url: str) -> Iterator[sessionmaker[Session]]:
     """The migrated database (SQLite and PostgreSQL)."""
-    upgrade(database_url)
+    migrated(database_url)
     engine = make_engine(database_url)
     yield make_session_factory(engine)
     engine.dispose()

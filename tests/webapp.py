@@ -15,10 +15,10 @@ from typing import Any
 import httpx
 
 from db import accounts
-from db.migrations import upgrade
 from db.models import Role
 from db.session import make_engine, make_session_factory
 from fracture_triage.settings import Settings
+from tests.databases import migrated
 from tests.servers import free_port, wait_for_port
 
 PASSWORD = "correct horse battery"
@@ -63,7 +63,7 @@ def serve(database_url: str, data_dir: Path, **overrides: Any) -> Iterator[WebAp
 
     from api.server import make_server
 
-    upgrade(database_url)
+    migrated(database_url)
     tokens = add_accounts(database_url)
     port = free_port()
     settings = Settings(data_dir=data_dir, database_url=database_url, http_port=port, **overrides)
