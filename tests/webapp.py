@@ -4,6 +4,7 @@ browser does (the login form's CSRF cookie, then the session cookie)."""
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import httpx
 
@@ -38,12 +40,27 @@ class WebApp:
         return self.client(headers={"Authorization": f"Bearer {self.tokens[token_name]}"})
 
 
+class _HashOnce:
+    """Argon2id costs ~0.1 s by design: the tests' two passwords are hashed once per process
+    (each a real Argon2id hash, which login verifies), not twice for every served app."""
+
+    def __init__(self, hasher: Any) -> None:
+        self._hasher = hasher
+        self.hash = functools.cache(hasher.hash)
+
+
+_hash_once = _HashOnce(accounts._hasher)
+
+
 def add_accounts(database_url: str) -> dict[str, str]:
     """Users ``rad`` (radiologist) and ``boss`` (admin); tokens ``ris`` (radiologist) and
     ``ops`` (admin). Returns the tokens' secrets."""
     engine = make_engine(database_url)
     try:
-        with make_session_factory(engine)() as s:
+        with (
+            make_session_factory(engine)() as s,
+            mock.patch.object(accounts, "_hasher", _hash_once),
+        ):
             accounts.add_user(s, "rad", Role.radiologist, PASSWORD)
             accounts.add_user(s, "boss", Role.admin, ADMIN_PASSWORD)
             tokens = {
