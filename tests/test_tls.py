@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import ssl
 import struct
@@ -446,8 +447,13 @@ def test_a_tls_destination_gets_the_sr_which_dcmtk_stores(
 @pytest.mark.parametrize(
     ("case", "reason"),
     [
-        # the PACS' certificate was signed by a CA the node was not told to trust
-        ("untrusted CA", "certificate verify failed: self-signed certificate in certificate chain"),
+        # the PACS' certificate was signed by a CA the node was not told to trust (OpenSSL's
+        # words depend on whether the server sends its CA along: storescp does)
+        (
+            "untrusted CA",
+            "certificate verify failed: (self-signed certificate in certificate chain"
+            "|unable to get local issuer certificate)",
+        ),
         # a trusted certificate, but not issued for the address the node connects to
         ("wrong address", "certificate verify failed: IP address mismatch"),
         # mutual TLS: the PACS requires a certificate the node does not have (TLS 1.3 alert)
@@ -496,11 +502,11 @@ def test_a_certificate_problem_fails_the_delivery_with_its_reason_and_gives_up(
             assert row.last_error is not None and row.last_error.startswith(
                 f"SendError: association with PACS@{destination.host}:{port} not established: TLS "
             )
-            assert reason in row.last_error
+            assert re.search(reason, row.last_error), row.last_error
             assert deliver(session, settings, delivery_id, force=True) == "gave up"
             session.refresh(row)
             assert (row.state, row.attempts) == (DeliveryState.gave_up, 2)
-            assert reason in (row.last_error or "")
+            assert re.search(reason, row.last_error or "")
             doc = session.get(SRDocument, row.sr_document_id)
             assert doc is not None and doc.send_status == "failed"
             assert (doc.send_error or "").startswith("pacs: SendError: association with PACS@")
