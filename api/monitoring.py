@@ -2,9 +2,12 @@
 
 The metrics are read from the database at each scrape (the SCP, worker and sweeper are other
 processes; the database is what they share), in the Prometheus text format. Counters are
-totals over rows that are appended and never deleted (instances, results, SRs, refused
-C-STOREs); the histograms (C-STORE handling time, time to result) are computed in SQL over
-the same rows with fixed buckets (``db.node_state``), so they survive restarts of any role.
+totals over rows that are appended and never deleted (instances, results, SRs), or, for the
+refused C-STOREs, whose records are pruned after ``refusal_retention_days``, the rows kept
+plus the per-status totals of those pruned (``store_refusal_totals``): no counter ever
+decreases, which Prometheus would read as a restart. The histograms (C-STORE handling
+time, time to result) are computed in SQL over the same rows with fixed buckets
+(``db.node_state``), so they survive restarts of any role.
 """
 
 from __future__ import annotations
@@ -171,7 +174,8 @@ def counters(totals: node_state.Totals, refusals: dict[str, int]) -> Iterator[Me
         yield CounterMetricFamily(name, documentation, value=value)
     refused = CounterMetricFamily(
         "fracture_triage_instances_refused",
-        "C-STOREs answered with a failure status, by status (PS3.4 Table B.2-1)",
+        "C-STOREs answered with a failure status, by status (PS3.4 Table B.2-1); records "
+        "pruned after FRACTURE_TRIAGE_REFUSAL_RETENTION_DAYS stay counted",
         labels=["status"],
     )
     for status, n in sorted(refusals.items()):

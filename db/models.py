@@ -429,18 +429,33 @@ class AuditEvent(Base):
 class StoreRefusal(Base):
     """One C-STORE the SCP answered with a failure status (PS3.4 Table B.2-1: 0xA700 out of
     resources, 0xA900 data set does not match SOP Class, 0xC000 cannot understand, ...),
-    whether or not the object could be recorded as an instance. Appended, never changed:
-    ``/metrics`` counts them by status. No patient data: the reason is the status comment."""
+    whether or not the object could be recorded as an instance. Appended, never changed;
+    deleted ``Settings.refusal_retention_days`` after ``at`` (``fracture_triage.retention``),
+    each deleted row counted on in :class:`StoreRefusalTotal`. No patient data: the reason
+    is the status comment."""
 
     __tablename__ = "store_refusals"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    #: Indexed (revision 0011): the pruning reads the oldest rows.
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     status: Mapped[int] = mapped_column(Integer, index=True)
     #: The Affected SOP Instance UID when it is a valid UID (PS3.5 9.1), else None.
     sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
     calling_ae_title: Mapped[str | None] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(Text)
+
+
+class StoreRefusalTotal(Base):
+    """Per failure status, the :class:`StoreRefusal` rows pruned so far: ``/metrics``'
+    ``fracture_triage_instances_refused_total`` is these plus the rows still kept, so it
+    never decreases (a Prometheus counter; a decrease would read as a restart and
+    ``rate()`` would jump)."""
+
+    __tablename__ = "store_refusal_totals"
+
+    status: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    pruned: Mapped[int] = mapped_column(Integer)
 
 
 # Worklist filters and ordering run in SQL (db/worklist.py); these keep them off full scans.

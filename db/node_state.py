@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, case, func, or_, select
+from sqlalchemy import ColumnElement, case, delete, func, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from db.models import (
@@ -15,6 +18,7 @@ from db.models import (
     SendStatus,
     SRDocument,
     StoreRefusal,
+    StoreRefusalTotal,
     Study,
 )
 from db.repository import REFUSED_PREFIX, utcnow
@@ -92,11 +96,62 @@ def status_label(status: int) -> str:
 
 
 def refusals_by_status(session: Session) -> dict[str, int]:
-    """Refused C-STOREs so far by status (:func:`status_label`)."""
-    rows = session.execute(
-        select(StoreRefusal.status, func.count()).group_by(StoreRefusal.status)
-    ).tuples()
-    return {status_label(int(status)): int(n) for status, n in rows}
+    """Refused C-STOREs so far by status (:func:`status_label`): the rows kept plus those
+    pruned (:class:`StoreRefusalTotal`), so a count never decreases when rows are pruned."""
+    counts: Counter[int] = Counter()
+    kept = select(StoreRefusal.status, func.count()).group_by(StoreRefusal.status)
+    for status, n in session.execute(kept).tuples():
+        counts[int(status)] += int(n)
+    for status, n in session.execute(
+        select(StoreRefusalTotal.status, StoreRefusalTotal.pruned)
+    ).tuples():
+        counts[int(status)] += int(n)
+    return {status_label(status): n for status, n in sorted(counts.items())}
+
+
+def refusals_before(session: Session, before: datetime) -> int:
+    """Refusal rows older than ``before`` (what :func:`prune_refusals` would delete)."""
+    query = select(func.count()).select_from(StoreRefusal).where(StoreRefusal.at < before)
+    return int(session.scalar(query) or 0)
+
+
+def prune_refusals(session: Session, before: datetime, limit: int) -> int:
+    """Delete up to ``limit`` refusal rows older than ``before``, oldest first, adding each to
+    its status' pruned total in the same transaction (so ``/metrics`` counts it still);
+    return how many. Does not commit.
+
+    The totals are incremented by what the DELETE returns: two prunes at once (the sweeper
+    and ``fracture-triage purge``) each count only the rows they deleted, never one twice.
+    """
+    oldest = (
+        select(StoreRefusal.id)
+        .where(StoreRefusal.at < before)
+        .order_by(StoreRefusal.id)
+        .limit(limit)
+        .scalar_subquery()
+    )
+    deleted = session.scalars(
+        delete(StoreRefusal)
+        .where(StoreRefusal.id.in_(oldest))
+        .returning(StoreRefusal.status)
+        .execution_options(synchronize_session=False)
+    ).all()
+    for status, n in Counter(int(s) for s in deleted).items():
+        _add_pruned(session, status, n)
+    return len(deleted)
+
+
+def _add_pruned(session: Session, status: int, n: int) -> None:
+    """``pruned += n`` for ``status``, creating its row: one atomic upsert (both dialects
+    spell it ``INSERT ... ON CONFLICT (status) DO UPDATE``)."""
+    values = {"status": status, "pruned": n}
+    update_ = {"pruned": StoreRefusalTotal.pruned + n}
+    if session.get_bind().dialect.name == "postgresql":
+        pg = postgresql.insert(StoreRefusalTotal).values(values)
+        session.execute(pg.on_conflict_do_update(index_elements=["status"], set_=update_))
+    else:
+        lite = sqlite.insert(StoreRefusalTotal).values(values)
+        session.execute(lite.on_conflict_do_update(index_elements=["status"], set_=update_))
 
 
 def _not_refused() -> ColumnElement[bool]:
@@ -108,7 +163,8 @@ def _not_refused() -> ColumnElement[bool]:
 @dataclass(frozen=True)
 class Totals:
     """Counter-like totals read from the tables (rows are appended, not deleted; retention
-    keeps the rows of the files it deletes)."""
+    keeps the rows of the files it deletes; pruned refusals are counted on in their
+    totals, :func:`refusals_by_status`)."""
 
     #: Instances stored and recorded (an object refused by the SCP is not one of them)
     received: int

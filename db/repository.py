@@ -26,8 +26,11 @@ def utcnow() -> datetime:
 
 
 def as_utc(value: datetime) -> datetime:
-    """SQLite returns naive datetimes; every stored time is UTC."""
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    """The same instant as an aware datetime in UTC, what every output (results, the API,
+    the pages, which print the first 19 characters under "UTC") shows. SQLite returns naive
+    datetimes, stored as UTC; PostgreSQL returns ``timestamptz`` in the server's (session's)
+    ``TimeZone``, which on a hospital's server is local time, not UTC."""
+    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)

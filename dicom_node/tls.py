@@ -39,6 +39,8 @@ from typing import Any
 
 from pynetdicom.transport import RequestHandler
 
+from fracture_triage.tls_context import handshake_failure
+
 logger = logging.getLogger(__name__)
 
 #: Bytes held per direction before the relay stops reading that side (back-pressure).
@@ -259,7 +261,7 @@ class TlsRequestHandler(RequestHandler):
             _close(raw)
             return None
         except (OSError, ValueError) as exc:  # ssl.SSLError, TimeoutError are OSErrors
-            reason = getattr(exc, "reason", None) or type(exc).__name__
+            reason = handshake_failure(exc)
             if isinstance(exc, TimeoutError):
                 reason = f"no handshake within {self.limits.handshake_timeout:.0f} s"
             logger.warning("TLS handshake with %s failed: %s", peer, reason)

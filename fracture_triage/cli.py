@@ -208,7 +208,8 @@ def build_parser(with_model_commands: bool = True) -> argparse.ArgumentParser:
     purge = sub.add_parser(
         "purge",
         help="delete stored objects and SRs past FRACTURE_TRIAGE_RETENTION_DAYS / "
-        "_SR_RETENTION_DAYS (database rows stay, marked purged)",
+        "_SR_RETENTION_DAYS (database rows stay, marked purged), and the records of refused "
+        "C-STOREs past _REFUSAL_RETENTION_DAYS (30)",
     )
     _common(purge, broker=False)
     purge.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
@@ -465,18 +466,18 @@ def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
     from db.session import make_engine, make_session_factory
     from fracture_triage.retention import purge, retention_configured
 
-    if not retention_configured(settings):
-        print(
-            "retention is off (FRACTURE_TRIAGE_RETENTION_DAYS and _SR_RETENTION_DAYS unset): "
-            "nothing is deleted"
-        )
-        return 0
     engine = make_engine(settings.resolved_database_url)
     try:
         done = purge(make_session_factory(engine), settings, dry_run=args.dry_run)
     finally:
         engine.dispose()
-    print(done.summary())
+    if retention_configured(settings):
+        print(done.summary())
+    else:  # the refusal records have their own retention, always on
+        print(
+            "file retention is off (FRACTURE_TRIAGE_RETENTION_DAYS and _SR_RETENTION_DAYS "
+            f"unset): no file is deleted; {done.refusals_summary()}"
+        )
     return 0
 
 

@@ -14,6 +14,12 @@ own SR files, counted from their sending (or production).
 Database rows stay, with ``purged_at`` set, so results, worklists and audits keep the
 history. ``fracture-triage purge [--dry-run]`` runs it; run it daily (cron, a systemd
 timer, a compose job). Logs and output carry counts, sizes and UIDs, never patient data.
+
+The one exception: the records of refused C-STOREs (``store_refusals``: a status, a UID,
+an AE title, no patient data) are deleted ``Settings.refusal_retention_days`` (30) after
+the refusal, always (a peer sending garbage in a loop must not fill the database), by
+``purge`` and by the sweeper every hour (:func:`prune_refusals`). Each deleted row is
+added to its status' total, so ``/metrics``' refusal counter never goes down.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from pathlib import Path
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from db import node_state
 from db.models import Instance, InstanceStatus, SendStatus, Series, SRDocument
 from db.repository import REFUSED_PREFIX, utcnow
 from fracture_triage.settings import Settings
@@ -48,14 +55,47 @@ class Purge:
     rejected_files: int = 0
     bytes: int = 0
     studies: set[int] = field(default_factory=set)
+    #: records of refused C-STOREs (``store_refusals``) past ``refusal_retention_days``
+    refusals: int = 0
 
     def summary(self) -> str:
         verb = "would purge" if self.dry_run else "purged"
         return (
             f"{verb} {self.objects} received object(s) of {len(self.studies)} study(ies), "
             f"{self.rejected_files} refused object file(s) and {self.srs} SR file(s): "
-            f"{self.bytes / 1024**2:.1f} MiB"
+            f"{self.bytes / 1024**2:.1f} MiB; {self.refusals_summary()}"
         )
+
+    def refusals_summary(self) -> str:
+        verb = "would prune" if self.dry_run else "pruned"
+        return f"{verb} {self.refusals} C-STORE refusal record(s)"
+
+
+#: Refusal rows deleted per transaction (short ones: the SCP keeps appending).
+REFUSAL_BATCH = 5000
+
+
+def prune_refusals(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    *,
+    dry_run: bool = False,
+    now: datetime | None = None,
+) -> int:
+    """Delete the refusal records older than ``settings.refusal_retention_days`` (with
+    ``dry_run``, count them); how many."""
+    before = (now or utcnow()) - timedelta(days=settings.refusal_retention_days)
+    if dry_run:
+        with sessions() as session:
+            return node_state.refusals_before(session, before)
+    total = 0
+    while True:
+        with sessions() as session:
+            n = node_state.prune_refusals(session, before, REFUSAL_BATCH)
+            session.commit()
+        total += n
+        if n == 0:
+            return total
 
 
 def _delivered(cutoff: datetime) -> object:
@@ -188,13 +228,15 @@ def purge(
                     )
                     session.commit()
             result.srs += len(batch_srs)
-    if not dry_run and (result.objects or result.srs or result.rejected_files):
+    result.refusals = prune_refusals(sessions, settings, dry_run=dry_run, now=now)
+    if not dry_run and (result.objects or result.srs or result.rejected_files or result.refusals):
         log.info("retention: %s", result.summary())
     return result
 
 
 def retention_configured(settings: Settings) -> bool:
+    """Whether files are deleted (refusal records always are, see the module doc)."""
     return settings.retention_days is not None or settings.sr_retention_days is not None
 
 
-__all__ = ["Purge", "due_objects", "due_srs", "purge", "retention_configured"]
+__all__ = ["Purge", "due_objects", "due_srs", "prune_refusals", "purge", "retention_configured"]

@@ -275,6 +275,10 @@ class Settings(BaseSettings):
     retention_days: float | None = Field(default=None, gt=0)
     #: Days after sending (or producing) that the node's own SR files are deleted.
     sr_retention_days: float | None = Field(default=None, gt=0)
+    #: Days the record of each refused C-STORE (``store_refusals``, no patient data) is kept;
+    #: older ones are deleted by ``purge`` and hourly by the sweeper, and stay counted in
+    #: ``/metrics``. Always on: a flood of refusals must not fill the database.
+    refusal_retention_days: float = Field(default=30.0, gt=0)
 
     # DICOM over TLS (PS3.15 Annex B; dicom_node.tls)
     #: The node's certificate chain and private key (PEM): both set serve TLS on ``tls_port``.

@@ -2,7 +2,10 @@
 and ``fracture-triage resend``; the HL7 ORU^R01 to a RIS over MLLP.
 
 Real parts: two Orthanc PACS (one stopped, then started again), the ``fracture-triage``
-command line, and an MLLP listener started by the test that answers like a RIS.
+command line, and an MLLP listener started by the test that answers like a RIS. The tests
+that record deliveries run on SQLite and on PostgreSQL (``database_url``): the claim, the
+backoff times, the sweeper's due query and the correction order are SQL, and PostgreSQL
+answers with time-zone-aware datetimes where SQLite gives naive ones.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import hl7
@@ -23,7 +26,7 @@ from hl7.client import CR, EB, SB
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.deliveries import resend
+from db.deliveries import CLAIM_LEASE, claim, due_deliveries, resend
 from db.migrations import upgrade
 from db.models import Delivery, DeliveryState, SRDocument, Study
 from db.repository import as_utc, utcnow
@@ -31,6 +34,7 @@ from db.session import make_engine, make_session_factory
 from fracture_triage.results import collect_results, write_table
 from fracture_triage.settings import Destination, Settings
 from tests.conftest import require
+from tests.databases import migrated
 from tests.servers import OrthancServer, free_port, orthanc_server
 from tests.test_cli_results import cli
 from tests.test_sr import RG3, classify, receive, report, study_id_of
@@ -44,11 +48,26 @@ from worker.tasks import deliver as deliver_task
 ACCESSION = "ACC|77^X"  # HL7 delimiters inside: must arrive escaped and come back whole
 
 
+#: The PostgreSQL server's time zone in these tests: a hospital's server keeps local time
+#: (initdb takes the system's), and +13:45 cannot pass for UTC by accident.
+SERVER_TIME_ZONE = "Pacific/Chatham"
+
+
 @pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    url = f"sqlite:///{tmp_path / 'triage.db'}"
-    upgrade(url)  # the migrations, as a node runs them (revision 0009 made `deliveries`)
-    engine = make_engine(url)
+def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
+    """The node's database, migrated (revision 0009 made `deliveries`), on SQLite and on
+    PostgreSQL (``database_url``'s parameters), the latter in :data:`SERVER_TIME_ZONE`."""
+    if database_url.startswith("postgresql"):
+        from sqlalchemy import create_engine, text
+        from sqlalchemy.engine import make_url
+
+        name = make_url(database_url).database
+        admin = create_engine(database_url)
+        with admin.begin() as conn:
+            conn.execute(text(f"ALTER DATABASE \"{name}\" SET timezone TO '{SERVER_TIME_ZONE}'"))
+        admin.dispose()
+    migrated(database_url)
+    engine = make_engine(database_url)
     yield make_session_factory(engine)
     engine.dispose()
 
@@ -83,8 +102,12 @@ def _delivery(sessions: sessionmaker[Session], doc: SRDocument, name: str) -> De
         return row
 
 
-def _run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "FRACTURE_TRIAGE_DATA_DIR": str(tmp_path)}
+def _run_cli(tmp_path: Path, database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "FRACTURE_TRIAGE_DATA_DIR": str(tmp_path),
+        "FRACTURE_TRIAGE_DATABASE_URL": database_url,
+    }
     return subprocess.run(
         [*cli(), *args], env=env, capture_output=True, text=True, timeout=120, check=False
     )
@@ -103,12 +126,14 @@ def two_pacs(tmp_path: Path) -> Iterator[tuple[OrthancServer, OrthancServer]]:
 def test_one_pacs_down_retries_gives_up_and_resend_delivers_it_when_back(
     tmp_path: Path,
     dicom_samples: Path,
+    database_url: str,
     sessions: sessionmaker[Session],
     two_pacs: tuple[OrthancServer, OrthancServer],
 ) -> None:
     up, down = two_pacs
     settings = Settings(
         data_dir=tmp_path,
+        database_url=database_url,  # the worker's own sessions (WorkerState) open it
         destinations=[
             Destination(
                 name="pacs-a",
@@ -148,6 +173,14 @@ def test_one_pacs_down_retries_gives_up_and_resend_delivers_it_when_back(
     assert b.next_attempt_at is not None
     wait = as_utc(b.next_attempt_at) - before
     assert timedelta(seconds=29) <= wait <= timedelta(seconds=32)  # the first backoff: 30 s
+    # Shown in UTC whatever the database server's time zone (the pages print the first 19
+    # characters under "UTC"): results, the API and the study page read delivery_dict.
+    with sessions() as session:
+        (shown_b,) = [
+            d for d in collect_results(session)[0]["deliveries"] if d["destination"] == "pacs-b"
+        ]
+    assert shown_b["next_attempt_at"].endswith("+00:00")
+    assert datetime.fromisoformat(shown_b["next_attempt_at"]) == as_utc(b.next_attempt_at)
     with sessions() as session:
         assert deliver(session, settings, b.id) == "not due"  # the sweeper's early message
         # The SR is not delivered while one destination waits: retention keeps its images.
@@ -173,16 +206,16 @@ def test_one_pacs_down_retries_gives_up_and_resend_delivers_it_when_back(
     write_table(rows, table)
     assert "pacs-a:sent pacs-b:GAVE-UP(2)" in table.getvalue()
     assert "1 deliveries GAVE UP" in table.getvalue()
-    shown = _run_cli(tmp_path, "results", "--json")
+    shown = _run_cli(tmp_path, database_url, "results", "--json")
     assert shown.returncode == 0, shown.stderr
     assert '"state": "gave up"' in shown.stdout and _patient_id(dicom_samples) not in shown.stdout
 
     # resend: an unknown study is an error; --failed puts back only what gave up.
-    unknown = _run_cli(tmp_path, "resend", "--study", "1.2.3.4.999")
+    unknown = _run_cli(tmp_path, database_url, "resend", "--study", "1.2.3.4.999")
     assert unknown.returncode == 1 and "no study with Study Instance UID 1.2.3.4.999" in (
         unknown.stderr
     )
-    requeued = _run_cli(tmp_path, "resend", "--failed")
+    requeued = _run_cli(tmp_path, database_url, "resend", "--failed")
     assert requeued.returncode == 0, requeued.stderr
     assert f"SR {doc.sop_instance_uid} to pacs-b (was gave up)" in requeued.stdout
     assert "pacs-a" not in requeued.stdout
@@ -196,11 +229,13 @@ def test_one_pacs_down_retries_gives_up_and_resend_delivers_it_when_back(
         row = session.get(SRDocument, doc.id)
         assert row is not None and row.send_status == "sent" and row.sent_at is not None
     assert orthanc_instance(down, doc.sop_instance_uid) is not None
-    assert _run_cli(tmp_path, "resend", "--failed").stdout.startswith("nothing to requeue")
+    assert _run_cli(tmp_path, database_url, "resend", "--failed").stdout.startswith(
+        "nothing to requeue"
+    )
 
     # --study sends a study's current SR again everywhere (say, after a PACS lost it).
     study_uid = rows[0]["study_instance_uid"]
-    again = _run_cli(tmp_path, "resend", "--study", study_uid)
+    again = _run_cli(tmp_path, database_url, "resend", "--study", study_uid)
     assert again.returncode == 0, again.stderr
     assert "pacs-a (was sent)" in again.stdout and "pacs-b (was sent)" in again.stdout
 
@@ -300,6 +335,7 @@ def test_the_ris_receives_an_oru_it_can_sort_by_priority(
 def test_a_refusing_ris_is_retried_with_its_text_then_gives_up(
     tmp_path: Path,
     dicom_samples: Path,
+    database_url: str,
     sessions: sessionmaker[Session],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -328,8 +364,7 @@ def test_a_refusing_ris_is_retried_with_its_text_then_gives_up(
     # What an administrator sees: the admin page, the API's study detail, the study page.
     with sessions() as session:
         study_uid = session.scalars(select(Study.study_instance_uid)).one()
-    url = f"sqlite:///{tmp_path / 'triage.db'}"
-    with serve(url, tmp_path) as app:
+    with serve(database_url, tmp_path) as app:
         admin, _ = login(app, "boss", ADMIN_PASSWORD)
         with closing(admin):
             page = admin.get("/admin").text
@@ -375,12 +410,12 @@ def test_nothing_listening_is_an_error_not_a_hang(tmp_path: Path) -> None:
         silent.close()
 
 
-def test_srs_sent_before_revision_0009_keep_their_state_as_deliveries(tmp_path: Path) -> None:
+def test_srs_sent_before_revision_0009_keep_their_state_as_deliveries(database_url: str) -> None:
     """An upgraded node shows the old single destination's history, and `resend --failed`
     can put back an SR that failed before the upgrade."""
     from sqlalchemy import create_engine, text
 
-    url = f"sqlite:///{tmp_path / 'old.db'}"
+    url = database_url
     upgrade(url, "0008")
     engine = create_engine(url)
     with engine.begin() as conn:
@@ -396,13 +431,14 @@ def test_srs_sent_before_revision_0009_keep_their_state_as_deliveries(tmp_path: 
                     "INSERT INTO sr_documents (id, study_id, study_revision, sop_instance_uid,"
                     " series_instance_uid, path, created_at, fracture, instance_count,"
                     " send_status, send_attempts, send_error) VALUES (:i, 1, :i, :uid, '1.9',"
-                    " 'x.dcm', '2026-01-01 00:00:00', 0, 1, :s, 5, :e)"
+                    " 'x.dcm', '2026-01-01 00:00:00', false, 1, :s, 5, :e)"
                 ),
                 {"i": i, "uid": f"1.2.3.{i}", "s": status, "e": "refused" if i == 3 else None},
             )
     engine.dispose()
     upgrade(url)
-    sessions = make_session_factory(make_engine(url))
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)
     with sessions() as session:
         rows = session.scalars(select(Delivery).order_by(Delivery.sr_document_id)).all()
         got = [(r.sr_document_id, r.destination, r.state, r.attempts, r.last_error) for r in rows]
@@ -413,6 +449,7 @@ def test_srs_sent_before_revision_0009_keep_their_state_as_deliveries(tmp_path: 
         ]
         requeued = resend(session, gave_up=True)
         assert requeued is not None and [r.sr_sop_instance_uid for r in requeued] == ["1.2.3.3"]
+    engine.dispose()
 
 
 @pytest.mark.slow  # Redis, a Celery worker, Orthanc and an MLLP listener
@@ -539,3 +576,35 @@ def test_the_sweeper_queues_only_what_is_due_to_a_configured_destination(
     finally:
         enqueuer.close()
         redis.stop()
+
+
+def test_of_several_simultaneous_attempts_one_claims_the_delivery(
+    tmp_path: Path, dicom_samples: Path, sessions: sessionmaker[Session]
+) -> None:
+    """The sweeper's message and the report task's (or two workers) reach one delivery at
+    once: exactly one attempt is made. The claim is one conditional UPDATE; on PostgreSQL
+    the losers wait for the winner's commit and then find the row no longer due."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = _hl7_settings(tmp_path, free_port())  # nothing is sent: claims only
+    doc = _reported_study(sessions, settings, dicom_samples, 0.5)
+    delivery_id = _delivery(sessions, doc, "ris").id
+    attempts = 6
+    start = threading.Barrier(attempts)
+
+    def attempt(_: int) -> bool:
+        with sessions() as session:
+            start.wait(timeout=30)
+            won = claim(session, delivery_id) is not None
+            session.commit()
+            return won
+
+    with ThreadPoolExecutor(attempts) as pool:
+        outcomes = list(pool.map(attempt, range(attempts)))
+    assert outcomes.count(True) == 1
+    row = _delivery(sessions, doc, "ris")
+    assert row.state == DeliveryState.pending and row.next_attempt_at is not None
+    lease_left = as_utc(row.next_attempt_at) - utcnow()
+    assert CLAIM_LEASE - timedelta(minutes=1) < lease_left <= CLAIM_LEASE  # held, not due
+    with sessions() as session:  # while the lease holds, the sweeper does not queue it
+        assert due_deliveries(session, ["ris"]) == []

@@ -154,4 +154,5 @@ def test_purge_without_retention_deletes_nothing(tmp_path: Path) -> None:
         text=True,
         timeout=120,
     )
-    assert run.returncode == 0 and "retention is off" in run.stdout
+    assert run.returncode == 0 and "file retention is off" in run.stdout
+    assert "no file is deleted; pruned 0 C-STORE refusal record(s)" in run.stdout

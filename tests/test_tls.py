@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import ssl
 import struct
@@ -32,12 +33,13 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.scp import StorageSCP
-from fracture_triage.settings import Settings
+from fracture_triage.settings import Destination, Settings
 from tests.certs import Pki, make_pki
 from tests.conftest import require
 from tests.servers import RedisServer, free_port, wait_for_port
 from tests.test_at_rest import scp_role
 from tests.test_cli_results import cli
+from tests.test_destinations import _delivery, _reported_study
 from tests.test_scp import DCMTK_ENV, TINY_CR, dcmtk, instances
 from tests.test_scp_hostile import closed_by_peer, no_broker
 
@@ -380,3 +382,132 @@ def test_sr_is_sent_over_tls_with_the_node_certificate(tmp_path: Path, pki: Pki)
             send_report(settings.model_copy(update={"sr_destination_tls": False}), sr)
         with pytest.raises(SendError):
             send_report(settings.model_copy(update={"sr_destination_tls_ca": pki.rogue_ca}), sr)
+
+
+# --- outbound: a configured TLS destination, delivered by worker.delivery --------------------
+
+
+@contextmanager
+def tls_delivery(
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    dicom_samples: Path,
+    destination: Any,
+    **node: Any,
+) -> Iterator[tuple[Settings, int]]:
+    """A reported study whose one delivery goes to ``destination``; yields the settings
+    (``node``: the node's own ``tls_cert``/``tls_key``) and the delivery's id."""
+    settings = Settings(
+        data_dir=tmp_path, destinations=[destination], delivery_max_attempts=2, **node
+    )
+    doc = _reported_study(sessions, settings, dicom_samples, 0.9)
+    yield settings, _delivery(sessions, doc, destination.name).id
+
+
+def pacs(port: int, pki: Pki, *, host: str = "127.0.0.1", ca: Path | None = None) -> Destination:
+    return Destination(
+        name="pacs",
+        kind="dicom",
+        host=host,
+        port=port,
+        ae_title="PACS",
+        tls=True,
+        tls_ca=ca or pki.ca,
+    )
+
+
+def test_a_tls_destination_gets_the_sr_which_dcmtk_stores(
+    tmp_path: Path, sqlite_db: sessionmaker[Session], pki: Pki, dicom_samples: Path
+) -> None:
+    """``"tls": true`` with the PACS' CA: the SR goes over TLS, offering the node's
+    certificate, which storescp requires (``+cf``: client certificates must chain to it)."""
+    from db.models import Delivery, DeliveryState, SRDocument
+    from worker.delivery import deliver
+
+    received = tmp_path / "pacs"
+    with storescp_tls(received, pki, pki.ca) as port:
+        node = {"tls_cert": pki.client.cert, "tls_key": pki.client.key}
+        with (
+            tls_delivery(tmp_path, sqlite_db, dicom_samples, pacs(port, pki), **node) as (
+                settings,
+                delivery_id,
+            ),
+            sqlite_db() as session,
+        ):
+            assert deliver(session, settings, delivery_id) == "sent"
+            row = session.get(Delivery, delivery_id)
+            assert row is not None and row.state == DeliveryState.sent
+            doc = session.get(SRDocument, row.sr_document_id)
+            assert doc is not None and doc.send_status == "sent"
+    (stored,) = [pydicom.dcmread(p) for p in received.iterdir()]
+    assert stored.SOPInstanceUID == doc.sop_instance_uid
+    assert stored.SOPClassUID == Comprehensive3DSRStorage
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        # the PACS' certificate was signed by a CA the node was not told to trust (OpenSSL's
+        # words depend on whether the server sends its CA along: storescp does)
+        (
+            "untrusted CA",
+            "certificate verify failed: (self-signed certificate in certificate chain"
+            "|unable to get local issuer certificate)",
+        ),
+        # a trusted certificate, but not issued for the address the node connects to
+        ("wrong address", "certificate verify failed: IP address mismatch"),
+        # mutual TLS: the PACS requires a certificate the node does not have (TLS 1.3 alert)
+        ("no node certificate", "TLSV13_ALERT_CERTIFICATE_REQUIRED"),
+        # mutual TLS: the node's certificate is not one the PACS trusts
+        ("untrusted node certificate", "TLSV1_ALERT_UNKNOWN_CA"),
+    ],
+)
+def test_a_certificate_problem_fails_the_delivery_with_its_reason_and_gives_up(
+    tmp_path: Path,
+    sqlite_db: sessionmaker[Session],
+    pki: Pki,
+    dicom_samples: Path,
+    case: str,
+    reason: str,
+) -> None:
+    """Nothing is sent; the attempt ends at once (no hang on a handshake); the delivery is
+    retried and gives up like any failure, its error (and the SR's) saying what to fix."""
+    from db.models import Delivery, DeliveryState, SRDocument
+    from worker.delivery import deliver
+
+    received = tmp_path / "pacs"
+    with storescp_tls(received, pki, pki.ca) as port:
+        destination = pacs(port, pki)
+        node: dict[str, Any] = {"tls_cert": pki.client.cert, "tls_key": pki.client.key}
+        if case == "untrusted CA":
+            destination = pacs(port, pki, ca=pki.rogue_ca)
+        elif case == "wrong address":  # storescp listens on every address, 127.0.0.2 too
+            destination = pacs(port, pki, host="127.0.0.2")
+        elif case == "no node certificate":
+            node = {}
+        else:
+            node = {"tls_cert": pki.rogue_client.cert, "tls_key": pki.rogue_client.key}
+        with (
+            tls_delivery(tmp_path, sqlite_db, dicom_samples, destination, **node) as (
+                settings,
+                delivery_id,
+            ),
+            sqlite_db() as session,
+        ):
+            started = time.monotonic()
+            assert deliver(session, settings, delivery_id) == "retry"
+            assert time.monotonic() - started < 10
+            row = session.get(Delivery, delivery_id)
+            assert row is not None and (row.state, row.attempts) == (DeliveryState.pending, 1)
+            assert row.last_error is not None and row.last_error.startswith(
+                f"SendError: association with PACS@{destination.host}:{port} not established: TLS "
+            )
+            assert re.search(reason, row.last_error), row.last_error
+            assert deliver(session, settings, delivery_id, force=True) == "gave up"
+            session.refresh(row)
+            assert (row.state, row.attempts) == (DeliveryState.gave_up, 2)
+            assert re.search(reason, row.last_error or "")
+            doc = session.get(SRDocument, row.sr_document_id)
+            assert doc is not None and doc.send_status == "failed"
+            assert (doc.send_error or "").startswith("pacs: SendError: association with PACS@")
+    assert list(received.iterdir()) == []

@@ -81,7 +81,12 @@ def send_files(
         host, port, ae_title=called_aet, max_pdu=settings.max_pdu, tls_args=tls_args
     )
     if not assoc.is_established:
-        raise SendError(f"association with {called_aet}@{host}:{port} not established")
+        why = ""
+        if tls_args is not None and tls_args[0].failure is not None:
+            # Not a PACS that is down: a certificate someone has to change (the delivery
+            # retries and gives up all the same, with this in its error).
+            why = f": TLS {tls_context.handshake_failure(tls_args[0].failure)}"
+        raise SendError(f"association with {called_aet}@{host}:{port} not established{why}")
     errors: list[str | None] = []
     try:
         for ds in datasets:

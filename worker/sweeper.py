@@ -17,7 +17,12 @@ Every ``settings.sweeper_interval_seconds`` it
    ``report_resend_after`` (a lost message is sent again, a slow one is not duplicated);
 4. queues ``deliver`` for each SR delivery that is due (``db.deliveries.due_deliveries``:
    pending, its backoff time passed, to a destination still configured), at most once every
-   ``report_resend_after`` per delivery (the task claims the row, so a duplicate is cheap).
+   ``report_resend_after`` per delivery (the task claims the row, so a duplicate is cheap);
+5. every ``prune_every_s`` (an hour), and on its first sweep, deletes the records of refused
+   C-STOREs past ``refusal_retention_days`` (``fracture_triage.retention.prune_refusals``),
+   whether or not anyone runs ``fracture-triage purge``: the SCP appends one per refusal,
+   and a peer that sends garbage in a loop must not fill the database. After the other
+   steps, and even with the broker down: it needs only the database.
 
 It writes no report state itself: the SR task records the SR (or why it cannot be built)
 and the reported revision in one transaction, so a crash anywhere leaves the study
@@ -45,6 +50,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import repository
 from db.deliveries import due_deliveries
 from fracture_triage.messages import Deliver, ReportStudy
+from fracture_triage.retention import prune_refusals
 from fracture_triage.settings import Settings
 from worker.queue import CeleryEnqueuer, EnqueueError, classify_message, queue_instance
 
@@ -55,6 +61,8 @@ STALE_AFTER = timedelta(minutes=2)
 PENDING_AFTER = timedelta(seconds=5)
 REPORT_RESEND_AFTER_S = 120.0
 PENDING_BATCH = 500
+#: Seconds between two prunes of the refusal records (their retention is in days).
+PRUNE_EVERY_S = 3600.0
 
 
 @dataclass
@@ -65,6 +73,8 @@ class SweepCounts:
     adopted: int = 0
     reports: int = 0
     sends: int = 0
+    #: refusal records deleted (past ``refusal_retention_days``)
+    refusals_pruned: int = 0
     broker_down: bool = False
 
 
@@ -78,6 +88,9 @@ class Sweeper:
     stale_after: timedelta = STALE_AFTER
     pending_after: timedelta = PENDING_AFTER
     report_resend_after_s: float = REPORT_RESEND_AFTER_S
+    prune_every_s: float = PRUNE_EVERY_S
+    #: monotonic time of the last prune of the refusal records (None: not yet)
+    _pruned_at: float | None = None
     #: study id -> (revision, monotonic time the report was queued)
     _reports: dict[int, tuple[int, float]] = field(default_factory=dict)
     #: delivery id -> monotonic time its attempt was queued
@@ -96,6 +109,16 @@ class Sweeper:
                 session.commit()
                 if counts.broker_down:
                     break
+        now = time.monotonic()
+        if self._pruned_at is None or now - self._pruned_at >= self.prune_every_s:
+            counts.refusals_pruned = prune_refusals(self.sessions, self.settings)
+            self._pruned_at = now
+            if counts.refusals_pruned:
+                log.info(
+                    "pruned %d C-STORE refusal record(s) older than %g days",
+                    counts.refusals_pruned,
+                    self.settings.refusal_retention_days,
+                )
         return counts
 
     def _queue_pending(self, session: Session, counts: SweepCounts) -> None:
