@@ -18,7 +18,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import identity, node_state, repository
-from db.group_commit import GroupCommit
 from db.identity import IdentityConflict
 from db.models import Instance, InstanceStatus, Series, Study
 from db.repository import ReceivedInstance
@@ -103,9 +101,6 @@ class StoreContext:
     in_flight: InFlight = field(default_factory=InFlight)
     #: The free-space reserve (``fracture_triage.disk``), checked before anything is written.
     watermark: Watermark = field(init=False)
-    #: Commits the associations' records together (``db.group_commit``): one fsync for all
-    #: the objects stored meanwhile, each answered only after its record is committed.
-    writes: GroupCommit = field(init=False)
     #: Serialise "already stored?" + write + record per SOP Instance UID within this process,
     #: so two associations sending the same instance at once store and queue it once.
     _locks: tuple[threading.Lock, ...] = field(
@@ -114,7 +109,6 @@ class StoreContext:
 
     def __post_init__(self) -> None:
         self.watermark = Watermark(self.settings)
-        self.writes = GroupCommit(self.session_factory)
 
     def lock_for(self, sop_instance_uid: str) -> threading.Lock:
         return self._locks[hash(sop_instance_uid) % _LOCK_STRIPES]
@@ -495,7 +489,9 @@ def _store(event: Event, ctx: StoreContext, start: float) -> Dataset:
             return _status(OUT_OF_RESOURCES, "cannot write to storage; retry later")
 
         try:
-            instance, created = ctx.writes.run(lambda s: _record(s, rec, start))
+            instance, created = in_transaction(
+                ctx.session_factory, lambda s: _record(s, rec, start)
+            )
             instance_id = instance.id
             status = instance.status
         except IdentityConflict as exc:
@@ -658,16 +654,14 @@ def _queue(
             type(exc).__name__,
         )
         return False
-    store_ms = None if start is None else _elapsed_ms(start)
-    # Not waited for: the answer does not depend on it. Should it be lost (a crash, the
-    # database refusing it), the instance stays pending with its message on the broker, and
-    # the sweeper, seeing the broker holds it, marks it queued without sending it again.
-    marked = ctx.writes.submit(lambda s: repository.mark_queued(s, instance_id, store_ms))
-    marked.add_done_callback(lambda done: _log_mark_failure(done, sop_instance_uid))
-    return True
-
-
-def _log_mark_failure(done: Future[Any], sop_instance_uid: str) -> None:
-    exc = done.exception()
-    if exc is not None:
+    try:
+        with ctx.session_factory() as session:
+            repository.mark_queued(
+                session, instance_id, None if start is None else _elapsed_ms(start)
+            )
+            session.commit()
+    except SQLAlchemyError as exc:
+        # The message is on the broker; the record stays pending and the sweeper may send it
+        # again, which the idempotent task ignores.
         logger.warning("could not mark %s queued: %s", sop_instance_uid, type(exc).__name__)
+    return True

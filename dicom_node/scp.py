@@ -247,7 +247,6 @@ class StorageSCP:
         pydicom_config.settings.reading_validation_mode = self._validation_mode
         if not self.context.in_flight.wait_idle(grace):
             logger.warning("C-STORE requests still running after %.0f s: aborting", grace)
-        self.context.writes.close()
         for server in servers:
             for assoc in server.active_associations:
                 assoc.abort()
