@@ -31,6 +31,11 @@ the same files over 4 parallel associations: with ``dcmsend`` over TCP, and over
 ``storescu +tla`` (dcmsend has no TLS) to ``storescp +tls`` and to the node's TLS port. It
 prints MB/s (file bytes / seconds from the first association to the last one released,
 median of the rounds) side by side, their ratio and the goal (0.75).
+
+Beside them it measures pynetdicom's own receiver answering Success without decoding,
+writing or recording anything (the ceiling of any node built on pynetdicom's network layer),
+how busy the machine's cores were, and how many cores the node's SCP and worker used while
+the files arrived: where the time goes.
 """
 
 from __future__ import annotations
@@ -310,6 +315,34 @@ def _storescp(folder: Path, tls: tuple[Path, Path] | None) -> Iterator[int]:
         shutil.rmtree(out, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _bare_pynetdicom(tls: tuple[Path, Path] | None) -> Iterator[int]:
+    """pynetdicom's own receiver answering Success to every C-STORE without decoding,
+    writing or recording anything: the ceiling of any node built on pynetdicom's network
+    layer (the node's guard, checks, fsyncs and database come on top). Yields its port."""
+    from pynetdicom import AllStoragePresentationContexts, evt
+
+    ae = AE(ae_title="FXTRIAGE")
+    ae.supported_contexts = AllStoragePresentationContexts
+    ae.maximum_pdu_size = INGEST_PDU
+    context = None
+    if tls is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(str(tls[0]), str(tls[1]))
+    port = _free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        evt_handlers=[(evt.EVT_C_STORE, lambda _event: 0x0000)],  # 0x0000 Success, unseen
+        ssl_context=context,
+    )
+    assert server is not None  # block=False returns the running server
+    try:
+        yield port
+    finally:
+        server.shutdown()
+
+
 def _fracture_triage() -> list[str]:
     """The ``fracture-triage`` console script beside this interpreter."""
     script = Path(sys.executable).with_name("fracture-triage")
@@ -319,10 +352,54 @@ def _fracture_triage() -> list[str]:
     return [found]
 
 
+def _machine_cpu() -> tuple[int, int]:
+    """(all, idle) clock ticks of every core since boot (``/proc/stat``)."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return sum(ticks), ticks[3] + ticks[4]  # idle + iowait
+
+
+def _busy_since(before: tuple[int, int]) -> float:
+    """The fraction of the machine's cores busy since ``before`` (:func:`_machine_cpu`)."""
+    total, idle = _machine_cpu()
+    return 1 - (idle - before[1]) / max(1, total - before[0])
+
+
+#: The roles of ``fracture-triage up``, as the last word of their command lines.
+_ROLES = ("scp", "worker", "sweeper", "api")
+
+
+def _role_cpu(root: int) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each role among ``root``'s descendants
+    (a Celery pool child counts as ``worker``; the embedded Redis as ``redis``)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parents[int(entry.name)] = int(
+                    (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+                )
+    tick = os.sysconf("SC_CLK_TCK")
+    cpu: dict[str, float] = {}
+    for pid in parents:
+        ancestor = parents.get(pid)
+        while ancestor not in (None, 0, 1, root):
+            ancestor = parents.get(ancestor)
+        if ancestor != root:
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            args = [w.decode(errors="replace") for w in words if w]
+            role = next((r for r in _ROLES if r in args), "redis" if "redis" in args[0] else "")
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            if role:
+                cpu[role] = cpu.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return cpu
+
+
 @contextlib.contextmanager
-def _node(folder: Path, tls: tuple[Path, Path] | None) -> Iterator[int]:
+def _node(folder: Path, tls: tuple[Path, Path] | None) -> Iterator[tuple[int, int]]:
     """``fracture-triage up`` in ``folder`` (every image in scope); yields the DICOM port the
-    clients use: the plain one, or the TLS port when ``tls`` is given."""
+    clients use (the plain one, or the TLS port when ``tls`` is given) and its pid."""
     dicom_port, tls_port, http_port = _free_port(), _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRACTURE_TRIAGE_")}
     env["FRACTURE_TRIAGE_BODY_PARTS"] = "*"  # the worker classifies every image received
@@ -349,7 +426,7 @@ def _node(folder: Path, tls: tuple[Path, Path] | None) -> Iterator[int]:
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise SystemExit(f"up did not start: see {folder / 'up.log'}")
             time.sleep(0.2)
-        yield port
+        yield port, proc.pid
     finally:
         _stop(proc, 90)
         log.close()
@@ -371,32 +448,67 @@ def run_ingest(samples: Path, count: int, rounds: int) -> dict[str, dict[str, fl
         )
         for transport in ("TCP", "TLS"):
             tls = tls_pair if transport == "TLS" else None
-            runs: dict[str, list[float]] = {"node": [], "storescp": []}
+            runs: dict[str, list[float]] = {
+                "node": [],
+                "storescp": [],
+                "pynetdicom": [],
+                "scp_cores": [],
+                "worker_cores": [],
+            }
             for r in range(rounds):
-                for target in ("storescp", "node"):
+                for target in ("storescp", "pynetdicom", "node"):
                     work = root / f"{target}-{transport}-{r}"
                     work.mkdir()
                     # fresh UIDs every time: a re-sent object would not be stored again
                     _write_ingest_files(sources, root / "files", count)
                     files = sorted((root / "files").glob("*.dcm"))
-                    receiver = _storescp(work, tls) if target == "storescp" else _node(work, tls)
-                    with receiver as port:
+                    with contextlib.ExitStack() as stack:
+                        pid = None
+                        if target == "node":
+                            port, pid = stack.enter_context(_node(work, tls))
+                        elif target == "storescp":
+                            port = stack.enter_context(_storescp(work, tls))
+                        else:
+                            port = stack.enter_context(_bare_pynetdicom(tls))
+                        before, cpu_before = _machine_cpu(), _role_cpu(pid) if pid else {}
                         seconds = _send_parallel(files, port, tls[0] if tls else None)
+                        busy = _busy_since(before)
+                        cpu = {  # cores each role kept busy while the files arrived
+                            k: (v - cpu_before.get(k, 0.0)) / seconds
+                            for k, v in (_role_cpu(pid) if pid else {}).items()
+                        }
                     runs[target].append(mb / seconds)
-                    print(f"  {transport} {target:8} round {r + 1}: {mb / seconds:6.0f} MB/s")
+                    line = f"  {transport} {target:10} round {r + 1}: {mb / seconds:6.0f} MB/s, "
+                    line += f"{os.cpu_count()} cores {busy:4.0%} busy"
+                    if cpu:
+                        runs["scp_cores"].append(cpu.get("scp", 0.0))
+                        runs["worker_cores"].append(cpu.get("worker", 0.0))
+                        line += ", cores used: " + ", ".join(
+                            f"{role} {cores:.2f}" for role, cores in sorted(cpu.items())
+                        )
+                    print(line, flush=True)
                     shutil.rmtree(work, ignore_errors=True)
             figures[transport] = {k: statistics.median(v) for k, v in runs.items()}
     clients = {"TCP": "dcmsend", "TLS": "storescu +tla"}
     print(
         f"\n{'transport':10} {'client':14} {'node MB/s':>10} {'storescp MB/s':>14} "
-        f"{'ratio':>6} {'goal':>5}"
+        f"{'ratio':>6} {'goal':>5}  {'pynetdicom no-op MB/s':>21} {'its ratio':>9}"
     )
     for transport, f in figures.items():
         ratio = f["node"] / f["storescp"]
         print(
             f"{transport:10} {clients[transport]:14} {f['node']:10.0f} {f['storescp']:14.0f} "
-            f"{ratio:6.2f} {INGEST_GOAL:5.2f}{'' if ratio >= INGEST_GOAL else '  below goal'}"
+            f"{ratio:6.2f} {INGEST_GOAL:5.2f}  {f['pynetdicom']:21.0f} "
+            f"{f['pynetdicom'] / f['storescp']:9.2f}"
+            f"{'' if ratio >= INGEST_GOAL else '  below goal'}"
         )
+    print(
+        "\ncores used by the node while receiving (median): "
+        + "; ".join(
+            f"{t} SCP {f['scp_cores']:.2f}, worker {f['worker_cores']:.2f}"
+            for t, f in figures.items()
+        )
+    )
     return figures
 
 
