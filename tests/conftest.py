@@ -128,6 +128,19 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 
 @pytest.fixture
+def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
+    """A session factory on a migrated database of each kind (``database_url``); a module
+    that needs its database otherwise defines its own ``sessions``."""
+    from db.session import make_engine, make_session_factory
+    from tests.databases import migrated
+
+    migrated(database_url)
+    engine = make_engine(database_url)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture
 def sqlite_db(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
     """A migrated SQLite database, for tests about the network rather than the database."""
     from db.session import make_engine, make_session_factory

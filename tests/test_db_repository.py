@@ -7,7 +7,6 @@ show that the migrated schema is the one the code needs.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
 
@@ -18,20 +17,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import identity, reports
 from db import repository as repo
 from db.models import Instance, InstanceStatus, Result, Series, SRDocument, Study
-from db.session import in_transaction, make_engine, make_session_factory
-from tests.databases import migrated
+from db.session import in_transaction
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 SERIES = "1.2.826.0.1.3680043.8.498.1.1"
 CR = "1.2.840.10008.5.1.4.1.1.1"
-
-
-@pytest.fixture
-def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
-    migrated(database_url)
-    engine = make_engine(database_url)
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 def received(n: int, study: str = STUDY, series: str = SERIES, **kw: str) -> repo.ReceivedInstance:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,23 +19,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import node_state
 from db.models import StoreRefusal
 from db.repository import utcnow
-from db.session import make_engine, make_session_factory
 from fracture_triage import retention
 from fracture_triage.settings import Settings
-from tests.databases import migrated
 from tests.servers import free_port
 from tests.test_cli_results import cli
 from tests.webapp import serve
 
 UID = "1.2.826.0.1.3680043.8.498.77"
-
-
-@pytest.fixture
-def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
-    migrated(database_url)
-    engine = make_engine(database_url)
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 def refusals(sessions: sessionmaker[Session], *ages: tuple[int, float]) -> None:
