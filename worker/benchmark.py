@@ -20,6 +20,12 @@ Secondary Capture built and written), and the capture's added milliseconds per i
 its copy of the standard once).
 
 The figures print side by side as one JSON object; nothing is asserted.
+
+``--memory-stages`` prints instead where a worker's memory goes, in this (fresh) process:
+VmRSS at start, after importing what the worker's pool child imports, after loading the
+export (LiteRT's XNNPACK delegate: packed weights and the working set of the 8-view batch),
+after the first image classified (the first inference; the decoders' libraries), after its
+evidence capture, and after N images (with ``malloc_trim`` after each, as the worker does).
 """
 
 from __future__ import annotations
@@ -36,6 +42,13 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from db.models import Study
+    from fracture_triage.settings import Settings
+    from model.inference import Classifier, Explained
+    from worker.evidence import MadeEvidence
 
 
 def _free_port() -> int:
@@ -94,16 +107,35 @@ def _wait_for(db: Path, done: int, timeout: float) -> dict[str, int]:
     raise SystemExit(f"only {_counts(db)} after {timeout:.0f} s")
 
 
+def capture(
+    clf: Classifier, settings: Settings, study: Study, explained: Explained, f: Path, i: int
+) -> MadeEvidence:
+    """The worker's evidence Secondary Capture of ``explained`` (image ``f``, instance id
+    ``i`` of ``study``), as :func:`worker.evidence.make_evidence` makes it."""
+    from db.models import Instance
+    from worker.evidence import make_evidence
+
+    instance = Instance(
+        id=i,
+        sop_instance_uid=f"{study.study_instance_uid}.{i}",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+        storage_path=str(f),
+    )
+    p = explained.prediction.probability
+    return make_evidence(
+        settings, instance, study, clf.card, explained.gray, explained.map, p, clf.threshold
+    )
+
+
 def evidence_figures(dicom_dir: Path, repeat: int = 2) -> dict[str, object]:
     """Classification alone against classification with the evidence capture, in-process,
     on the decodable DICOM samples (each ``repeat`` times), with the shipped model."""
     import numpy as np
 
-    from db.models import Instance, Study
+    from db.models import Study
     from fracture_triage.settings import Settings
     from model.artifact import resolve_model_dir
     from model.inference import Classifier, ImageError
-    from worker.evidence import make_evidence
 
     clf = Classifier.load(resolve_model_dir(None))
     files = []
@@ -123,17 +155,8 @@ def evidence_figures(dicom_dir: Path, repeat: int = 2) -> dict[str, object]:
 
     def with_evidence(f: Path, i: int) -> float:
         explained = clf.explain_file(f)
-        instance = Instance(
-            id=i,
-            sop_instance_uid=f"1.2.826.0.1.3680043.10.1.99.{i}",
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
-            storage_path=str(f),
-        )
         t = time.perf_counter()
-        p = explained.prediction.probability
-        made = make_evidence(
-            settings, instance, study, clf.card, explained.gray, explained.map, p, clf.threshold
-        )
+        made = capture(clf, settings, study, explained, f, i)
         if made.path is None:
             return float("nan")
         writes.append(made.write_ms)
@@ -180,6 +203,48 @@ def evidence_figures(dicom_dir: Path, repeat: int = 2) -> dict[str, object]:
     return row
 
 
+def memory_stages(dicom_dir: Path, n: int) -> dict[str, float]:
+    """VmRSS (MB) of this process at each stage of a worker's life (module doc)."""
+    stages = {"start": rss_mb(os.getpid())}
+    import worker.evidence
+    import worker.sr  # for its memory only: the worker's child builds the reports too
+    import worker.tasks
+    from model.artifact import resolve_model_dir
+    from model.inference import Classifier, ImageError
+
+    stages["imports"] = rss_mb(os.getpid())
+    clf = Classifier.load(resolve_model_dir(None))
+    stages["model_loaded"] = rss_mb(os.getpid())
+    tmp = Path(tempfile.mkdtemp(prefix="ft-bench-memory-"))
+    try:
+        from db.models import Study
+        from fracture_triage.settings import Settings
+
+        settings = Settings(data_dir=tmp)
+        study = Study(study_instance_uid="1.2.826.0.1.3680043.10.1.98")
+        done = 0
+        for f in sorted(dicom_dir.glob("*.dcm")):
+            if done == n:
+                break
+            if f.name.startswith("BAD_"):
+                continue
+            try:
+                explained = clf.explain_file(f)
+            except ImageError:
+                continue
+            if done == 0:
+                stages["first_image_classified"] = rss_mb(os.getpid())
+            capture(clf, settings, study, explained, f, done + 1)
+            worker.tasks.release_freed_memory()
+            done += 1
+            if done == 1:
+                stages["first_capture_made"] = rss_mb(os.getpid())
+        stages[f"after_{done}_images"] = rss_mb(os.getpid())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {k: round(v, 1) for k, v in stages.items()}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     repo = Path(__file__).resolve().parent.parent
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -187,7 +252,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-n", type=int, default=8, help="DICOM files to send (valid ones first)")
     p.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     p.add_argument("--evidence-only", action="store_true", help="the evidence figures alone")
+    p.add_argument("--memory-stages", action="store_true", help="where a worker's memory goes")
     args = p.parse_args(argv)
+    if args.memory_stages:
+        print(json.dumps(memory_stages(args.dicom_dir, args.n), indent=1))
+        return 0
     evidence = evidence_figures(args.dicom_dir)
     if args.evidence_only:
         if args.out:
