@@ -111,6 +111,7 @@ def _db_args(url: str, data_dir: Path) -> list[str]:
     return ["--database-url", url]
 
 
+@pytest.mark.slow  # runs `fracture-triage results` four times
 def test_results_json(database_url: str, tmp_path: Path) -> None:
     if database_url.startswith("sqlite"):
         database_url = f"sqlite:///{tmp_path / 'triage.db'}"

@@ -406,6 +406,7 @@ def test_up_refuses_a_port_in_use(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert "in use" in run.stderr
 
 
+@pytest.mark.slow  # runs `up`
 def test_up_needs_a_model(tmp_path: Path) -> None:
     run = subprocess.run(
         [

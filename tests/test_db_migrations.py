@@ -79,6 +79,7 @@ def test_concurrent_upgrades_are_serialised(database_url: str) -> None:
     assert schema_differences(database_url) == []
 
 
+@pytest.mark.slow  # runs `fracture-triage db` three times
 def test_cli_db_upgrade_and_check(tmp_path: Path) -> None:
     data = tmp_path / "fresh"  # does not exist yet: `db upgrade` creates it
     run = subprocess.run(

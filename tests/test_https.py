@@ -42,6 +42,7 @@ def test_the_dicom_certificate_serves_https_unless_the_web_has_its_own(pki: Pki)
         Settings(http_tls_certfile=pki.client.cert)
 
 
+@pytest.mark.slow  # runs the API role
 def test_api_role_serves_https_with_the_dicom_tls_certificate(pki: Pki, tmp_path: Path) -> None:
     """``fracture-triage api`` given only FRACTURE_TRIAGE_TLS_CERT/KEY: /health answers over
     HTTPS to a client trusting the node's CA, a client trusting another CA is refused in the

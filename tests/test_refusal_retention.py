@@ -117,6 +117,7 @@ def purge(
     )
 
 
+@pytest.mark.slow  # runs `fracture-triage purge` three times
 def test_purge_prunes_refusal_records_even_with_file_retention_off(
     sessions: sessionmaker[Session], database_url: str, tmp_path: Path
 ) -> None:
