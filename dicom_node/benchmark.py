@@ -371,21 +371,16 @@ _ROLES = ("scp", "worker", "sweeper", "api")
 def _role_cpu(root: int) -> dict[str, float]:
     """CPU seconds (user + system) used so far by each role among ``root``'s descendants
     (a Celery pool child counts as ``worker``; the embedded Redis as ``redis``)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                parents[int(entry.name)] = int(
-                    (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
-                )
+    from worker.benchmark import children
+
+    descendants, todo = [], [root]
+    while todo:
+        found = children(todo.pop())
+        descendants += found
+        todo += found
     tick = os.sysconf("SC_CLK_TCK")
     cpu: dict[str, float] = {}
-    for pid in parents:
-        ancestor = parents.get(pid)
-        while ancestor not in (None, 0, 1, root):
-            ancestor = parents.get(ancestor)
-        if ancestor != root:
-            continue
+    for pid in descendants:
         with contextlib.suppress(OSError, IndexError, ValueError):
             words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             args = [w.decode(errors="replace") for w in words if w]
