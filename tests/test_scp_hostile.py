@@ -307,7 +307,9 @@ def test_connections_that_end_before_associating_hold_no_slot(
         for source in ("127.0.0.1", "127.0.0.3", "127.0.0.4"):
             started = time.monotonic()
             assert echo(scp.port, source=source) == SUCCESS
-            assert time.monotonic() - started < 2
+            # Not held for the 30 s ACSE timeout, as the slots used to be (a loaded machine
+            # takes a few seconds to answer: 2.6 s was seen).
+            assert time.monotonic() - started < 10
         # Every connection, released or aborted, has given its count back.
         connections = scp._handler.connections
         wait = time.monotonic() + 5
