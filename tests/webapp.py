@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 
@@ -40,16 +41,9 @@ class WebApp:
         return self.client(headers={"Authorization": f"Bearer {self.tokens[token_name]}"})
 
 
-class _HashOnce:
-    """Argon2id costs ~0.1 s by design: the tests' two passwords are hashed once per process
-    (each a real Argon2id hash, which login verifies), not twice for every served app."""
-
-    def __init__(self, hasher: Any) -> None:
-        self._hasher = hasher
-        self.hash = functools.cache(hasher.hash)
-
-
-_hash_once = _HashOnce(accounts._hasher)
+#: Argon2id costs ~0.1 s by design: the tests' two passwords are hashed once per process
+#: (each a real Argon2id hash, which login verifies), not twice for every served app.
+_hash_once = SimpleNamespace(hash=functools.cache(accounts._hasher.hash))
 
 
 def add_accounts(database_url: str) -> dict[str, str]:

@@ -107,6 +107,11 @@ def _wait_for(db: Path, done: int, timeout: float) -> dict[str, int]:
     raise SystemExit(f"only {_counts(db)} after {timeout:.0f} s")
 
 
+def _samples(dicom_dir: Path) -> list[Path]:
+    """The DICOM samples, without those broken on purpose (``BAD_*``)."""
+    return sorted(f for f in dicom_dir.glob("*.dcm") if not f.name.startswith("BAD_"))
+
+
 def capture(
     clf: Classifier, settings: Settings, study: Study, explained: Explained, f: Path, i: int
 ) -> MadeEvidence:
@@ -139,9 +144,7 @@ def evidence_figures(dicom_dir: Path, repeat: int = 2) -> dict[str, object]:
 
     clf = Classifier.load(resolve_model_dir(None))
     files = []
-    for f in sorted(dicom_dir.glob("*.dcm")):
-        if f.name.startswith("BAD_"):
-            continue
+    for f in _samples(dicom_dir):
         try:
             clf.prepare(f)
         except ImageError:
@@ -223,11 +226,9 @@ def memory_stages(dicom_dir: Path, n: int) -> dict[str, float]:
         settings = Settings(data_dir=tmp)
         study = Study(study_instance_uid="1.2.826.0.1.3680043.10.1.98")
         done = 0
-        for f in sorted(dicom_dir.glob("*.dcm")):
+        for f in _samples(dicom_dir):
             if done == n:
                 break
-            if f.name.startswith("BAD_"):
-                continue
             try:
                 explained = clf.explain_file(f)
             except ImageError:
