@@ -11,7 +11,8 @@ temporary data directory, a real redis-server and the roles as the CLI runs them
 - each role's resident memory (VmRSS of every process of the role: the Celery worker's main
   process and its pool child, which holds the model, are listed apart).
 
-Before the roles, in this process (``--evidence-only``: that alone), the evidence figures on
+Before the roles, in this process (``--evidence-only``: that alone; ``--no-evidence``: not
+at all, the start-up and memory figures alone, ~10 s), the evidence figures on
 every decodable DICOM sample, side by side (:func:`evidence_figures`): images per second of
 the classification alone (``Classifier.classify_file``) and of the worker's path with the
 evidence (``Classifier.explain_file`` + ``worker.evidence.make_evidence``: map, overlay,
@@ -253,12 +254,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-n", type=int, default=8, help="DICOM files to send (valid ones first)")
     p.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     p.add_argument("--evidence-only", action="store_true", help="the evidence figures alone")
+    p.add_argument("--no-evidence", action="store_true", help="the roles' figures alone")
     p.add_argument("--memory-stages", action="store_true", help="where a worker's memory goes")
     args = p.parse_args(argv)
     if args.memory_stages:
         print(json.dumps(memory_stages(args.dicom_dir, args.n), indent=1))
         return 0
-    evidence = evidence_figures(args.dicom_dir)
+    evidence = None if args.no_evidence else evidence_figures(args.dicom_dir)
     if args.evidence_only:
         if args.out:
             args.out.write_text(json.dumps({"evidence": evidence}, indent=2) + "\n")
