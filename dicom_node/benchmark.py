@@ -34,8 +34,9 @@ median of the rounds) side by side, their ratio and the goal (0.75).
 
 Beside them it measures pynetdicom's own receiver answering Success without decoding,
 writing or recording anything (the ceiling of any node built on pynetdicom's network layer),
-how busy the machine's cores were, and how many cores the node's SCP and worker used while
-the files arrived: where the time goes.
+in one process and in two processes sharing the port (what a node with one SCP process per
+core could reach at best), how busy the machine's cores were, and how many cores the node's
+SCP and worker used while the files arrived: where the time goes.
 """
 
 from __future__ import annotations
@@ -316,11 +317,41 @@ def _storescp(folder: Path, tls: tuple[Path, Path] | None) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def _bare_pynetdicom(tls: tuple[Path, Path] | None) -> Iterator[int]:
+def _bare_pynetdicom(tls: tuple[Path, Path] | None, processes: int = 1) -> Iterator[int]:
     """pynetdicom's own receiver answering Success to every C-STORE without decoding,
     writing or recording anything: the ceiling of any node built on pynetdicom's network
-    layer (the node's guard, checks, fsyncs and database come on top). Yields its port."""
+    layer (the node's guard, checks, fsyncs and database come on top), in ``processes``
+    processes that share one port (``SO_REUSEPORT``: the kernel spreads the associations
+    over them, each process with its own GIL). Yields the port."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "dicom_node.benchmark", "--noop-receiver", str(port)]
+    if tls is not None:
+        cmd += ["--noop-tls", str(tls[0]), str(tls[1])]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        for _ in range(processes)
+    ]
+    try:
+        for proc in procs:  # each says so once its socket is bound and listening
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != b"listening":
+                raise SystemExit(f"the no-op receiver did not start (exit {proc.wait()})")
+        yield port
+    finally:
+        for proc in procs:
+            _stop(proc, 10)
+
+
+def _noop_receiver(port: int, tls: tuple[Path, Path] | None) -> None:
+    """The no-op receiver of :func:`_bare_pynetdicom`, in this process until SIGINT."""
     from pynetdicom import AllStoragePresentationContexts, evt
+    from pynetdicom.transport import ThreadedAssociationServer
+
+    class SharedPortServer(ThreadedAssociationServer):
+        def server_bind(self) -> None:
+            assert self.socket is not None  # made by socketserver before it binds
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            super().server_bind()
 
     ae = AE(ae_title="FXTRIAGE")
     ae.supported_contexts = AllStoragePresentationContexts
@@ -329,18 +360,16 @@ def _bare_pynetdicom(tls: tuple[Path, Path] | None) -> Iterator[int]:
     if tls is not None:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(str(tls[0]), str(tls[1]))
-    port = _free_port()
-    server = ae.start_server(
+    server = ae.make_server(
         ("127.0.0.1", port),
-        block=False,
         evt_handlers=[(evt.EVT_C_STORE, lambda _event: 0x0000)],  # 0x0000 Success, unseen
+        server_class=SharedPortServer,
         ssl_context=context,
     )
-    assert server is not None  # block=False returns the running server
-    try:
-        yield port
-    finally:
-        server.shutdown()
+    print("listening", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.serve_forever()
+    server.server_close()
 
 
 def _fracture_triage() -> list[str]:
@@ -447,12 +476,13 @@ def run_ingest(samples: Path, count: int, rounds: int) -> dict[str, dict[str, fl
                 "node": [],
                 "storescp": [],
                 "pynetdicom": [],
+                "pynetdicom x2": [],
                 "scp_cores": [],
                 "worker_cores": [],
             }
             for r in range(rounds):
-                for target in ("storescp", "pynetdicom", "node"):
-                    work = root / f"{target}-{transport}-{r}"
+                for target in ("storescp", "pynetdicom", "pynetdicom x2", "node"):
+                    work = root / f"{target.replace(' ', '')}-{transport}-{r}"
                     work.mkdir()
                     # fresh UIDs every time: a re-sent object would not be stored again
                     _write_ingest_files(sources, root / "files", count)
@@ -464,7 +494,8 @@ def run_ingest(samples: Path, count: int, rounds: int) -> dict[str, dict[str, fl
                         elif target == "storescp":
                             port = stack.enter_context(_storescp(work, tls))
                         else:
-                            port = stack.enter_context(_bare_pynetdicom(tls))
+                            processes = 2 if target.endswith("x2") else 1
+                            port = stack.enter_context(_bare_pynetdicom(tls, processes))
                         before, cpu_before = _machine_cpu(), _role_cpu(pid) if pid else {}
                         seconds = _send_parallel(files, port, tls[0] if tls else None)
                         busy = _busy_since(before)
@@ -488,13 +519,15 @@ def run_ingest(samples: Path, count: int, rounds: int) -> dict[str, dict[str, fl
     print(
         f"\n{'transport':10} {'client':14} {'node MB/s':>10} {'storescp MB/s':>14} "
         f"{'ratio':>6} {'goal':>5}  {'pynetdicom no-op MB/s':>21} {'its ratio':>9}"
+        f"  {'no-op, 2 processes':>18} {'its ratio':>9}"
     )
     for transport, f in figures.items():
         ratio = f["node"] / f["storescp"]
         print(
             f"{transport:10} {clients[transport]:14} {f['node']:10.0f} {f['storescp']:14.0f} "
             f"{ratio:6.2f} {INGEST_GOAL:5.2f}  {f['pynetdicom']:21.0f} "
-            f"{f['pynetdicom'] / f['storescp']:9.2f}"
+            f"{f['pynetdicom'] / f['storescp']:9.2f}  {f['pynetdicom x2']:18.0f} "
+            f"{f['pynetdicom x2'] / f['storescp']:9.2f}"
             f"{'' if ratio >= INGEST_GOAL else '  below goal'}"
         )
     print(
@@ -520,7 +553,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--files", type=int, default=48, help="--ingest: files per round")
     parser.add_argument("--rounds", type=int, default=3, help="--ingest: rounds (median)")
+    # --ingest runs its no-op receivers as child processes of this module:
+    parser.add_argument("--noop-receiver", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--noop-tls", type=Path, nargs=2, metavar="PEM", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.noop_receiver:
+        _noop_receiver(args.noop_receiver, tuple(args.noop_tls) if args.noop_tls else None)
+        return
     if args.repeat < 1 or args.files < ASSOCIATIONS or args.rounds < 1:
         parser.error(f"--repeat and --rounds must be at least 1, --files {ASSOCIATIONS}")
     if args.ingest:
