@@ -156,6 +156,28 @@ def export_vs_keras(model_dir: Path, classifier: Classifier, files: list[Path]) 
     return row
 
 
+#: Vector extensions that decide how fast each engine's kernels run (TensorFlow's oneDNN and
+#: XNNPACK pick theirs at run time), in the order they are reported.
+_VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile")
+
+
+def cpu_description() -> str:
+    """The CPU's model name and its vector extensions (``/proc/cpuinfo``): the export/Keras
+    ratio depends on them (see the README's Benchmarks)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    fields = dict(
+        (key.strip(), value.strip())
+        for key, _, value in (line.partition(":") for line in text.splitlines())
+        if value
+    )
+    flags = set(fields.get("flags", "").split())
+    vector = [f for f in _VECTOR_FLAGS if f in flags]
+    return f"{fields.get('model name', 'unknown CPU')} ({' '.join(vector) or 'no AVX2'})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     repo = Path(__file__).resolve().parent.parent
     shared = repo.parent / "shared"
@@ -171,14 +193,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     classifier = Classifier.load(model_dir)
     load_s = time.perf_counter() - t0
     load_average = os.getloadavg()[0]
+    cpu = cpu_description()
     print(
         f"model {classifier.card.name} {classifier.card.version} input {classifier.input_size} "
-        f"TTA {classifier.card.test_time_augmentation}; CPU cores {os.cpu_count()}; "
+        f"TTA {classifier.card.test_time_augmentation}; CPU {cpu}, {os.cpu_count()} cores; "
         f"load average {load_average:.1f}; export loaded in {load_s:.2f} s",
         flush=True,
     )
     pictures = picture_files(args.bfmr_dir, args.n)
     result: dict[str, Any] = {
+        "cpu": cpu,
         "cpu_cores": os.cpu_count(),
         "load_average_at_start": round(load_average, 2),
         "test_time_augmentation": classifier.card.test_time_augmentation,

@@ -253,9 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dicom-dir", type=Path, default=repo.parent / "shared" / "dicom-samples")
     p.add_argument("-n", type=int, default=8, help="DICOM files to send (valid ones first)")
     p.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
-    p.add_argument("--evidence-only", action="store_true", help="the evidence figures alone")
-    p.add_argument("--no-evidence", action="store_true", help="the roles' figures alone")
-    p.add_argument("--memory-stages", action="store_true", help="where a worker's memory goes")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--evidence-only", action="store_true", help="the evidence figures alone")
+    mode.add_argument("--no-evidence", action="store_true", help="the roles' figures alone")
+    mode.add_argument("--memory-stages", action="store_true", help="where a worker's memory goes")
     args = p.parse_args(argv)
     if args.memory_stages:
         print(json.dumps(memory_stages(args.dicom_dir, args.n), indent=1))
