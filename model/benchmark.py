@@ -7,13 +7,15 @@ Printed side by side in one run (nothing asserted):
   the same preprocessed images: milliseconds per image (medians over alternating blocks,
   each engine timed alone after a rest), the speed-up, and the largest
   probability difference (the card holds the figure over every validation file). The Keras
-  half needs the ``[train]`` extra and is left out without it;
+  half needs the ``[train]`` extra and is left out without it; and the export with one
+  thread against every core (how far it is bound by arithmetic);
 - **worker path** (:meth:`Classifier.classify_file`: read, decode, render, resize, infer) on
   real pictures from the bone fracture set and on the decodable DICOM samples (radiographs
   up to ~4,000 x 4,000 pixels), split into preprocessing and inference time, so that it says
   where the time goes; and ``fracture-triage classify``'s pipeline (:func:`predict_files`,
   decoding in threads while the network runs);
-- **load**: seconds to load the export.
+- **load**: seconds to load the export; first of all, the CPU and its vector extensions,
+  on which the export/Keras ratio depends.
 """
 
 from __future__ import annotations
@@ -156,6 +158,25 @@ def export_vs_keras(model_dir: Path, classifier: Classifier, files: list[Path]) 
     return row
 
 
+def thread_scaling(model_dir: Path, classifier: Classifier, files: list[Path]) -> dict[str, Any]:
+    """The export's milliseconds per image with one thread against every core: how far the
+    worker's inference is bound by arithmetic (a ratio near the core count: fully)."""
+    images = [classifier.prepare(f) for f in files]
+    one = Classifier.load(model_dir, num_threads=1)
+    for x in images[:3]:  # warm-up
+        one.predict(x)
+    row: dict[str, Any] = {"cores": len(os.sched_getaffinity(0))}
+    all_ms, one_ms = [], []
+    for _ in range(ROUNDS):
+        all_ms += _block_ms(classifier.predict, images)
+        one_ms += _block_ms(one.predict, images)
+    row["export_ms_per_image_every_core"] = round(float(np.median(all_ms)), 2)
+    row["export_ms_per_image_one_thread"] = round(float(np.median(one_ms)), 2)
+    row["speedup_every_core_over_one"] = round(float(np.median(one_ms) / np.median(all_ms)), 2)
+    print(f"inference, export threads: {json.dumps(row)}", flush=True)
+    return row
+
+
 #: Vector extensions that decide how fast each engine's kernels run (TensorFlow's oneDNN and
 #: XNNPACK pick theirs at run time), in the order they are reported.
 _VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile")
@@ -211,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if load_average > (os.cpu_count() or 1):
         result["note"] = "load average above the core count: other jobs shared the CPU"
     result["inference"] = export_vs_keras(model_dir, classifier, pictures[:16])
+    result["export_thread_scaling"] = thread_scaling(model_dir, classifier, pictures[:16])
     result["pictures"] = worker_path(classifier, pictures, "pictures (PNG/JPEG)")
     dicoms = dicom_files(classifier, args.dicom_dir)
     if dicoms:
