@@ -122,3 +122,16 @@ def test_concepts_of_another_layout_are_read_whole(tmp_path: Path) -> None:
     assert standard_tables.read_concepts(other) == {
         "DCM": {"Probability": {"122157": ("Probability", [])}}
     }
+
+
+def test_concepts_without_their_source_file_are_read_from_bytecode(tmp_path: Path) -> None:
+    import py_compile
+
+    source = tmp_path / "src" / "_concepts_dict.py"
+    source.parent.mkdir()
+    source.write_text('concepts = {"UCUM": {"NoUnits": {"1": ("no units", [])}}}\n')
+    compiled = tmp_path / "_concepts_dict.pyc"
+    py_compile.compile(str(source), cfile=str(compiled))
+    assert standard_tables.read_concepts(tmp_path / "_concepts_dict.py") == {
+        "UCUM": {"NoUnits": {"1": ("no units", [])}}
+    }

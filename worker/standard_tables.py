@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import importlib.machinery
 import importlib.util
 import json
 import logging
@@ -176,11 +177,14 @@ class LazyScheme(Mapping[str, SchemeEntries]):
 
 def read_concepts(path: Path) -> Mapping[str, Mapping[str, SchemeEntries]]:
     """pydicom's ``concepts`` from its module's file at ``path``: lazily where the file has
-    the layout :data:`_SCHEME` describes, else (another pydicom release) by running it."""
-    text = path.read_bytes()
-    sections = list(_SCHEME.finditer(text))
+    the layout :data:`_SCHEME` describes, else (another pydicom release, or an installation
+    without the source file) by running the module as pydicom would."""
+    try:
+        text = path.read_bytes()
+    except OSError:
+        text = b""
     schemes: dict[str, Mapping[str, SchemeEntries]] = {}
-    for match in sections:
+    for match in _SCHEME.finditer(text):
         end = text.find(_SECTION_END, match.end() - 1)
         if end < 0:
             schemes.clear()
@@ -189,8 +193,10 @@ def read_concepts(path: Path) -> Mapping[str, Mapping[str, SchemeEntries]]:
     if schemes:
         return schemes
     log.warning("pydicom's concept dictionary has another layout: reading it whole")
-    spec = importlib.util.spec_from_file_location(_CONCEPTS_MODULE, path)
-    assert spec is not None and spec.loader is not None
+    # the source file or, where only bytecode is installed, the compiled one
+    spec = importlib.machinery.PathFinder.find_spec(path.stem, [str(path.parent)])
+    if spec is None or spec.loader is None:
+        raise ImportError(f"pydicom's concept dictionary is not in {path.parent}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     whole: dict[str, Mapping[str, SchemeEntries]] = module.concepts
