@@ -192,7 +192,7 @@ def read_concepts(path: Path) -> Mapping[str, Mapping[str, SchemeEntries]]:
         schemes[match.group(1).decode("utf-8")] = LazyScheme(text, match.end(), end + 1)
     if schemes:
         return schemes
-    log.warning("pydicom's concept dictionary has another layout: reading it whole")
+    log.warning("pydicom's concept dictionary has another layout or no source: reading it whole")
     # the source file or, where only bytecode is installed, the compiled one
     spec = importlib.machinery.PathFinder.find_spec(path.stem, [str(path.parent)])
     if spec is None or spec.loader is None:
