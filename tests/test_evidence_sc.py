@@ -320,9 +320,13 @@ def test_the_worker_stores_the_captures_and_sends_them_with_the_sr(
         with celery_worker(settings, tmp_path / "worker.log"), sweeper_thread(settings):
 
             def sent() -> bool:
+                # reported first, then the documents read: read the other way round, an SR
+                # committed between the two reads left an empty list, and all([]) is True
+                if not _all_reported(sessions, 1):
+                    return False
                 with sessions() as session:
                     docs = session.scalars(select(SRDocument)).all()
-                    return _all_reported(sessions, 1) and all(d.send_status == "sent" for d in docs)
+                    return bool(docs) and all(d.send_status == "sent" for d in docs)
 
             wait_until(sent, 120, "the study's SR sent")
             with sessions() as session:
