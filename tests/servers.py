@@ -4,31 +4,116 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux; the usual default)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing is bound to, for a server a test starts next.
+
+    Chosen below the kernel's ephemeral range on purpose: a port from ``bind(0)`` comes from
+    that range, the one every outgoing connection's local port comes from too, so any
+    connection opened between the choice and the server's bind (a worker's Redis client, a
+    database pool) could take it, and the server would exit with "address already in use"
+    (CI saw storescp do that once). Ports under the range are never handed out that way.
+    """
+    low, high = _ephemeral_range()
+    lowest, highest = (10000, low - 1) if low > 11000 else (high + 1, 65535)
+    for _ in range(200):
+        port = random.randint(lowest, highest)
+        with socket.socket() as s:
+            try:
+                # Every address: a server bound to 0.0.0.0 conflicts with any of them.
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port between {lowest} and {highest} after 200 tries")
 
 
-def wait_for_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> None:
+class ServerExitedError(RuntimeError):
+    """A server process ended before it listened."""
+
+
+def wait_for_port(
+    port: int,
+    timeout: float = 20.0,
+    host: str = "127.0.0.1",
+    proc: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Wait until something accepts connections on ``host:port``; with ``proc``, fail at once
+    (ServerExitedError) if that process ends first, instead of waiting out the timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ServerExitedError(
+                f"{proc.args!r} exited with {proc.returncode} before listening on {host}:{port}"
+            )
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+@contextmanager
+def listening(
+    argv: Callable[[int], list[str]],
+    workdir: Path,
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 20.0,
+    attempts: int = 3,
+) -> Iterator[int]:
+    """Run the server ``argv(port)`` on a free port until the block ends; yields the port.
+
+    Its output goes to ``workdir/server.log``, quoted in the error when it does not come up.
+    If it exits before listening (its port was taken after all), it is started again on
+    another port, ``attempts`` times in all.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "server.log"
+    for attempt in range(1, attempts + 1):
+        port = free_port()
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(argv(port), env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            try:
+                wait_for_port(port, timeout, proc=proc)
+            except ServerExitedError as exc:
+                if attempt == attempts:
+                    raise ServerExitedError(f"{exc}; its output:\n{log_path.read_text()}") from None
+                continue
+            except TimeoutError as exc:
+                raise TimeoutError(f"{exc}; its output:\n{log_path.read_text()}") from None
+            yield port
+            return
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=10)
+    raise AssertionError("unreachable")
 
 
 class RedisServer:
@@ -66,7 +151,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_for_port(self.port)
+        wait_for_port(self.port, proc=self.proc)
 
     def stop(self) -> None:
         if self.proc is not None:

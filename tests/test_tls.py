@@ -36,7 +36,7 @@ from dicom_node.scp import StorageSCP
 from fracture_triage.settings import Destination, Settings
 from tests.certs import Pki, make_pki
 from tests.conftest import require
-from tests.servers import RedisServer, free_port, wait_for_port
+from tests.servers import RedisServer, free_port, listening
 from tests.test_at_rest import scp_role
 from tests.test_cli_results import cli
 from tests.test_destinations import _delivery, _reported_study
@@ -342,21 +342,16 @@ def sr_file(path: Path) -> Path:
 @contextmanager
 def storescp_tls(folder: Path, pki: Pki, trusted: Path) -> Iterator[int]:
     """dcmtk's storescp over TLS, requiring client certificates that chain to ``trusted``."""
-    port = free_port()
     folder.mkdir(parents=True)
-    proc = subprocess.Popen(
-        [dcmtk("storescp"), "+tls", str(pki.server.key), str(pki.server.cert)]
-        + ["+cf", str(trusted), "-aet", "PACS", "-od", str(folder), str(port)],
+    with listening(
+        lambda port: (
+            [dcmtk("storescp"), "+tls", str(pki.server.key), str(pki.server.cert)]
+            + ["+cf", str(trusted), "-aet", "PACS", "-od", str(folder), str(port)]
+        ),
+        folder.parent / f"{folder.name}-storescp",
         env=DCMTK_ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port)
+    ) as port:
         yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_sr_is_sent_over_tls_with_the_node_certificate(tmp_path: Path, pki: Pki) -> None:
