@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -55,7 +56,7 @@ def wait_for_port(
     port: int,
     timeout: float = 20.0,
     host: str = "127.0.0.1",
-    proc: subprocess.Popen[bytes] | None = None,
+    proc: subprocess.Popen[Any] | None = None,
 ) -> None:
     """Wait until something accepts connections on ``host:port``; with ``proc``, fail at once
     (ServerExitedError) if that process ends first, instead of waiting out the timeout."""

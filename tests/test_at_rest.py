@@ -56,7 +56,7 @@ def scp_role(
     finally:
         os.umask(old)
     try:
-        wait_for_port(port, timeout=60)
+        wait_for_port(port, timeout=60, proc=proc)
         yield port
     finally:
         proc.terminate()

@@ -132,7 +132,7 @@ def test_api_role_serves_tokens_and_stops_on_sigterm(database_url: str, tmp_path
         env={**os.environ, "FRACTURE_TRIAGE_BIND_ADDRESS": "0.0.0.0"},
     )
     try:
-        wait_for_port(port, timeout=60)
+        wait_for_port(port, timeout=60, proc=proc)
         assert listening_addresses(port) == ["127.0.0.1"]
         status, health = get(port, "/health")
         assert (status, health["status"], health["storage"]["status"]) == (200, "ok", "ok")

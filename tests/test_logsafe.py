@@ -81,7 +81,7 @@ def test_scp_log_escapes_peer_supplied_text(
         [sys.executable, "-m", "fracture_triage.cli", "scp"], env=env, stderr=subprocess.PIPE
     )
     try:
-        wait_for_port(port, timeout=60)
+        wait_for_port(port, timeout=60, proc=proc)
         # The peer side skips pynetdicom's own validation to send what a hostile peer sends.
         monkeypatch.setitem(pynetdicom._config.VALIDATORS, "AE", lambda v: (True, ""))
         monkeypatch.setitem(pynetdicom._config.VALIDATORS, "UI", lambda v: (True, ""))

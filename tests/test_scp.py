@@ -1024,7 +1024,7 @@ def test_run_scp_stops_cleanly(tmp_path: Path, sig: signal.Signals) -> None:
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     try:
-        wait_for_port(port, timeout=60)
+        wait_for_port(port, timeout=60, proc=proc)
         run = subprocess.run(
             [dcmtk("echoscu"), "-aec", "FXTRIAGE", "127.0.0.1", str(port)],
             env=DCMTK_ENV,
